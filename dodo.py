@@ -1,0 +1,87 @@
+"""doit entry point: ``doit list`` shows every task; the work is done in pipeline/.
+
+Kept thin and free of heavy imports (no TVM, no onnxruntime) so ``doit list`` and a no-op
+``doit build:...`` start instantly. Options: ``doit build:resnet50_int8 target=rtx4090``,
+``tune=off|missing|extend``, ``trials=N``, ``tune_minutes=M``, ``rpc=host:port:key``.
+"""
+
+import sys
+from pathlib import Path
+
+from doit import get_var
+
+from pipeline.errors import ConfigError
+from pipeline.tasks import Options, Project, all_tasks
+from pipeline.targets import get_target
+
+ROOT = Path.cwd()
+(ROOT / "artifacts").mkdir(exist_ok=True)
+
+DOIT_CONFIG = {
+    # sqlite3 survives concurrent doit processes; dbm and json lose records (FACTS.md).
+    "backend": "sqlite3",
+    "dep_file": str(ROOT / "artifacts" / ".doit.sqlite3"),
+    "default_tasks": ["build"],
+    "verbosity": 2,
+}
+
+
+def _load():
+    try:
+        options = Options(
+            target=get_var("target", "cpu"), tune=get_var("tune", "missing"),
+            trials=int(get_var("trials")) if get_var("trials") else None,
+            tune_minutes=float(get_var("tune_minutes")) if get_var("tune_minutes") else None,
+            rpc=get_var("rpc", ""))
+        options.validate()
+        return all_tasks(Project.load(ROOT), get_target(options.target), options)
+    except (ConfigError, ValueError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+_TASKS = _load()
+
+
+def _group(name):
+    yield from _TASKS[name]
+
+
+def task_source():
+    """Stage 1: the fp32 ONNX model (generated or a local file), checked."""
+    yield from _group("source")
+
+
+def task_quantize():
+    """Stage 2: QDQ INT8 ONNX via onnxruntime quantize_static (quantized variants)."""
+    yield from _group("quantize")
+
+
+def task_import():
+    """Stage 3: Relax IRModule; BatchNorm folded; QDQ rewritten to integer arithmetic."""
+    yield from _group("import")
+
+
+def task_tune():
+    """Stage 4: MetaSchedule tuning; cached logs reused, only unseen workloads tuned."""
+    yield from _group("tune")
+
+
+def task_compile():
+    """Stage 5: model.so for the target; untuned kernels reported by name."""
+    yield from _group("compile")
+
+
+def task_package():
+    """Stage 6: generated C++ app, bin/infer built with CMake, runnable .tar.gz bundle."""
+    yield from _group("package")
+
+
+def task_smoke():
+    """Stage 7: smoke check, C++ binary output bit-identical to the Python VM."""
+    yield from _group("smoke")
+
+
+def task_build():
+    """Build an artifact end to end: doit build:<model>_<variant> [target=cpu|rtx4090|h100]."""
+    yield from _group("build")

@@ -1,0 +1,109 @@
+"""Stage ``compile``: Relax IRModule + tuning database + target -> ``model.so``.
+
+Applies the tuning records, schedules GPU kernels without records with DLight, and lists by
+name every kernel that falls back to an untuned schedule (never silent). The exported Relax
+VM executable carries the weights; for an LLVM target its bytes are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .targets import get_target, tvm_target
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    target: str  # name in the targets table
+    integer: bool  # the module computes in int8 (selects the lowering's layout choices)
+
+
+def load_module(module_json: Path):
+    import tvm
+
+    return tvm.ir.load_json(module_json.read_text(encoding="utf-8"))
+
+
+def io_signature(mod) -> dict:
+    """Input and output names/shapes/dtypes of ``main``, as plain data for the C++ app."""
+    from tvm import relax
+
+    func = mod["main"]
+
+    def tensor(name, ty):
+        if not isinstance(ty, relax.TensorType):
+            raise TypeError(f"{name}: only tensor inputs/outputs are supported, got {ty}")
+        return {"name": name, "shape": [int(d) for d in ty.shape], "dtype": str(ty.dtype)}
+
+    # TVM 0.27 names struct info "ty": Var.ty, Function.ret_ty.
+    ret = func.ret_ty
+    outs = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    return {"inputs": [tensor(p.name, p.ty) for p in func.params],
+            "outputs": [tensor(f"output{i}", s) for i, s in enumerate(outs)]}
+
+
+def untuned_kernels(mod, target, database) -> tuple[list[str], list[str]]:
+    """(tuned, untuned) task names of the lowered module against ``database``."""
+    from .tune import plan_tasks
+
+    tuned, untuned = [], []
+    for plan in plan_tasks(mod, target):
+        workload_mod = plan.task.dispatched[0]
+        found = database is not None and database.query_tuning_record(
+            workload_mod, target, plan.name) is not None
+        (tuned if found else untuned).append(plan.name)
+    return sorted(tuned), sorted(untuned)
+
+
+def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None):
+    """Lower for the target and apply tuning records (and DLight on GPUs). Returns
+    ``(scheduled_mod, target, report)``."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from .lowering import lower_for_target
+
+    spec = get_target(spec_name)
+    target = tvm_target(spec)
+    mod = lower_for_target(mod, target, "int8" if integer else "float32")
+    database = None
+    if database_dir is not None and (database_dir / "database_workload.json").exists():
+        database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
+    tuned, untuned = untuned_kernels(mod, target, database)
+    if database is not None:
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if spec.is_gpu:
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    report = {"target": str(target), "tuned": tuned, "untuned": untuned,
+              "untuned_scheduler": "dlight" if spec.is_gpu else "none (naive loops)"}
+    del tvm
+    return mod, target, report
+
+
+def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
+        out_dir: Path) -> dict:
+    """Write ``model.so``, ``io.json`` and ``compile_report.json`` into ``out_dir``."""
+    import tvm
+
+    mod = load_module(module_json)
+    io = io_signature(mod)
+    mod, target, report = lower_and_schedule(mod, config.target, config.integer, database_dir)
+    if report["untuned"]:
+        print(f"compile: WARNING {len(report['untuned'])} of "
+              f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record "
+              f"and use {report['untuned_scheduler']} schedules: {', '.join(report['untuned'])}."
+              " Tune them with `doit tune:<artifact>` (see README, Tuning).", flush=True)
+    executable = tvm.compile(mod, target=target)
+    executable.export_library(str(out_dir / "model.so"))
+    (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "compile_report.json").write_text(json.dumps(report, indent=2) + "\n",
+                                                 encoding="utf-8")
+    return {"untuned": len(report["untuned"]), "tuned": len(report["tuned"])}

@@ -1,0 +1,108 @@
+"""Stage ``source``: the fp32 ONNX model, from a generator in models/ or a local file.
+
+Old opsets are upgraded (onnxruntime's quantizer and TVM's importer want >= 13), the model
+is checked, and the declared inputs must match the graph's: a bad file fails here with a
+message saying what to do, before any expensive stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, CorruptInputError
+
+MIN_OPSET = 13
+ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    model: str
+    generator: str  # path of the generator module, or ""
+    path: str  # path of a local ONNX file, or ""
+    seed: int
+    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+def load_onnx(path: Path):
+    """Load and check an ONNX file; a corrupt or truncated file gets one clear error."""
+    import onnx
+
+    if not path.is_file():
+        raise ConfigError(f"ONNX file {path} does not exist; fix [source] path in the spec")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, others on truncation
+        raise CorruptInputError(
+            f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
+            "truncated; re-export the model (or re-copy the file) and build again.") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Re-export it with "
+                                "a current exporter.") from None
+    return model
+
+
+def _generate(generator: Path, seed: int, out: Path) -> None:
+    spec = importlib.util.spec_from_file_location(f"_gen_{generator.stem}", generator)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load generator {generator}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.generate(str(out), seed=seed)
+
+
+def check_inputs(model, declared, where: str) -> None:
+    """The spec's inputs must be graph inputs with compatible shape and dtype."""
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
+    problems = []
+    for name, shape, dtype in declared:
+        gi = graph_inputs.get(name)
+        if gi is None:
+            problems.append(f"input {name!r} is not a graph input (graph inputs: "
+                            f"{', '.join(sorted(graph_inputs)) or 'none'})")
+            continue
+        t = gi.type.tensor_type
+        gdtype = ONNX_DTYPES.get(t.elem_type, f"onnx type {t.elem_type}")
+        if gdtype != dtype:
+            problems.append(f"input {name!r}: spec says {dtype}, model has {gdtype}")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if len(dims) != len(shape) or any(g is not None and g != s for g, s in zip(dims, shape)):
+            shown = tuple(d if d is not None else "?" for d in dims)
+            problems.append(f"input {name!r}: spec shape {tuple(shape)} does not fit the "
+                            f"model's {shown}")
+    missing = sorted(set(graph_inputs) - {n for n, _, _ in declared})
+    if missing:
+        problems.append(f"graph inputs not declared in the spec: {', '.join(missing)}")
+    if problems:
+        raise ConfigError(f"{where}: the spec's [[inputs]] do not match the model:\n  - "
+                          + "\n  - ".join(problems))
+
+
+def run(config: SourceConfig, out_dir: Path) -> dict:
+    """Write ``out_dir/model.onnx`` (checked, opset >= 13, inputs as declared)."""
+    import onnx
+    from onnx import version_converter
+
+    out = out_dir / "model.onnx"
+    if config.generator:
+        _generate(Path(config.generator), config.seed, out)
+        model = load_onnx(out)
+    else:
+        model = load_onnx(Path(config.path))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    upgraded_from = None
+    if opset < MIN_OPSET:
+        upgraded_from = opset
+        model = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(model)
+    check_inputs(model, config.inputs, config.model)
+    onnx.save_model(model, str(out))
+    ops = sorted({n.op_type for n in model.graph.node})
+    return {"opset": max(opset, MIN_OPSET), "upgraded_from": upgraded_from,
+            "nodes": len(model.graph.node), "op_types": ops}

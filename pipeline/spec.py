@@ -1,0 +1,202 @@
+"""Model specs: one TOML file per model under models/, validated at the boundary.
+
+A spec names the model's source (a generator in models/ or a local ONNX file), its inputs,
+calibration, variants, tuning budget and validation gates. Every problem in a spec is
+collected and reported at once, with the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+QUANT_TYPES = ("uint8", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    generator: str = ""  # module in models/ exposing generate(out_path, seed)
+    path: str = ""  # or a local .onnx file, relative to the project dir
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    method: str = "minmax"
+    samples: int = 16
+    seed: int = 0
+    data_dir: str = ""  # folder of .npy files (one sample each); empty: seeded synthetic
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    quantize: bool = False
+    activation_type: str = "uint8"  # u8 x s8 is what VNNI multiplies
+    weight_type: str = "int8"
+    per_channel: bool = True
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    trials_per_task: int = 32
+    max_trials: int = 2000
+    wall_seconds: float = 3600.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    samples: int = 4
+    seed: int = 1
+    data_dir: str = ""
+    fp32_rel_tol: float = 1e-4  # max abs err <= tol * max(1, max abs ref)
+    int8_cosine_min: float = 0.999
+    int8_top1_min: float = 0.99
+    int8_max_steps: float = 1.0  # elementwise, in output quantization steps
+    gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    source: SourceSpec
+    inputs: tuple[InputSpec, ...]
+    calibration: CalibrationSpec
+    variants: dict[str, VariantSpec]
+    tuning: TuningSpec = field(default_factory=TuningSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    spec_path: str = ""
+
+    def artifact_names(self) -> list[str]:
+        return [f"{self.name}_{v}" for v in self.variants]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, problems: list[str]) -> None:
+    for key in sorted(set(table) - allowed):
+        problems.append(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _typed(cls, table: dict, where: str, problems: list[str], **extra):
+    """Build dataclass ``cls`` from a TOML table, collecting unknown keys and bad types."""
+    names = {f.name for f in fields(cls)} - set(extra)
+    _check_keys(table, names, where, problems)
+    kwargs = dict(extra)
+    for f in fields(cls):
+        if f.name not in table:
+            continue
+        value = table[f.name]
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type))
+        if expected and (not isinstance(value, expected) or
+                         (expected is int and isinstance(value, bool))):
+            problems.append(f"{where}.{f.name}: {value!r} is not a {f.type}")
+            continue
+        kwargs[f.name] = float(value) if str(f.type) == "float" else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        problems.append(f"{where}: {e}")
+        return None
+
+
+def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
+    """Validate a spec's plain data and return the typed :class:`ModelSpec`."""
+    problems: list[str] = []
+    top = {"name", "description", "source", "inputs", "calibration", "variants", "tuning",
+           "validation"}
+    _check_keys(data, top, "spec", problems)
+    name = data.get("name", "")
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        problems.append(f"name: {name!r} must be a non-empty identifier (letters, digits, _)")
+    source = _typed(SourceSpec, data.get("source", {}), "source", problems)
+    if source and bool(source.generator) == bool(source.path):
+        problems.append("source: give exactly one of 'generator' (a module in models/) "
+                        "or 'path' (a local .onnx file)")
+    inputs = []
+    raw_inputs = data.get("inputs", [])
+    if not raw_inputs:
+        problems.append("inputs: at least one [[inputs]] entry with name, shape, dtype")
+    for i, table in enumerate(raw_inputs):
+        inp = _typed(InputSpec, {k: v for k, v in table.items() if k != "shape"},
+                     f"inputs[{i}]", problems, shape=())
+        shape = table.get("shape")
+        if (not isinstance(shape, list) or not shape or
+                not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            problems.append(f"inputs[{i}].shape: {shape!r} must be a list of positive ints "
+                            "(static shapes only; fix batch and image size)")
+        elif inp:
+            inp = InputSpec(inp.name, tuple(shape), inp.dtype)
+        if inp and inp.dtype not in DTYPES:
+            problems.append(f"inputs[{i}].dtype: {inp.dtype!r} not one of {', '.join(DTYPES)}")
+        if inp:
+            inputs.append(inp)
+    calibration = _typed(CalibrationSpec, data.get("calibration", {}), "calibration", problems)
+    if calibration and calibration.method not in CALIBRATION_METHODS:
+        problems.append(f"calibration.method: {calibration.method!r} not one of "
+                        f"{', '.join(CALIBRATION_METHODS)}")
+    if calibration and calibration.samples < 1:
+        problems.append("calibration.samples: must be >= 1")
+    variants = {}
+    raw_variants = data.get("variants", {"fp32": {}})
+    for vname, table in raw_variants.items():
+        variant = _typed(VariantSpec, table, f"variants.{vname}", problems, name=vname)
+        if variant and (variant.activation_type not in QUANT_TYPES or
+                        variant.weight_type not in QUANT_TYPES):
+            problems.append(f"variants.{vname}: activation_type/weight_type must be one of "
+                            f"{', '.join(QUANT_TYPES)}")
+        if variant:
+            variants[vname] = variant
+    tuning = _typed(TuningSpec, data.get("tuning", {}), "tuning", problems)
+    validation = _typed(ValidationSpec, data.get("validation", {}), "validation", problems)
+    if problems:
+        raise ConfigError(f"model spec {spec_path} is invalid:\n  - " + "\n  - ".join(problems)
+                          + "\nFix the spec (see models/resnet50.toml and the README).")
+    return ModelSpec(name=name, description=data.get("description", ""), source=source,
+                     inputs=tuple(inputs), calibration=calibration, variants=variants,
+                     tuning=tuning, validation=validation, spec_path=spec_path)
+
+
+def load_spec(path: Path) -> ModelSpec:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read model spec {path}: {e}") from None
+    return parse_spec(data, str(path))
+
+
+def load_specs(models_dir: Path) -> dict[str, ModelSpec]:
+    """Every ``*.toml`` spec in ``models_dir``, by model name."""
+    specs = {}
+    for path in sorted(models_dir.glob("*.toml")):
+        spec = load_spec(path)
+        if spec.name in specs:
+            raise ConfigError(f"model name {spec.name!r} is used by two specs: "
+                              f"{specs[spec.name].spec_path} and {path}")
+        specs[spec.name] = spec
+    return specs
+
+
+def find_artifact(specs: dict[str, ModelSpec], artifact: str) -> tuple[ModelSpec, VariantSpec]:
+    """Split ``resnet50_int8`` into its spec and variant; unknown names list the known ones."""
+    for spec in specs.values():
+        for vname, variant in spec.variants.items():
+            if artifact == f"{spec.name}_{vname}":
+                return spec, variant
+    known = [a for s in specs.values() for a in s.artifact_names()]
+    raise ConfigError(f"unknown artifact {artifact!r}; known: {', '.join(known) or 'none'}")

@@ -1,0 +1,131 @@
+"""The stage actions doit runs: each wires one stage's ``run()`` into the artifact store.
+
+An action resolves its inputs from stable paths, calls :func:`store.run_stage` with the
+stage's plain-data config, and turns a :class:`PipelineError` into a one-line doit failure
+(no traceback for bad input: the message says what to do).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+from .errors import PipelineError
+from .store import run_stage
+
+REPO = Path(__file__).resolve().parent.parent  # templates/, runtime_cpp/ live here
+
+
+def doit_action(fn):
+    """Report a PipelineError as a clean doit task failure (non-zero exit, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from doit.exceptions import TaskFailed
+
+        try:
+            fn(*args, **kwargs)
+        except PipelineError as e:
+            print(f"ERROR: {e}", file=sys.stderr, flush=True)
+            return TaskFailed(str(e))
+        return True
+
+    return wrapper
+
+
+def _inputs(cfg: dict) -> tuple:
+    return tuple((i["name"], tuple(i["shape"]), i["dtype"]) for i in cfg["inputs"])
+
+
+@doit_action
+def source(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import source as stage
+
+    config = stage.SourceConfig(model=cfg["model"], generator=str(upstream.get("generator", "")),
+                                path=str(upstream.get("onnx", "")), seed=cfg["seed"],
+                                inputs=_inputs(cfg))
+    run_stage(root, "source", cfg, upstream, stable, lambda out: stage.run(config, out))
+
+
+@doit_action
+def quantize(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import quantize as stage
+
+    config = stage.QuantizeConfig(
+        method=cfg["method"], samples=cfg["samples"], seed=cfg["seed"],
+        data_dir=cfg["data_dir"], activation_type=cfg["activation_type"],
+        weight_type=cfg["weight_type"], per_channel=cfg["per_channel"], inputs=_inputs(cfg))
+    run_stage(root, "quantize", cfg, upstream, stable,
+              lambda out: stage.run(upstream["model"], config, out))
+
+
+@doit_action
+def import_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import importer as stage
+
+    config = stage.ImportConfig(inputs=_inputs(cfg), integer=cfg["integer"])
+    run_stage(root, "import", cfg, upstream, stable,
+              lambda out: stage.run(upstream["model"], config, out))
+
+
+@doit_action
+def tune(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path,
+         seed_logs: Path, cache_dir: Path) -> None:
+    from . import tune as stage
+
+    run_stage(root, "tune", cfg, upstream, stable,
+              lambda out: stage.run(upstream["module"], seed_logs, cache_dir, cfg, out))
+
+
+@doit_action
+def compile_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import build as stage
+
+    config = stage.CompileConfig(target=cfg["target"]["name"], integer=cfg["integer"])
+    run_stage(root, "compile", cfg, upstream, stable,
+              lambda out: stage.run(upstream["module"], upstream["database"].parent,
+                                    config, out))
+
+
+@doit_action
+def package(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import package as stage
+
+    io = json.loads(upstream["io"].read_text(encoding="utf-8"))
+    config = stage.PackageConfig(
+        model=cfg["artifact"], target=cfg["target"]["name"], target_kind=cfg["target"]["kind"],
+        inputs=tuple(stage.TensorSpec(**t) for t in io["inputs"]),
+        outputs=tuple(stage.TensorSpec(**t) for t in io["outputs"]))
+    run_stage(root, "package", cfg, upstream, stable,
+              lambda out: stage.run(upstream["model"], config, out))
+
+
+@doit_action
+def smoke(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+    from . import smoke as stage
+
+    run_stage(root, "smoke", cfg, upstream, stable,
+              lambda out: stage.run(upstream["binary"].parent.parent, upstream["io"], cfg, out))
+
+
+DELIVERABLES = ("model.so", "bin", "src")
+
+
+def unlink_deliverables(artifact_dir: Path) -> None:
+    for path in [*(artifact_dir / n for n in DELIVERABLES), *artifact_dir.glob("*.tar.gz")]:
+        if path.is_symlink():
+            path.unlink()
+
+
+def link_deliverables(artifact_dir: Path) -> None:
+    """Top-level convenience links: ``model.so``, ``bin``, ``src``, the bundle."""
+    from .store import link
+
+    package_dir = (artifact_dir / "package").resolve()
+    for name in DELIVERABLES:
+        if (package_dir / name).exists():
+            link(artifact_dir / name, package_dir / name)
+    for bundle in package_dir.glob("*.tar.gz"):
+        link(artifact_dir / bundle.name, bundle)

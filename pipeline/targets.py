@@ -1,0 +1,122 @@
+"""The targets table: every place an artifact can be built for, looked up by name.
+
+Everything here is cheap to import (no TVM) because dodo.py reads it at load time; the
+TVM ``Target`` object is made only inside stages, by :func:`tvm_target`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One build target. ``kind`` is the TVM target kind; ``arch`` the CUDA SM, if any."""
+
+    name: str
+    kind: str  # "llvm" or "cuda"
+    description: str
+    arch: str = ""
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "cpu": TargetSpec("cpu", "llvm", "the host CPU (mcpu detected)"),
+    "rtx4090": TargetSpec("rtx4090", "cuda", "NVIDIA RTX 4090 (CUDA sm_89)", arch="sm_89"),
+    "h100": TargetSpec("h100", "cuda", "NVIDIA H100/H200 (CUDA sm_90)", arch="sm_90"),
+}
+
+# Device limits shared by the CUDA targets we support (Ada and Hopper consumer/datacenter).
+_CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+                "thread_warp_size": 32}
+
+
+def get_target(name: str) -> TargetSpec:
+    """Look a target up by name; an unknown name fails listing the known ones."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}. "
+                          "Pick one with e.g. `doit build:resnet50_int8 target=cpu`.") from None
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def host_cpu_class() -> str:
+    """The ISA class of the host, e.g. ``x86_64-avx512-vnni``.
+
+    Tuning logs are shared per ISA class, not per CPU model: a schedule tuned on one
+    AVX-512+VNNI machine (Sapphire Rapids, Zen 4) replays on another, and MetaSchedule
+    looks records up by workload only (never by target), so the class is the key we keep.
+    """
+    flags = _cpu_flags()
+    parts = [platform.machine() or "unknown"]
+    if "avx512f" in flags:
+        parts.append("avx512")
+    elif "avx2" in flags:
+        parts.append("avx2")
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        parts.append("vnni")
+    return "-".join(parts)
+
+
+def host_has_vnni() -> bool:
+    return "avx512_vnni" in _cpu_flags()
+
+
+def num_threads() -> int:
+    """Threads the CPU artifact is built and measured for (all cores of this machine)."""
+    return os.cpu_count() or 1
+
+
+def target_key(spec: TargetSpec) -> str:
+    """The key tuning logs are stored under: per ISA class on CPU, per SM on CUDA."""
+    return f"cpu-{host_cpu_class()}" if spec.kind == "llvm" else f"cuda-{spec.arch}"
+
+
+def target_config(spec: TargetSpec) -> dict:
+    """Plain-data description of the target, part of every target-dependent recipe."""
+    if spec.kind == "llvm":
+        # The CPU model stands in for LLVM's detected mcpu, which would need TVM to read.
+        return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
+                "cpu_model": _cpuinfo().get("model name", platform.processor()),
+                "num_cores": num_threads()}
+    return {"name": spec.name, "kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS}
+
+
+def tvm_target(spec: TargetSpec):
+    """The ``tvm.target.Target`` for a target spec (imports TVM: call inside stages only)."""
+    import tvm
+    from tvm.target import codegen
+
+    if spec.kind == "llvm":
+        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                                  "num-cores": num_threads()})
+    return tvm.target.Target({"kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS},
+                             host={"kind": "llvm"})

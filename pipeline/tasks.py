@@ -1,0 +1,232 @@
+"""doit task dicts for every model x variant x stage, built from plain data only.
+
+Nothing heavy is imported here (dodo.py loads this for ``doit list``): each stage's config
+is plain JSON-able data, used both as doit's ``config_changed`` and as the stage's recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from . import stages
+from .errors import ConfigError
+from .spec import ModelSpec, VariantSpec, load_specs
+from .store import intact
+from .targets import TargetSpec, target_config, target_key
+
+TEMPLATE_FILES = ("templates", "runtime_cpp")
+TUNE_MODES = ("off", "missing", "extend")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Command-line choices (``doit build:x target=cpu tune=missing trials=32``)."""
+
+    target: str = "cpu"
+    tune: str = "missing"  # off | missing | extend
+    trials: int | None = None  # overrides the spec's trials_per_task
+    tune_minutes: float | None = None  # overrides the spec's wall_seconds
+    rpc: str = ""  # host:port:device_key of a TVM RPC tracker for measurement
+
+    def validate(self) -> None:
+        """Collect every bad option into one ConfigError."""
+        from .targets import TARGETS
+
+        problems = []
+        if self.target not in TARGETS:
+            problems.append(f"target={self.target}: known targets are {', '.join(TARGETS)}")
+        if self.tune not in TUNE_MODES:
+            problems.append(f"tune={self.tune}: use one of {', '.join(TUNE_MODES)}")
+        if self.trials is not None and self.trials < 1:
+            problems.append(f"trials={self.trials}: must be >= 1")
+        if self.rpc and len(self.rpc.split(":")) != 3:
+            problems.append(f"rpc={self.rpc}: use host:port:device_key")
+        if problems:
+            raise ConfigError("bad command-line option(s):\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where a build reads specs and writes artifacts (the directory doit runs in)."""
+
+    root: Path
+    specs: dict[str, ModelSpec]
+
+    @classmethod
+    def load(cls, root: Path) -> Project:
+        return cls(root, load_specs(root / "models"))
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def tuning_logs(self) -> Path:
+        return self.root / "models" / "tuning_logs"
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """The stable (symlinked) paths of one artifact's stage outputs."""
+
+    source: Path
+    quantize: Path | None
+    import_: Path
+    tune: Path
+    compile: Path
+    package: Path
+    smoke: Path
+    artifact_dir: Path  # artifacts/<model>_<variant>/<target>
+
+
+def artifact_paths(project: Project, spec: ModelSpec, variant: VariantSpec,
+                   target: str) -> ArtifactPaths:
+    art = project.artifacts
+    name = f"{spec.name}_{variant.name}"
+    out = art / name / target
+    return ArtifactPaths(
+        source=art / spec.name / "source",
+        quantize=art / name / "quantize" if variant.quantize else None,
+        import_=art / name / "import",
+        tune=out / "tune", compile=out / "compile", package=out / "package",
+        smoke=out / "smoke", artifact_dir=out)
+
+
+def _inputs(spec: ModelSpec) -> list[dict]:
+    return [asdict(i) for i in spec.inputs]
+
+
+def _files(folder: Path, pattern: str = "*") -> list[Path]:
+    return sorted(p for p in folder.rglob(pattern) if p.is_file()) if folder.is_dir() else []
+
+
+def _clean_link(stable: Path) -> None:
+    """``doit clean`` removes the stable link only; the store is gc's business."""
+    if stable.is_symlink():
+        stable.unlink()
+
+
+def _task(project: Project, name: str, doc: str, action, cfg: dict, upstream: dict[str, Path],
+          stable: Path, target_file: str, extra_args: tuple = ()) -> dict:
+    """One stage task: its upstream files are its file_dep, its config its uptodate check,
+    and an output that no longer matches its manifest makes it run again."""
+    return {
+        "name": name,
+        "doc": doc,
+        "actions": [(action, [project.artifacts, cfg, upstream, stable, *extra_args])],
+        "file_dep": [str(p) for p in upstream.values()],
+        "targets": [str(stable / target_file)],
+        "uptodate": [config_changed(cfg), functools.partial(_intact_check, stable)],
+        "clean": [(_clean_link, [stable])],
+        "verbosity": 2,
+    }
+
+
+def _intact_check(stable: Path, task, values) -> bool:
+    return intact(stable)
+
+
+def source_task(project: Project, spec: ModelSpec) -> dict:
+    stable = project.artifacts / spec.name / "source"
+    cfg = {"model": spec.name, "seed": spec.source.seed, "inputs": _inputs(spec),
+           "kind": "generator" if spec.source.generator else "file"}
+    if spec.source.generator:
+        upstream = {"generator": project.root / "models" / f"{spec.source.generator}.py"}
+    else:
+        upstream = {"onnx": project.root / spec.source.path}
+    return _task(project, spec.name, f"fp32 ONNX of {spec.name}", stages.source, cfg, upstream,
+                 stable, "model.onnx")
+
+
+def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
+                options: Options) -> dict[str, dict]:
+    """The per-artifact tasks (quantize, import, tune, compile, package, smoke) by stage."""
+    name = f"{spec.name}_{variant.name}"
+    at = f"{name}@{target.name}"
+    p = artifact_paths(project, spec, variant, target.name)
+    tcfg = target_config(target)
+    tasks: dict[str, dict] = {}
+    model = p.source / "model.onnx"
+    if variant.quantize:
+        cal = spec.calibration
+        cfg = {"method": cal.method, "samples": cal.samples, "seed": cal.seed,
+               "data_dir": str(project.root / cal.data_dir) if cal.data_dir else "",
+               "activation_type": variant.activation_type,
+               "weight_type": variant.weight_type, "per_channel": variant.per_channel,
+               "inputs": _inputs(spec)}
+        upstream = {"model": model}
+        if cal.data_dir:
+            for f in _files(project.root / cal.data_dir, "*.npy"):
+                upstream[f"calibration/{f.name}"] = f
+        tasks["quantize"] = _task(project, name, f"QDQ ONNX of {name} (onnxruntime quantize_static)",
+                                  stages.quantize, cfg, upstream, p.quantize, "model.onnx")
+        model = p.quantize / "model.onnx"
+    integer = variant.quantize
+    tasks["import"] = _task(project, name, f"Relax IRModule of {name}", stages.import_,
+                            {"inputs": _inputs(spec), "integer": integer},
+                            {"model": model}, p.import_, "module.json")
+    module = p.import_ / "module.json"
+    key = target_key(target)
+    seed_logs = project.tuning_logs / key
+    budget = spec.tuning
+    tune_cfg = {"target": tcfg, "integer": integer, "mode": options.tune,
+                "trials_per_task": options.trials or budget.trials_per_task,
+                "max_trials": budget.max_trials,
+                "wall_seconds": (options.tune_minutes * 60 if options.tune_minutes is not None
+                                 else budget.wall_seconds),
+                "seed": budget.seed, "rpc": options.rpc, "log_key": key}
+    upstream = {"module": module}
+    for f in _files(seed_logs, "*.json"):
+        upstream[f"logs/{f.name}"] = f
+    tasks["tune"] = _task(project, at, f"MetaSchedule database for {name} on {target.name} "
+                          "(cached logs reused)", stages.tune, tune_cfg, upstream, p.tune,
+                          "database_tuning_record.json",
+                          extra_args=(seed_logs, project.artifacts / "tuning_cache" / key))
+    tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}", stages.compile_,
+                             {"target": tcfg, "integer": integer},
+                             {"module": module,
+                              "database": p.tune / "database_tuning_record.json",
+                              "workloads": p.tune / "database_workload.json"},
+                             p.compile, "model.so")
+    upstream = {"model": p.compile / "model.so", "io": p.compile / "io.json"}
+    for folder in TEMPLATE_FILES:
+        for f in _files(stages.REPO / folder):
+            upstream[f"{folder}/{f.relative_to(stages.REPO / folder).as_posix()}"] = f
+    tasks["package"] = _task(project, at, f"C++ app, bin/infer and bundle of {name} for {target.name}",
+                             stages.package, {"artifact": name, "target": tcfg}, upstream,
+                             p.package, "bin/infer")
+    tasks["smoke"] = _task(project, at, f"smoke check of {name} on {target.name}: C++ == Python VM",
+                           stages.smoke, {"seed": 0, "target": tcfg},
+                           {"binary": p.package / "bin" / "infer",
+                            "model": p.package / "model.so", "io": p.compile / "io.json"},
+                           p.smoke, "smoke.json")
+    return tasks
+
+
+def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[str, list[dict]]:
+    """Every task of the project, grouped by doit task group (stage name)."""
+    groups: dict[str, list[dict]] = {g: [] for g in
+                                     ("source", "quantize", "import", "tune", "compile",
+                                      "package", "smoke", "build")}
+    for spec in project.specs.values():
+        groups["source"].append(source_task(project, spec))
+        for variant in spec.variants.values():
+            name = f"{spec.name}_{variant.name}"
+            per_stage = stage_tasks(project, spec, variant, target, options)
+            for stage, task in per_stage.items():
+                groups[stage].append(task)
+            p = artifact_paths(project, spec, variant, target.name)
+            groups["build"].append({
+                "name": name,
+                "doc": f"{name} for {target.name}: every stage, up to the smoke check",
+                "actions": [(stages.link_deliverables, [p.artifact_dir])],
+                "file_dep": [str(p.smoke / "smoke.json")],
+                "targets": [str(p.artifact_dir / "model.so")],
+                "clean": [(stages.unlink_deliverables, [p.artifact_dir])],
+                "verbosity": 2,
+            })
+    return groups
