@@ -32,6 +32,63 @@ def unsupported_ops(model) -> dict[str, list[str]]:
     return missing
 
 
+def fold_batchnorm_into_conv(model) -> int:
+    """Fold every inference BatchNormalization into the Conv that feeds it (in place).
+
+    TVM's FoldBatchnormToConv2D only matches a bias-free conv; exporters often emit
+    Conv(+bias) -> BatchNormalization. Folding here, on the ONNX graph, covers both and
+    leaves one conv + bias per layer: w' = w * g / sqrt(v + eps), b' = (b - m) * g /
+    sqrt(v + eps) + beta, computed in float64 and stored as float32. Returns the count.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+    folded = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        params = bn.input[1:5]
+        if (conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0]) != 1
+                or conv.output[0] in graph_outputs or conv.input[1] not in inits
+                or (len(conv.input) > 2 and conv.input[2] not in inits)
+                or not all(p in inits for p in params)
+                or consumers.get(conv.input[1], 0) != 1):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64)
+                                  for p in params)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        scale = gamma / np.sqrt(var + eps)
+        new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((b - mean) * scale + beta).astype(np.float32)
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w, conv.input[1]))
+        bias_name = f"{conv.input[1]}.folded_bias"
+        graph.initializer.append(numpy_helper.from_array(new_b, bias_name))
+        inits[bias_name] = graph.initializer[-1]
+        while len(conv.input) < 3:
+            conv.input.append("")
+        conv.input[2] = bias_name
+        conv.output[0] = bn.output[0]
+        folded.append(bn)
+    for bn in folded:
+        graph.node.remove(bn)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(folded)
+
+
 def import_onnx(model_path: Path, config: ImportConfig):
     """from_onnx with the spec's static shapes; every unsupported op named in one error."""
     import onnx
@@ -50,6 +107,7 @@ def import_onnx(model_path: Path, config: ImportConfig):
             f"{model_path}: {len(missing)} operator type(s) are not supported by TVM's ONNX "
             "importer:\n  - " + "\n  - ".join(lines) +
             f"\nReplace them in the exporter or pre-process the graph.{hint}")
+    fold_batchnorm_into_conv(model)
     shape_dict = {name: list(shape) for name, shape, _ in config.inputs}
     return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
 

@@ -1,0 +1,92 @@
+"""Tiny ONNX models built in code, and a project directory that uses them.
+
+Shared by the stage tests and the end-to-end tests: no committed binaries, every model is a
+few KB and compiles in seconds.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+TINY_SHAPE = (1, 3, 8, 8)
+
+
+def tiny_convnet(seed: int = 0, opset: int = 17, with_bn: bool = True) -> onnx.ModelProto:
+    """Conv(+BatchNorm)+Relu -> residual Conv -> Add -> GAP -> Flatten -> Gemm; input ``x``."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32),
+                                       name)
+
+    inits = [w("c1.w", (8, 3, 3, 3)), w("c1.b", (8,)), w("c2.w", (8, 8, 3, 3), 0.15),
+             w("c2.b", (8,)), w("fc.w", (10, 8)), w("fc.b", (10,))]
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], pads=[1] * 4, name="c1")]
+    x = "c1"
+    if with_bn:
+        inits += [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(8)).astype(np.float32),
+                                          "bn.s"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(8)).astype(np.float32),
+                                          "bn.b"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(8)).astype(np.float32),
+                                          "bn.m"),
+                  numpy_helper.from_array((1 + 0.1 * rng.random(8)).astype(np.float32), "bn.v")]
+        nodes.append(helper.make_node("BatchNormalization", [x, "bn.s", "bn.b", "bn.m", "bn.v"],
+                                      ["bn"], name="bn"))
+        x = "bn"
+    nodes += [
+        helper.make_node("Relu", [x], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], pads=[1] * 4, name="c2"),
+        helper.make_node("Add", ["c2", "r1"], ["add"], name="add"),
+        helper.make_node("Relu", ["add"], ["r2"], name="r2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat", axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(TINY_SHAPE))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+TINY_SPEC = """\
+name = "tiny"
+description = "tiny conv net for tests"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "x"
+shape = [1, 3, 8, 8]
+dtype = "float32"
+
+[calibration]
+samples = 4
+
+[variants.fp32]
+quantize = false
+
+[variants.int8]
+quantize = true
+
+[tuning]
+trials_per_task = 4
+wall_seconds = 60
+"""
+
+
+def make_project(root: Path, model: onnx.ModelProto | None = None,
+                 spec_text: str = TINY_SPEC) -> Path:
+    """A project dir (models/tiny.toml + models/tiny.onnx) a doit run can build in."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    onnx.save(model or tiny_convnet(), str(root / "models" / "tiny.onnx"))
+    (root / "models" / "tiny.toml").write_text(textwrap.dedent(spec_text), encoding="utf-8")
+    return root

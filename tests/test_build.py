@@ -1,0 +1,59 @@
+"""Stage compile: model.so runs and matches onnxruntime; untuned kernels are named; bytes
+are reproducible; the CUDA target cross-compiles for sm_89 without a GPU."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from models import tiny_convnet
+from oracle import assert_close_fp32, ort_run
+from pipeline import build, importer
+
+
+@pytest.fixture(scope="module")
+def module_json(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("imp")
+    onnx.save(tiny_convnet(), str(tmp / "m.onnx"))
+    importer.run(tmp / "m.onnx", importer.ImportConfig((("x", (1, 3, 8, 8), "float32"),), False),
+                 tmp)
+    return tmp / "module.json"
+
+
+def _compile(module_json: Path, out: Path, target="cpu", database=None) -> dict:
+    out.mkdir(parents=True)
+    build.run(module_json, database, build.CompileConfig(target, False), out)
+    return json.loads((out / "compile_report.json").read_text())
+
+
+def test_cpu_model_runs_and_reports_untuned(module_json, tmp_path):
+    import tvm
+    from tvm import relax
+
+    report = _compile(module_json, tmp_path / "c")
+    assert report["tuned"] == [] and any(k.startswith("fused_conv2d") for k in report["untuned"])
+    io = json.loads((tmp_path / "c" / "io.json").read_text())
+    assert io["inputs"] == [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert io["outputs"][0]["shape"] == [1, 10]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "c" / "model.so")),
+                              tvm.cpu())
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close_fp32(got, ort_run(module_json.parent / "m.onnx", {"x": x}))
+
+
+def test_export_is_byte_reproducible(module_json, tmp_path):
+    _compile(module_json, tmp_path / "a")
+    _compile(module_json, tmp_path / "b")
+    assert (tmp_path / "a" / "model.so").read_bytes() == (tmp_path / "b" / "model.so").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_rtx4090_cross_compiles_for_sm_89(module_json, tmp_path):
+    report = _compile(module_json, tmp_path / "g", target="rtx4090")
+    assert report["untuned_scheduler"] == "dlight"
+    assert '"arch":"sm_89"' in report["target"]
+    assert (tmp_path / "g" / "model.so").stat().st_size > 0

@@ -1,0 +1,78 @@
+"""Stage quantize: QDQ output, u8 x s8 per channel, deterministic bytes, bad calibration data."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from models import tiny_convnet
+from pipeline import quantize
+from pipeline.errors import ConfigError
+
+INPUTS = (("x", (1, 3, 8, 8), "float32"),)
+
+
+def _cfg(**kw):
+    base = dict(method="minmax", samples=4, seed=0, data_dir="", activation_type="uint8",
+                weight_type="int8", per_channel=True, inputs=INPUTS)
+    base.update(kw)
+    return quantize.QuantizeConfig(**base)
+
+
+@pytest.fixture
+def fp32(tmp_path) -> Path:
+    path = tmp_path / "fp32.onnx"
+    onnx.save(tiny_convnet(), str(path))
+    return path
+
+
+def _run(fp32, out: Path, **kw) -> Path:
+    out.mkdir()
+    quantize.run(fp32, _cfg(**kw), out)
+    return out / "model.onnx"
+
+
+def test_qdq_u8_s8_per_channel(fp32, tmp_path):
+    model = onnx.load(str(_run(fp32, tmp_path / "q")))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "Conv" in ops
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_q = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8 and
+                len(i.dims) == 4]
+    assert len(weight_q) == 2, "both conv weights stored as s8"
+    zero_points = [i for n, i in inits.items() if "zero_point" in n and
+                   i.data_type == onnx.TensorProto.UINT8]
+    assert zero_points, "activations quantized to u8"
+    dq_scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0] in {w.name for w in weight_q}]
+    assert [tuple(s.dims) for s in dq_scales] == [(8,), (8,)], "per-channel weight scales"
+
+
+def test_same_inputs_same_bytes(fp32, tmp_path):
+    a = _run(fp32, tmp_path / "a").read_bytes()
+    b = _run(fp32, tmp_path / "b").read_bytes()
+    assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+    c = _run(fp32, tmp_path / "c", seed=7).read_bytes()
+    assert a != c  # other calibration data, other scales
+
+
+def test_calibration_from_npy_folder(fp32, tmp_path):
+    data = tmp_path / "calib"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        np.save(data / f"{i}.npy", rng.standard_normal((1, 3, 8, 8)).astype(np.float32))
+    out = _run(fp32, tmp_path / "q", data_dir=str(data))
+    assert out.exists()
+
+
+def test_bad_calibration_data(fp32, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        _run(fp32, tmp_path / "q1", data_dir=str(tmp_path / "missing"))
+    data = tmp_path / "calib"
+    data.mkdir()
+    np.save(data / "0.npy", np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ConfigError, match=r"expected \(1, 3, 8, 8\) float32"):
+        _run(fp32, tmp_path / "q2", data_dir=str(data))
