@@ -1,0 +1,80 @@
+"""doit task dicts: names, the file_dep chain between stages, configs, options. No doit run."""
+
+from pathlib import Path
+
+import pytest
+
+from models import make_project
+from pipeline.errors import ConfigError
+from pipeline.targets import get_target
+from pipeline.tasks import Options, Project, all_tasks
+
+
+@pytest.fixture
+def groups(tmp_path):
+    project = Project.load(make_project(tmp_path))
+    return all_tasks(project, get_target("cpu"), Options())
+
+
+def _by_name(groups):
+    return {f"{g}:{t['name']}": t for g, tasks in groups.items() for t in tasks}
+
+
+def test_every_stage_has_a_documented_task(groups):
+    names = set(_by_name(groups))
+    assert {"source:tiny", "quantize:tiny_int8", "import:tiny_int8", "import:tiny_fp32",
+            "tune:tiny_int8@cpu", "compile:tiny_int8@cpu", "package:tiny_int8@cpu",
+            "smoke:tiny_int8@cpu", "build:tiny_int8", "build:tiny_fp32"} <= names
+    assert "quantize:tiny_fp32" not in names  # fp32 skips quantization
+    assert all(t["doc"] for t in _by_name(groups).values())
+
+
+def test_stages_chain_through_files(groups):
+    t = _by_name(groups)
+    chain = ["source:tiny", "quantize:tiny_int8", "import:tiny_int8", "tune:tiny_int8@cpu",
+             "compile:tiny_int8@cpu", "package:tiny_int8@cpu", "smoke:tiny_int8@cpu",
+             "build:tiny_int8"]
+    for up, down in zip(chain, chain[1:]):
+        produced = set(t[up]["targets"])
+        consumed = set(t[down]["file_dep"])
+        if up.startswith("tune"):  # compile also reads the workload table next to the records
+            produced = {str(Path(p).parent / "database_workload.json") for p in produced} | \
+                produced
+        assert produced & consumed, f"{down} does not depend on {up}'s output"
+    assert t["import:tiny_fp32"]["file_dep"] == t["source:tiny"]["targets"]
+
+
+def test_package_depends_on_templates(groups):
+    deps = _by_name(groups)["package:tiny_int8@cpu"]["file_dep"]
+    assert any(d.endswith("main.cc.j2") for d in deps)
+
+
+def test_config_reaches_uptodate(tmp_path):
+    project = Project.load(make_project(tmp_path))
+    base = _by_name(all_tasks(project, get_target("cpu"), Options()))
+    more = _by_name(all_tasks(project, get_target("cpu"), Options(trials=99)))
+
+    def cfg(task):
+        return task["uptodate"][0].config
+
+    assert cfg(base["tune:tiny_int8@cpu"]) != cfg(more["tune:tiny_int8@cpu"])
+    assert cfg(base["compile:tiny_int8@cpu"]) == cfg(more["compile:tiny_int8@cpu"])
+    assert cfg(base["quantize:tiny_int8"])["samples"] == 4
+
+
+def test_gpu_target_tasks_are_named_per_target(tmp_path):
+    project = Project.load(make_project(tmp_path))
+    names = _by_name(all_tasks(project, get_target("rtx4090"), Options(target="rtx4090")))
+    assert "compile:tiny_int8@rtx4090" in names
+    cfg = names["compile:tiny_int8@rtx4090"]["uptodate"][0].config
+    assert cfg["target"]["arch"] == "sm_89"
+
+
+def test_bad_options_all_reported():
+    with pytest.raises(ConfigError) as e:
+        Options(target="tpu", tune="always", trials=0, rpc="nohost").validate()
+    msg = str(e.value)
+    for needle in ("target=tpu", "tune=always", "trials=0", "rpc=nohost"):
+        assert needle in msg
+    with pytest.raises(ConfigError, match="known targets: cpu, rtx4090, h100"):
+        get_target("tpu")
