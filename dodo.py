@@ -11,8 +11,8 @@ from pathlib import Path
 from doit import get_var
 
 from pipeline.errors import ConfigError
-from pipeline.tasks import Options, Project, all_tasks
 from pipeline.targets import get_target
+from pipeline.tasks import Options, Project, all_tasks
 
 ROOT = Path.cwd()
 (ROOT / "artifacts").mkdir(exist_ok=True)

@@ -68,8 +68,13 @@ def calibration_samples(inputs, samples: int, seed: int, data_dir: str) -> list[
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     """Write ``out_dir/model.onnx``, the QDQ model."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir)

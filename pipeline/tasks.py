@@ -162,7 +162,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
         if cal.data_dir:
             for f in _files(project.root / cal.data_dir, "*.npy"):
                 upstream[f"calibration/{f.name}"] = f
-        tasks["quantize"] = _task(project, name, f"QDQ ONNX of {name} (onnxruntime quantize_static)",
+        tasks["quantize"] = _task(project, name,
+                                  f"QDQ ONNX of {name} (onnxruntime quantize_static)",
                                   stages.quantize, cfg, upstream, p.quantize, "model.onnx")
         model = p.quantize / "model.onnx"
     integer = variant.quantize
@@ -196,7 +197,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     for folder in TEMPLATE_FILES:
         for f in _files(stages.REPO / folder):
             upstream[f"{folder}/{f.relative_to(stages.REPO / folder).as_posix()}"] = f
-    tasks["package"] = _task(project, at, f"C++ app, bin/infer and bundle of {name} for {target.name}",
+    tasks["package"] = _task(project, at,
+                             f"C++ app, bin/infer and bundle of {name} for {target.name}",
                              stages.package, {"artifact": name, "target": tcfg}, upstream,
                              p.package, "bin/infer")
     tasks["smoke"] = _task(project, at, f"smoke check of {name} on {target.name}: C++ == Python VM",

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from oracle import assert_close_fp32, ort_run
 
 from models import tiny_convnet
-from oracle import assert_close_fp32, ort_run
 from pipeline import build, importer
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from oracle import assert_close_fp32, ort_run
 
 from models import tiny_convnet
-from oracle import assert_close_fp32, ort_run
 from pipeline import importer
 from pipeline.errors import UnsupportedModelError
 
@@ -56,5 +56,6 @@ def test_unsupported_ops_all_named_with_nodes(tmp_path):
         _import(tmp_path, model)
     msg = str(e.value)
     assert "2 operator type(s)" in msg
-    assert "FancyOp (nodes: first_fancy, second_fancy)" in msg and "QLinearConv (nodes: qconv)" in msg
+    assert "FancyOp (nodes: first_fancy, second_fancy)" in msg
+    assert "QLinearConv (nodes: qconv)" in msg
     assert "QOperator-format" in msg

@@ -1,0 +1,337 @@
+"""Stage ``bench``: latency of the C++ binary, TVM in Python and onnxruntime, in one run.
+
+The three are measured back to back on the same input with the same thread count:
+
+- ``cpp``: the packaged ``bin/infer --warmup --repeat --threads --json``; its JSON's
+  ``latency_ms`` (for a CUDA target: ``main()`` without the host<->device copies). Peak
+  resident memory is ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` read in a fresh wrapper
+  process whose only child is the binary: the kernel's high-water mark of the binary alone
+  (model load included), with no earlier child of ours able to mask it, so no delta is needed.
+- ``tvm_python``: ``relax.VirtualMachine`` on the same ``model.so``, a manual loop of
+  ``main()`` calls (device synchronized after each). TVM sizes its thread pool from
+  ``TVM_NUM_THREADS`` when the runtime starts, so this runs in a subprocess with it set.
+- ``onnxruntime``: CPU execution provider (CUDA for a GPU artifact where onnxruntime has it),
+  ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, sequential execution; the
+  fp32 model for an fp32 artifact, the QDQ model for a quantized one.
+
+Percentiles use numpy's linear interpolation, as the C++ app does (runtime_cpp/timing.h).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, StageFailed
+from .validate import ArtifactUnderTest
+
+STAGE = "bench"
+NO_CUDA = "not run: no CUDA device"
+RUNNERS = ("cpp", "tvm_python", "onnxruntime")
+_LABELS = {"cpp": "C++ binary", "tvm_python": "TVM in Python", "onnxruntime": "onnxruntime"}
+_ROOT = Path(__file__).resolve().parent.parent
+RSS_METHOD = ("getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process whose only child is "
+              "bin/infer")
+
+# Run in a fresh interpreter: its only child is the binary, so RUSAGE_CHILDREN is the binary's.
+_CPP_WRAPPER = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.package import run_binary
+kwargs = json.loads(sys.argv[2])
+proc = run_binary(**kwargs)
+print(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+# TVM_NUM_THREADS is set in this interpreter's environment before tvm is imported.
+_VM_BENCH = """
+import json, sys, time
+import numpy as np
+import tvm
+from tvm import relax
+args = json.loads(sys.argv[1])
+dev = tvm.cuda(0) if args["device"] == "cuda" else tvm.cpu(0)
+vm = relax.VirtualMachine(tvm.runtime.load_module(args["model"]), dev)
+inputs = [tvm.runtime.tensor(np.load(p), dev) for p in args["inputs"]]
+main = vm["main"]
+times = []
+for i in range(args["warmup"] + args["repeat"]):
+    start = time.perf_counter()
+    main(*inputs)
+    dev.sync()
+    if i >= args["warmup"]:
+        times.append((time.perf_counter() - start) * 1e3)
+threads = int(tvm.get_global_func("runtime.NumThreads")())
+with open(args["result"], "w") as f:
+    json.dump({"times_ms": times, "threads": threads}, f)
+"""
+
+
+def stats(times_ms: list[float]) -> dict[str, float]:
+    """Median, p90, min, mean (ms) and throughput (inferences/s at the median).
+
+    Parameters
+    ----------
+    times_ms : list of float
+        One latency per timed run.
+
+    Returns
+    -------
+    dict
+        ``median_ms``, ``p90_ms``, ``min_ms``, ``mean_ms``, ``count``, ``throughput_per_s``.
+    """
+    t = np.asarray(times_ms, dtype=np.float64)
+    median = float(np.percentile(t, 50))
+    return {"median_ms": median, "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
+            "mean_ms": float(t.mean()), "count": int(t.size),
+            "throughput_per_s": 1e3 / median if median > 0 else None}
+
+
+def _bench_cpp(art: ArtifactUnderTest, inputs: Path | dict, threads: int, warmup: int,
+               repeat: int, out_dir: Path) -> dict:
+    json_path = out_dir / "cpp_latency.json"
+    kwargs = {"pkg_dir": str(art.package_dir), "warmup": warmup, "repeat": repeat,
+              "threads": threads, "json_path": str(json_path),
+              "input_npy": ({k: str(v) for k, v in inputs.items()} if isinstance(inputs, dict)
+                            else str(inputs))}
+    proc = subprocess.run([sys.executable, "-c", _CPP_WRAPPER, str(_ROOT), json.dumps(kwargs)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StageFailed(STAGE, f"{art.name}: the bin/infer wrapper failed: {proc.stderr[-2000:]}")
+    ran = json.loads(proc.stdout.strip().splitlines()[-1])
+    if ran["returncode"] != 0 or not json_path.is_file():
+        raise StageFailed(STAGE, f"{art.name}: bin/infer exited {ran['returncode']}: "
+                          f"{(ran['stderr'] or ran['stdout']).strip()[-2000:]}")
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    lat = report["latency_ms"]
+    median = float(lat["median"])
+    return {"median_ms": median, "p90_ms": float(lat["p90"]), "min_ms": float(lat["min"]),
+            "mean_ms": float(lat["mean"]), "count": int(lat["count"]),
+            "throughput_per_s": 1e3 / median if median > 0 else None,
+            "threads": int(report["threads"]), "device_timing": report["device_timing"],
+            "peak_rss_mb": ran["maxrss_kib"] / 1024.0, "peak_rss_method": RSS_METHOD}
+
+
+def _bench_tvm_python(art: ArtifactUnderTest, paths: list[Path], threads: int, warmup: int,
+                      repeat: int, out_dir: Path) -> dict:
+    result = out_dir / "tvm_python_latency.json"
+    args = {"model": str(Path(art.package_dir) / "model.so"), "inputs": [str(p) for p in paths],
+            "device": "cuda" if art.is_gpu else "cpu", "warmup": warmup, "repeat": repeat,
+            "result": str(result)}
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", _VM_BENCH, json.dumps(args)], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not result.is_file():
+        raise StageFailed(STAGE, f"{art.name}: the Python VM benchmark failed "
+                          f"(exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    data = json.loads(result.read_text(encoding="utf-8"))
+    return {**stats(data["times_ms"]), "threads": data["threads"]}
+
+
+def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
+               repeat: int) -> dict:
+    import onnxruntime as ort
+
+    model = Path(art.qdq_onnx if art.quantized else art.fp32_onnx)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    provider = "CPUExecutionProvider"
+    if art.is_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        provider = "CUDAExecutionProvider"
+    session = ort.InferenceSession(str(model), options, providers=[provider])
+    times = []
+    for i in range(warmup + repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {**stats(times), "threads": threads, "provider": provider,
+            "model": "QDQ ONNX" if art.quantized else "fp32 ONNX", "model_path": str(model),
+            "version": ort.__version__}
+
+
+def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir: Path,
+        *, seed: int = 0) -> dict:
+    """Benchmark one artifact against onnxruntime; write ``out_dir/bench.json``.
+
+    Parameters
+    ----------
+    art : ArtifactUnderTest
+        The packaged artifact (see :mod:`pipeline.validate`).
+    threads : int
+        CPU threads for every runner (TVM's pool, onnxruntime's intra-op pool).
+    warmup, repeat : int
+        Untimed and timed runs of each runner.
+    out_dir : Path
+        Receives ``bench.json``, the input and the runners' raw timing files.
+    seed : int
+        Seed of the synthetic input all three runners share.
+
+    Returns
+    -------
+    dict
+        ``status`` ("ok" or "not run: no CUDA device"), the settings, one entry per runner
+        in :data:`RUNNERS` (``median_ms``, ``p90_ms``, ``min_ms``, ``mean_ms``,
+        ``throughput_per_s``, ...; ``cpp`` adds ``peak_rss_mb``), ``ratio`` (C++ median /
+        onnxruntime median) and ``ratio_tvm_python``.
+
+    Raises
+    ------
+    ConfigError
+        ``threads``, ``warmup`` or ``repeat`` out of range.
+    StageFailed
+        A runner failed (the message quotes its output).
+    """
+    from .quantize import calibration_samples
+    from .smoke import cuda_available
+
+    problems = [f"{k}={v} must be >= {lo}" for k, v, lo in
+                (("threads", threads, 1), ("warmup", warmup, 0), ("repeat", repeat, 1))
+                if not isinstance(v, int) or v < lo]
+    if problems:
+        raise ConfigError(f"bench {art.name}: " + "; ".join(problems))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {**art.header(), "threads": threads, "warmup": warmup,
+                              "repeat": repeat, "input": f"seeded synthetic (seed {seed})"}
+    if art.is_gpu and not cuda_available():
+        result.update(status=NO_CUDA, ratio=None, ratio_tvm_python=None,
+                      **{runner: None for runner in RUNNERS})
+        _write_json(out_dir / "bench.json", result)
+        print(f"bench: {art.name} on {art.target}: {NO_CUDA}", flush=True)
+        return result
+
+    io = json.loads(Path(art.io_json).read_text(encoding="utf-8"))
+    order = [t["name"] for t in io["inputs"]]
+    feed = calibration_samples(art.inputs, 1, seed, "")[0]
+    paths = [out_dir / f"input_{name}.npy" for name in order]
+    for name, path in zip(order, paths, strict=True):
+        np.save(path, feed[name])
+    inputs: Path | dict = paths[0] if len(paths) == 1 else dict(zip(order, paths, strict=True))
+
+    result["cpp"] = _bench_cpp(art, inputs, threads, warmup, repeat, out_dir)
+    result["tvm_python"] = _bench_tvm_python(art, paths, threads, warmup, repeat, out_dir)
+    result["onnxruntime"] = _bench_ort(art, feed, threads, warmup, repeat)
+    ort_median = result["onnxruntime"]["median_ms"]
+    result["ratio"] = result["cpp"]["median_ms"] / ort_median
+    result["ratio_tvm_python"] = result["tvm_python"]["median_ms"] / ort_median
+    result["status"] = "ok"
+    _write_json(out_dir / "bench.json", result)
+    print(f"bench: {art.name} on {art.target}, {threads} threads: C++ "
+          f"{result['cpp']['median_ms']:.3f} ms, TVM Python "
+          f"{result['tvm_python']['median_ms']:.3f} ms, onnxruntime {ort_median:.3f} ms "
+          f"(C++/onnxruntime {result['ratio']:.2f}x)", flush=True)
+    return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def chart(results: list[dict], png: Path) -> Path:
+    """Bar chart of median latency per artifact next to onnxruntime (p90 as whiskers).
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch). The y axis
+    turns logarithmic when latencies span more than 30x (untuned TVM next to onnxruntime).
+
+    Parameters
+    ----------
+    results : list of dict
+        What :func:`run` returned per artifact; artifacts not run are labelled, not drawn.
+    png : Path
+        Where the PNG is written.
+
+    Returns
+    -------
+    Path
+        ``png``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.8 * len(results) + 2), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(RUNNERS)
+    labels = [f"{r['artifact']}\n@{r['target']}" for r in results]
+    medians = [r[k]["median_ms"] for r in results if r.get("status") == "ok" for k in RUNNERS]
+    if medians and max(medians) / max(min(medians), 1e-9) > 30:
+        ax.set_yscale("log")
+    for j, runner in enumerate(RUNNERS):
+        xs, ys, whiskers = [], [], []
+        for i, res in enumerate(results):
+            if res.get("status") == "ok":
+                xs.append(i + (j - 1) * width)
+                ys.append(res[runner]["median_ms"])
+                whiskers.append(res[runner]["p90_ms"] - res[runner]["median_ms"])
+        ax.bar(xs, ys, width, label=_LABELS[runner], yerr=[[0] * len(ys), whiskers], capsize=3)
+    for i, res in enumerate(results):
+        if res.get("status") != "ok":
+            ax.annotate(res.get("status", "not run"), (i, 0.5), xycoords=("data", "axes fraction"),
+                        ha="center", rotation=90, fontsize=8, color="gray")
+    ax.set_xticks(range(len(results)), labels, fontsize=8)
+    ax.set_xlim(-0.6, max(len(results), 1) - 0.4)
+    ax.set_ylabel("median latency, ms (whisker: p90)")
+    threads = sorted({r["threads"] for r in results})
+    ax.set_title("Latency per artifact vs onnxruntime (threads: "
+                 f"{', '.join(map(str, threads))})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(png), format="png")
+    return png
+
+
+def report(results: list[dict], out_dir: Path) -> dict:
+    """Write ``bench.md`` (a table, and ``bench.png`` embedded) and an aggregate ``bench.json``.
+
+    Parameters
+    ----------
+    results : list of dict
+        What :func:`run` returned per artifact.
+    out_dir : Path
+        The report folder.
+
+    Returns
+    -------
+    dict
+        The aggregate written to ``bench.json``: ``artifacts`` and the ``chart`` file name.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chart(results, out_dir / "bench.png")
+    lines = ["# Benchmark", "", "![latency per artifact vs onnxruntime](bench.png)", "",
+             "| artifact | target | threads | runner | median ms | p90 ms | min ms | inferences/s "
+             "| peak RSS MB | vs onnxruntime |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        if res.get("status") != "ok":
+            lines.append(f"| {res['artifact']} | {res['target']} | {res['threads']} | - | - | - | "
+                         f"- | - | - | {res.get('status')} |")
+            continue
+        ort_median = res["onnxruntime"]["median_ms"]
+        for runner in RUNNERS:
+            s = res[runner]
+            rss = f"{s['peak_rss_mb']:.1f}" if "peak_rss_mb" in s else "-"
+            lines.append(f"| {res['artifact']} | {res['target']} | {res['threads']} | "
+                         f"{_LABELS[runner]} | {s['median_ms']:.3f} | {s['p90_ms']:.3f} | "
+                         f"{s['min_ms']:.3f} | {s['throughput_per_s']:.1f} | {rss} | "
+                         f"{s['median_ms'] / ort_median:.2f}x |")
+    lines += ["", "Same input and thread count for every runner, measured back to back in one "
+              "run. C++ binary: its own `--json` timing; peak RSS: " + RSS_METHOD + ". "
+              "onnxruntime: intra-op threads as listed, inter-op 1, sequential; the QDQ model for "
+              "int8 artifacts."]
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    aggregate = {"artifacts": list(results), "chart": "bench.png"}
+    _write_json(out_dir / "bench.json", aggregate)
+    return aggregate

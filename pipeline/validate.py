@@ -1,0 +1,642 @@
+"""Stage ``validate``: onnxruntime vs TVM in Python vs the shipped C++ binary, on the same inputs.
+
+Every artifact runs the same validation inputs (seeded synthetic, or ``.npy`` files) through
+onnxruntime (the fp32 model, and the QDQ model for a quantized variant), through the Relax VM
+in Python on the packaged ``model.so``, and through the packaged ``bin/infer``. Each pair of
+results is one *comparison* with its metrics and, where DESIGN.md sets one, its gates:
+
+=========================  =========================================================  =======
+comparison                 gates                                                      when
+=========================  =========================================================  =======
+``tvm_fp32_vs_ort_fp32``   max abs err <= fp32_rel_tol * max(1, max abs ref); top-1    fp32
+``tvm_int8_vs_ort_int8``   cosine >= int8_cosine_min; top-1 agreement >=              int8
+                           int8_top1_min; max error <= int8_max_steps output steps
+``tvm_int8_vs_ort_fp32``   none (quantization quality as the artifact delivers it)    int8
+``ort_int8_vs_ort_fp32``   none (quantization quality of the QDQ model itself)        int8
+``cpp_vs_tvm_python``      bit-identical on CPU; on GPU max abs err <= gpu_rel_tol *   always
+                           max(1, max abs ref)
+=========================  =========================================================  =======
+
+Metric definitions (``reference`` is the right-hand side of the comparison name):
+
+- ``max_abs_err``: max |actual - reference| over the elements.
+- ``max_rel_err``: ``max_abs_err / max(1, max |reference|)``, the normalisation of the fp32
+  gate; an elementwise ratio would blow up on the near-zero logits every classifier has.
+- ``cosine``: cosine similarity of the flattened tensors (1 when both are all zero).
+- ``top1_agreement`` / ``top5_agreement``: rows are the tensor reshaped to (-1, last axis),
+  i.e. one row per sample of a classifier's (batch, classes) output. Top-1: fraction of rows
+  whose argmax agrees. Top-5: mean overlap of the two top-5 index sets (|A & B| / 5).
+- ``sqnr_db``: 10 log10(sum reference^2 / sum (actual - reference)^2); ``"inf"`` if equal.
+- ``max_err_steps``: ``max_abs_err`` in output quantization steps (see :func:`output_steps`).
+- ``mismatched_elements``: elements whose bytes differ (C++ vs Python only).
+
+Aggregates over inputs are worst cases (max errors, min cosine/SQNR), except the top-k
+agreements, which pool every row of every input. A failed gate names the input index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ConfigError, ValidationFailed
+from .spec import ValidationSpec
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec, VariantSpec
+    from .targets import TargetSpec
+    from .tasks import ArtifactPaths
+
+STAGE = "validate"
+NO_CUDA = "not validated: no CUDA device"
+
+FP32 = "tvm_fp32_vs_ort_fp32"
+INT8 = "tvm_int8_vs_ort_int8"
+INT8_QUALITY = "tvm_int8_vs_ort_fp32"
+ORT_QUALITY = "ort_int8_vs_ort_fp32"
+CPP = "cpp_vs_tvm_python"
+
+_TITLES = {FP32: "TVM fp32 vs onnxruntime fp32", INT8: "TVM int8 vs onnxruntime int8 (QDQ)",
+           INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (reported)",
+           ORT_QUALITY: "onnxruntime int8 vs onnxruntime fp32 (reported)",
+           CPP: "C++ binary vs TVM in Python"}
+_OPS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator.ge,
+                                               "==": operator.eq}
+_METRICS = ("max_abs_err", "max_rel_err", "cosine", "top1_agreement", "top5_agreement",
+            "sqnr_db", "max_err_steps", "mismatched_elements")
+
+
+@dataclass(frozen=True)
+class ArtifactUnderTest:
+    """One built artifact and the ONNX models it is checked against.
+
+    ``inputs`` are ``(name, shape, dtype)`` in the order the model's ``main`` takes them;
+    ``qdq_onnx`` is None for an fp32 variant.
+    """
+
+    name: str  # e.g. "tiny_int8"
+    model: str
+    variant: str
+    target: str
+    is_gpu: bool
+    fp32_onnx: Path
+    qdq_onnx: Path | None
+    package_dir: Path
+    io_json: Path
+    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    @property
+    def quantized(self) -> bool:
+        return self.qdq_onnx is not None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
+                  paths: ArtifactPaths) -> ArtifactUnderTest:
+        """The artifact a build of ``spec``/``variant`` for ``target`` leaves at ``paths``.
+
+        Parameters
+        ----------
+        spec, variant : ModelSpec, VariantSpec
+            The model spec and the variant that was built.
+        target : TargetSpec
+            The target it was built for.
+        paths : ArtifactPaths
+            Its stage folders, from :func:`pipeline.tasks.artifact_paths`.
+
+        Returns
+        -------
+        ArtifactUnderTest
+        """
+        return cls(name=f"{spec.name}_{variant.name}", model=spec.name, variant=variant.name,
+                   target=target.name, is_gpu=target.is_gpu,
+                   fp32_onnx=paths.source / "model.onnx",
+                   qdq_onnx=paths.quantize / "model.onnx" if paths.quantize else None,
+                   package_dir=paths.package, io_json=paths.compile / "io.json",
+                   inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs))
+
+    def header(self) -> dict[str, Any]:
+        return {"artifact": self.name, "model": self.model, "variant": self.variant,
+                "target": self.target}
+
+
+def resolve_gates(gates: Mapping[str, Any] | ValidationSpec | None) -> dict[str, Any]:
+    """The spec's defaults overridden by ``gates``; an unknown key is a :class:`ConfigError`."""
+    if isinstance(gates, ValidationSpec):
+        return asdict(gates)
+    resolved = asdict(ValidationSpec())
+    unknown = sorted(set(gates or {}) - set(resolved))
+    if unknown:
+        raise ConfigError(f"unknown validation setting(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(f.name for f in fields(ValidationSpec))}")
+    resolved.update(gates or {})
+    return resolved
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(1, -1) if x.ndim == 0 else x.reshape(-1, x.shape[-1])
+
+
+def compare(actual: np.ndarray, reference: np.ndarray, step: float | None = None,
+            bitwise: bool = False) -> dict[str, Any]:
+    """Metrics of one output tensor against its reference (definitions: module docstring).
+
+    Parameters
+    ----------
+    actual, reference : numpy.ndarray
+        Same shape; compared in float64.
+    step : float, optional
+        Output quantization step; adds ``max_err_steps``.
+    bitwise : bool
+        Add ``mismatched_elements`` (bytes compared, so dtypes must match too).
+
+    Returns
+    -------
+    dict
+        Metric name to value; ``shape_ok`` False (and no metrics) when shapes differ.
+        ``top1_agree``/``top5_overlap``/``rows`` are the counts behind the pooled agreements.
+    """
+    if actual.shape != reference.shape or (bitwise and actual.dtype != reference.dtype):
+        return {"shape_ok": False, "actual": f"{list(actual.shape)} {actual.dtype}",
+                "reference": f"{list(reference.shape)} {reference.dtype}"}
+    a, r = actual.astype(np.float64), reference.astype(np.float64)
+    err = np.abs(a - r)
+    max_abs = float(err.max()) if err.size else 0.0
+    ref_max = float(np.abs(r).max()) if r.size else 0.0
+    norm_a, norm_r = float(np.linalg.norm(a)), float(np.linalg.norm(r))
+    if norm_a == 0.0 or norm_r == 0.0:
+        cosine = 1.0 if norm_a == norm_r else 0.0
+    else:
+        cosine = float(np.dot(a.ravel(), r.ravel()) / (norm_a * norm_r))
+    signal, noise = float(np.sum(r * r)), float(np.sum(err * err))
+    sqnr = math.inf if noise == 0.0 else (-math.inf if signal == 0.0 else
+                                          10.0 * math.log10(signal / noise))
+    ra, rr = _rows(a), _rows(r)
+    k = min(5, rr.shape[1])
+    # Stable sort: tied scores rank by index, as the C++ app's top-5 listing does.
+    top_a = np.argsort(-ra, axis=1, kind="stable")[:, :k]
+    top_r = np.argsort(-rr, axis=1, kind="stable")[:, :k]
+    top1 = int(np.sum(top_a[:, 0] == top_r[:, 0]))
+    pairs = zip(top_a.tolist(), top_r.tolist(), strict=True)
+    overlap = sum(len(set(x) & set(y)) / k for x, y in pairs)
+    out: dict[str, Any] = {
+        "shape_ok": True, "max_abs_err": max_abs, "max_ref": ref_max,
+        "max_rel_err": max_abs / max(1.0, ref_max), "cosine": cosine,
+        "rows": len(rr), "top1_agree": top1, "top5_overlap": overlap,
+        "top1_agreement": top1 / len(rr), "top5_agreement": overlap / len(rr), "sqnr_db": sqnr}
+    if step is not None:
+        out["max_err_steps"] = max_abs / step
+    if bitwise:
+        out["mismatched_elements"] = _bytes_differ(actual, reference)
+    return out
+
+
+def _bytes_differ(a: np.ndarray, b: np.ndarray) -> int:
+    """Elements of two same-shape, same-dtype arrays whose bytes differ (NaN == NaN here)."""
+    if a.size == 0:
+        return 0
+    as_bytes = [np.ascontiguousarray(x).reshape(-1).view(np.uint8).reshape(x.size, -1)
+                for x in (a, b)]
+    return int(np.any(as_bytes[0] != as_bytes[1], axis=1).sum())
+
+
+def _aggregate(rows: list[dict]) -> dict[str, Any]:
+    """Worst case over (input, output) rows; top-k agreements pooled over every row."""
+    ok = [r for r in rows if r.get("shape_ok")]
+    if not ok:
+        return {}
+    agg: dict[str, Any] = {
+        "max_abs_err": max(r["max_abs_err"] for r in ok),
+        "max_rel_err": max(r["max_rel_err"] for r in ok),
+        "cosine": min(r["cosine"] for r in ok),
+        "top1_agreement": sum(r["top1_agree"] for r in ok) / sum(r["rows"] for r in ok),
+        "top5_agreement": sum(r["top5_overlap"] for r in ok) / sum(r["rows"] for r in ok),
+        "sqnr_db": min(r["sqnr_db"] for r in ok)}
+    if "max_err_steps" in ok[0]:
+        agg["max_err_steps"] = max(r["max_err_steps"] for r in ok)
+    if "mismatched_elements" in ok[0]:
+        agg["mismatched_elements"] = sum(r["mismatched_elements"] for r in ok)
+    return agg
+
+
+# ------------------------------------------------------------------- output quantization step
+
+def _constants(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def output_steps(qdq_onnx: Path) -> list[float]:
+    """Quantization step (scale) of each graph output of a QDQ model.
+
+    An output written by a ``DequantizeLinear`` takes that node's scale. Otherwise (e.g. a
+    Gemm whose float output onnxruntime leaves unquantized) the nearest upstream
+    ``DequantizeLinear`` of an *activation* (its input is computed, not a constant weight) is
+    used: the step of the last quantized tensor, the finest granularity the model commits to.
+    A per-channel scale counts by its smallest entry (the strictest reading).
+
+    Parameters
+    ----------
+    qdq_onnx : Path
+        The QDQ model onnxruntime's quantizer wrote.
+
+    Returns
+    -------
+    list of float
+        One step per graph output, in graph order.
+
+    Raises
+    ------
+    ConfigError
+        An output has no quantized tensor upstream (the model is not in QDQ form).
+    """
+    import onnx
+
+    model = onnx.load(str(qdq_onnx))
+    consts = _constants(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    steps = []
+    for output in model.graph.output:
+        frontier, seen, found = [output.name], set(), None
+        while frontier and found is None:  # breadth first: the nearest DQ wins
+            nxt = []
+            for tensor in frontier:
+                node = producer.get(tensor)
+                if node is None or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == "DequantizeLinear" and node.input[0] not in consts:
+                    found = node
+                    break
+                nxt += [t for t in node.input if t and t not in consts]
+            frontier = nxt
+        if found is None or found.input[1] not in consts:
+            raise ConfigError(f"{qdq_onnx}: output {output.name!r} has no DequantizeLinear of an "
+                              "activation upstream; validate int8 artifacts against the QDQ "
+                              "model the quantize stage wrote")
+        steps.append(float(np.min(consts[found.input[1]])))
+    return steps
+
+
+# ----------------------------------------------------------------------------- runners
+
+def _ort_outputs(model_path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return [list(session.run(None, feed)) for feed in feeds]
+
+
+def _save_inputs(feed: dict, order: list[str], folder: Path, index: int) -> Path | dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(order) == 1:
+        path = folder / f"input{index}.npy"
+        np.save(path, feed[order[0]])
+        return path
+    paths = {}
+    for name in order:
+        paths[name] = folder / f"input{index}_{name}.npy"
+        np.save(paths[name], feed[name])
+    return paths
+
+
+def _cpp_outputs(art: ArtifactUnderTest, inputs: Path | dict, out_names: list[str],
+                 folder: Path, index: int) -> tuple[list[np.ndarray] | None, str]:
+    """The binary's outputs for one input, or (None, why) if it failed."""
+    from .package import run_binary
+
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    # One --output per run: with several outputs, the app runs once per output name.
+    for k, name in enumerate(out_names):
+        path = folder / f"output{index}_{k}.npy"
+        path.unlink(missing_ok=True)  # a stale file from an earlier run must not pass
+        target: Any = path if len(out_names) == 1 else f"{name}={path}"
+        proc = run_binary(art.package_dir, inputs, target)
+        if proc.returncode != 0 or not path.is_file():
+            return None, f"bin/infer exited {proc.returncode}: " + \
+                (proc.stderr or proc.stdout).strip()[-1000:]
+        outputs.append(np.load(path))
+    return outputs, ""
+
+
+# ----------------------------------------------------------------------------- gates
+
+@dataclass(frozen=True)
+class _Gate:
+    metric: str
+    op: str
+    threshold: float
+    scaled: bool = False  # threshold * max(1, max abs ref), per (input, output)
+    pooled: bool = False  # judged on the aggregate (top-1 agreement over all rows)
+
+
+def _judge(gate: _Gate, rows: list[dict], agg: dict) -> dict:
+    """Evaluate one gate; the result names the worst (or first failing) input."""
+    ok_rows = [r for r in rows if r.get("shape_ok")]
+
+    def limit(row):
+        return gate.threshold * max(1.0, row["max_ref"]) if gate.scaled else gate.threshold
+
+    if gate.pooled:
+        value, threshold = agg[gate.metric], gate.threshold
+        passed = _OPS[gate.op](value, threshold)
+        bad = [r for r in ok_rows if r["top1_agree"] < r["rows"]]
+        where = bad[0] if bad else None
+    else:
+        def margin(row):  # how far past the limit: larger is worse
+            v, t = row[gate.metric], limit(row)
+            return (v - t) / max(abs(t), 1e-300) if gate.op == "<=" else \
+                (t - v) / max(abs(t), 1e-300) if gate.op == ">=" else float(v != t)
+        where = max(ok_rows, key=margin)
+        value, threshold = where[gate.metric], limit(where)
+        passed = all(_OPS[gate.op](r[gate.metric], limit(r)) for r in ok_rows)
+    return {"metric": gate.metric, "op": gate.op, "value": value, "threshold": threshold,
+            "pass": bool(passed),
+            "input_index": where["input"] if where else None,
+            "output_index": where["output"] if where else None}
+
+
+def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
+    if comparison == FP32:
+        return [_Gate("max_abs_err", "<=", g["fp32_rel_tol"], scaled=True),
+                _Gate("top1_agreement", "==", 1.0)]
+    if comparison == INT8:
+        return [_Gate("cosine", ">=", g["int8_cosine_min"]),
+                _Gate("top1_agreement", ">=", g["int8_top1_min"], pooled=True),
+                _Gate("max_err_steps", "<=", g["int8_max_steps"])]
+    if comparison == CPP:
+        return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"], scaled=True)] if is_gpu else \
+            [_Gate("mismatched_elements", "==", 0)]
+    return []  # quality comparisons are reported, not gated
+
+
+def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: list,
+            g: dict, steps: list[float] | None = None) -> dict:
+    """One artifact x comparison record: per-(input, output) metrics, aggregate, gates."""
+    bitwise = comparison == CPP and not art.is_gpu
+    rows = []
+    for i, (outs_a, outs_r) in enumerate(zip(actual, reference, strict=True)):
+        for k in range(max(len(outs_a), len(outs_r))):
+            if k >= len(outs_a) or k >= len(outs_r):
+                row = {"shape_ok": False, "actual": f"{len(outs_a)} outputs",
+                       "reference": f"{len(outs_r)} outputs"}
+            else:
+                row = compare(outs_a[k], outs_r[k], steps[k] if steps else None, bitwise)
+            rows.append({"input": i, "output": k, **row})
+    agg = _aggregate(rows)
+    gates = _gates_for(comparison, g, art.is_gpu)
+    judged = []
+    bad_shape = next((r for r in rows if not r["shape_ok"]), None)
+    if bad_shape is not None and (gates or comparison == CPP):
+        judged.append({"metric": "shape", "op": "==", "value": bad_shape["actual"],
+                       "threshold": bad_shape["reference"], "pass": False,
+                       "input_index": bad_shape["input"], "output_index": bad_shape["output"]})
+    elif agg:
+        judged = [_judge(gate, rows, agg) for gate in gates]
+    passed = all(j["pass"] for j in judged) if judged else None
+    return {**art.header(), "comparison": comparison, "title": _TITLES[comparison],
+            "status": "reported" if passed is None else ("pass" if passed else "fail"),
+            "pass": passed, "metrics": agg, "gates": judged,
+            "per_input": [{k: v for k, v in r.items()
+                           if k not in ("top1_agree", "top5_overlap", "rows")} for r in rows]}
+
+
+def _failure_lines(result: dict) -> list[str]:
+    lines = []
+    for rec in result.get("records", []):
+        for gate in rec["gates"]:
+            if gate["pass"]:
+                continue
+            where = f" at input {gate['input_index']}" if gate["input_index"] is not None else ""
+            if gate.get("output_index"):
+                where += f" (output {gate['output_index']})"
+            lines.append(f"{rec['artifact']} (model {rec['model']}, variant {rec['variant']}) "
+                         f"on target {rec['target']}: {rec['comparison']}: {gate['metric']} = "
+                         f"{_fmt(gate['value'])}, threshold {gate['op']} "
+                         f"{_fmt(gate['threshold'])}{where}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict JSON: infinities and NaN become the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _headline(result: dict) -> str:
+    word = {"pass": "PASS", "fail": "FAIL"}.get(result["status"], result["status"].upper())
+    art = f"{result['artifact']} on {result['target']}"
+    if result["status"] == NO_CUDA:
+        return f"- **NOT VALIDATED** {art}: no CUDA device on this machine"
+    return f"- **{word}** {art}: {result.get('inputs_desc', '')}"
+
+
+def _markdown(results: Sequence[dict], title: str) -> str:
+    lines = [f"# {title}", ""]
+    lines += [_headline(r) for r in results]
+    failures = [line for r in results for line in _failure_lines(r)]
+    if failures:
+        lines += ["", "Failures:", ""] + [f"- {line}" for line in failures]
+    lines += ["", "## Gates", "",
+              "| artifact | target | comparison | metric | value | gate | worst input | result |",
+              "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for rec in res.get("records", []):
+            for gate in rec["gates"]:
+                lines.append(f"| {rec['artifact']} | {rec['target']} | {rec['title']} | "
+                             f"{gate['metric']} | {_fmt(gate['value'])} | {gate['op']} "
+                             f"{_fmt(gate['threshold'])} | {_fmt(gate['input_index'])} | "
+                             f"{'pass' if gate['pass'] else '**FAIL**'} |")
+            if rec["status"] == NO_CUDA:
+                lines.append(f"| {rec['artifact']} | {rec['target']} | {rec['title']} | - | - | "
+                             f"- | - | {NO_CUDA} |")
+    lines += ["", "## Metrics (worst input; top-k pooled over inputs)", "",
+              "| artifact | target | comparison | " + " | ".join(_METRICS) + " |",
+              "|---|---|---|" + "---|" * len(_METRICS)]
+    for res in results:
+        for rec in res.get("records", []):
+            lines.append(f"| {rec['artifact']} | {rec['target']} | {rec['title']} | " +
+                         " | ".join(_fmt(rec["metrics"].get(m)) for m in _METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: Path, payload: dict, results: Sequence[dict], title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "validation.json").write_text(
+        json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out_dir / "validation.md").write_text(_markdown(results, title), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None,
+        out_dir: Path, *, check: bool = True) -> dict:
+    """Validate one artifact; write ``validation.json`` and ``validation.md`` into ``out_dir``.
+
+    Parameters
+    ----------
+    art : ArtifactUnderTest
+        The packaged artifact and its reference ONNX models.
+    gates : mapping or ValidationSpec
+        The model's ``[validation]`` settings (``samples``, ``seed``, ``data_dir`` and the
+        thresholds); missing keys take the :class:`~pipeline.spec.ValidationSpec` defaults.
+        ``data_dir`` is used as given (absolute, or relative to the working directory).
+    out_dir : Path
+        Receives the reports, the inputs (``inputs/``) and the C++ outputs (``cpp/``).
+    check : bool
+        Raise :class:`ValidationFailed` when a gate fails (after writing the reports).
+
+    Returns
+    -------
+    dict
+        ``status`` ("pass", "fail" or "not validated: no CUDA device"), ``pass`` (None when
+        not validated), ``records`` (one per comparison) and the artifact's names.
+
+    Raises
+    ------
+    ValidationFailed
+        A gate failed and ``check`` is true. The message has one line per failed gate
+        naming artifact, model, target, comparison, metric, value, threshold and input
+        index; the exception's ``result`` attribute holds the returned dict.
+    """
+    from .quantize import calibration_samples
+    from .smoke import cuda_available, python_vm_outputs
+
+    g = resolve_gates(gates)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"Validation of {art.name} on {art.target}"
+    result: dict[str, Any] = {**art.header(), "is_gpu": art.is_gpu, "gates": g}
+    comparisons = [INT8, INT8_QUALITY, ORT_QUALITY] if art.quantized else [FP32]
+    if art.is_gpu and not cuda_available():
+        # Checked first: a CUDA artifact cannot even be loaded here, and must not pass.
+        records = [{**art.header(), "comparison": c, "title": _TITLES[c], "status": NO_CUDA,
+                    "pass": None, "metrics": {}, "gates": [], "per_input": []}
+                   for c in [*comparisons, CPP]]
+        result.update(status=NO_CUDA, records=records, samples=0)
+        result["pass"] = None
+        _write(out_dir, result, [result], title)
+        print(f"validate: {art.name} on {art.target}: {NO_CUDA}", flush=True)
+        return result
+
+    io = json.loads(Path(art.io_json).read_text(encoding="utf-8"))
+    order = [t["name"] for t in io["inputs"]]
+    if sorted(order) != sorted(name for name, _, _ in art.inputs):
+        raise ConfigError(f"{art.name}: the model's inputs {order} (from {art.io_json}) are "
+                          f"not the spec's {[n for n, _, _ in art.inputs]}; rebuild the artifact")
+    out_names = [t["name"] for t in io["outputs"]]
+    feeds = calibration_samples(art.inputs, g["samples"], g["seed"], g["data_dir"])
+    result["inputs_desc"] = (f"{len(feeds)} inputs from {g['data_dir']}" if g["data_dir"] else
+                             f"{len(feeds)} seeded synthetic inputs (seed {g['seed']})")
+    result["samples"] = len(feeds)
+
+    ort_fp32 = _ort_outputs(Path(art.fp32_onnx), feeds)
+    device = "cuda" if art.is_gpu else "cpu"
+    model_so = Path(art.package_dir) / "model.so"
+    tvm_py = [python_vm_outputs(model_so, [feed[n] for n in order], device) for feed in feeds]
+    cpp, cpp_errors = [], []
+    for i, feed in enumerate(feeds):
+        inputs = _save_inputs(feed, order, out_dir / "inputs", i)
+        outs, why = _cpp_outputs(art, inputs, out_names, out_dir / "cpp", i)
+        cpp.append(outs)
+        if outs is None:
+            cpp_errors.append((i, why))
+
+    records = []
+    if art.quantized:
+        ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds)
+        records.append(_record(art, INT8, tvm_py, ort_int8, g, output_steps(Path(art.qdq_onnx))))
+        records.append(_record(art, INT8_QUALITY, tvm_py, ort_fp32, g))
+        records.append(_record(art, ORT_QUALITY, ort_int8, ort_fp32, g))
+    else:
+        records.append(_record(art, FP32, tvm_py, ort_fp32, g))
+    if cpp_errors:
+        index, why = cpp_errors[0]
+        records.append({**art.header(), "comparison": CPP, "title": _TITLES[CPP],
+                        "status": "fail", "pass": False, "metrics": {}, "error": why,
+                        "gates": [{"metric": "bin/infer runs", "op": "==", "value": why,
+                                   "threshold": "exit 0", "pass": False,
+                                   "input_index": index, "output_index": None}],
+                        "per_input": []})
+    else:
+        records.append(_record(art, CPP, cpp, tvm_py, g))
+
+    passed = all(r["pass"] is not False for r in records)
+    result.update(status="pass" if passed else "fail", records=records)
+    result["pass"] = passed
+    _write(out_dir, result, [result], title)
+    print(f"validate: {art.name} on {art.target}: {result['status'].upper()} "
+          f"({result['inputs_desc']}; report {out_dir / 'validation.md'})", flush=True)
+    if not passed and check:
+        error = ValidationFailed(
+            f"validation failed for {art.name} on {art.target}:\n  - "
+            + "\n  - ".join(_failure_lines(result)) + f"\nSee {out_dir / 'validation.md'}.")
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result
+
+
+def summarize(results: list[dict], out_dir: Path) -> dict:
+    """Write an aggregate ``validation.json`` and ``validation.md`` over many artifacts.
+
+    Parameters
+    ----------
+    results : list of dict
+        What :func:`run` returned (or ``ValidationFailed.result``) per artifact.
+    out_dir : Path
+        Receives both reports.
+
+    Returns
+    -------
+    dict
+        ``status`` ("pass" when nothing failed and something was validated, "fail" when any
+        artifact failed, "not validated" when nothing could run here), per-status
+        ``counts``, the ``artifacts`` results and the ``failures`` (one line per failed gate).
+    """
+    counts: dict[str, int] = {}
+    for res in results:
+        counts[res["status"]] = counts.get(res["status"], 0) + 1
+    failures = [line for res in results for line in _failure_lines(res)]
+    status = "fail" if counts.get("fail") else "pass" if counts.get("pass") else "not validated"
+    summary = {"status": status, "counts": counts, "failures": failures,
+               "artifacts": list(results)}
+    _write(Path(out_dir), summary, results,
+           f"Validation: {status.upper()} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    return summary
