@@ -32,7 +32,9 @@ def _load():
             target=get_var("target", "cpu"), tune=get_var("tune", "missing"),
             trials=int(get_var("trials")) if get_var("trials") else None,
             tune_minutes=float(get_var("tune_minutes")) if get_var("tune_minutes") else None,
-            rpc=get_var("rpc", ""))
+            rpc=get_var("rpc", ""),
+            threads=int(get_var("threads")) if get_var("threads") else None,
+            warmup=int(get_var("warmup", "5")), repeat=int(get_var("repeat", "30")))
         options.validate()
         return all_tasks(Project.load(ROOT), get_target(options.target), options)
     except (ConfigError, ValueError) as e:
@@ -85,3 +87,13 @@ def task_smoke():
 def task_build():
     """Build an artifact end to end: doit build:<model>_<variant> [target=cpu|rtx4090|h100]."""
     yield from _group("build")
+
+
+def task_validate():
+    """Every artifact vs onnxruntime (fp32 and QDQ), TVM in Python and the C++ binary."""
+    yield from _group("validate")
+
+
+def task_bench():
+    """Latency of each C++ binary vs onnxruntime and TVM in Python, same threads, one run."""
+    yield from _group("bench")

@@ -129,3 +129,50 @@ def link_deliverables(artifact_dir: Path) -> None:
             link(artifact_dir / name, package_dir / name)
     for bundle in package_dir.glob("*.tar.gz"):
         link(artifact_dir / bundle.name, bundle)
+
+
+def _artifact(spec, variant, target, paths):
+    from .validate import ArtifactUnderTest
+
+    return ArtifactUnderTest.from_spec(spec, variant, target, paths)
+
+
+@doit_action
+def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spec, variant,
+             target, paths) -> None:
+    """Validate one artifact; the report is published even when a gate fails, then the
+    task fails naming model, target, comparison, metric, value and threshold."""
+    from . import validate as stage
+    from .errors import ValidationFailed
+
+    art = _artifact(spec, variant, target, paths)
+    result = run_stage(root, "validate", cfg, upstream, stable,
+                       lambda out: stage.run(art, cfg["gates"], out, check=False))
+    report = json.loads((result.path / "validation.json").read_text(encoding="utf-8"))
+    failures = stage.failure_lines(report)
+    if failures:
+        raise ValidationFailed("validation failed (report: "
+                               f"{stable / 'validation.md'}):\n  - " + "\n  - ".join(failures))
+
+
+@doit_action
+def bench(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spec, variant,
+          target, paths) -> None:
+    from . import bench as stage
+
+    art = _artifact(spec, variant, target, paths)
+    run_stage(root, "bench", cfg, upstream, stable,
+              lambda out: stage.run(art, cfg["threads"], cfg["warmup"], cfg["repeat"], out))
+
+
+@doit_action
+def summarize(kind: str, reports: list[Path], out_dir: Path) -> None:
+    """Aggregate per-artifact validation or bench results into one report (+ chart)."""
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in reports if p.exists()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "validate":
+        from .validate import summarize as write
+    else:
+        from .bench import report as write
+    write(results, out_dir)
+    print(f"{kind}: report in {out_dir}", flush=True)

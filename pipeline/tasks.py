@@ -31,6 +31,9 @@ class Options:
     trials: int | None = None  # overrides the spec's trials_per_task
     tune_minutes: float | None = None  # overrides the spec's wall_seconds
     rpc: str = ""  # host:port:device_key of a TVM RPC tracker for measurement
+    threads: int | None = None  # bench threads (default: every core of this machine)
+    warmup: int = 5
+    repeat: int = 30
 
     def validate(self) -> None:
         """Collect every bad option into one ConfigError."""
@@ -209,16 +212,51 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     return tasks
 
 
+def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
+                options: Options) -> dict[str, dict]:
+    """validate and bench for one artifact: they run when the artifact or the gates change."""
+    name = f"{spec.name}_{variant.name}"
+    at = f"{name}@{target.name}"
+    p = artifact_paths(project, spec, variant, target.name)
+    upstream = {"binary": p.package / "bin" / "infer", "model": p.package / "model.so",
+                "io": p.compile / "io.json", "fp32_onnx": p.source / "model.onnx"}
+    if p.quantize:
+        upstream["qdq_onnx"] = p.quantize / "model.onnx"
+    extra = (spec, variant, target, p)
+    tcfg = target_config(target)
+    validate = _task(project, at, f"validate {name} on {target.name} against onnxruntime",
+                     stages.validate, {"gates": asdict(spec.validation), "target": tcfg},
+                     upstream, p.artifact_dir / "validate", "validation.json", extra_args=extra)
+    bench = _task(project, at, f"latency of {name} on {target.name} vs onnxruntime",
+                  stages.bench, {"threads": options.threads or target_config(target).get(
+                      "num_cores", 1), "warmup": options.warmup, "repeat": options.repeat,
+                      "target": tcfg},
+                  upstream, p.artifact_dir / "bench", "bench.json", extra_args=extra)
+    return {"validate": validate, "bench": bench}
+
+
+def summary_task(project: Project, kind: str, members: list[dict]) -> dict:
+    """One report over every artifact's validate/bench output."""
+    reports = [Path(t["targets"][0]) for t in members]
+    out_dir = project.artifacts / "reports" / kind
+    return {"name": "report", "doc": f"{kind} report over every artifact",
+            "actions": [(stages.summarize, [kind, reports, out_dir])],
+            "file_dep": [str(r) for r in reports],
+            "targets": [str(out_dir / f"{'validation' if kind == 'validate' else 'bench'}.md")],
+            "verbosity": 2}
+
+
 def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[str, list[dict]]:
     """Every task of the project, grouped by doit task group (stage name)."""
     groups: dict[str, list[dict]] = {g: [] for g in
                                      ("source", "quantize", "import", "tune", "compile",
-                                      "package", "smoke", "build")}
+                                      "package", "smoke", "build", "validate", "bench")}
     for spec in project.specs.values():
         groups["source"].append(source_task(project, spec))
         for variant in spec.variants.values():
             name = f"{spec.name}_{variant.name}"
             per_stage = stage_tasks(project, spec, variant, target, options)
+            per_stage.update(check_tasks(project, spec, variant, target, options))
             for stage, task in per_stage.items():
                 groups[stage].append(task)
             p = artifact_paths(project, spec, variant, target.name)
@@ -231,4 +269,6 @@ def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[st
                 "clean": [(stages.unlink_deliverables, [p.artifact_dir])],
                 "verbosity": 2,
             })
+    for kind in ("validate", "bench"):
+        groups[kind].append(summary_task(project, kind, groups[kind]))
     return groups

@@ -417,7 +417,7 @@ def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: li
                            if k not in ("top1_agree", "top5_overlap", "rows")} for r in rows]}
 
 
-def _failure_lines(result: dict) -> list[str]:
+def failure_lines(result: dict) -> list[str]:
     lines = []
     for rec in result.get("records", []):
         for gate in rec["gates"]:
@@ -471,7 +471,7 @@ def _headline(result: dict) -> str:
 def _markdown(results: Sequence[dict], title: str) -> str:
     lines = [f"# {title}", ""]
     lines += [_headline(r) for r in results]
-    failures = [line for r in results for line in _failure_lines(r)]
+    failures = [line for r in results for line in failure_lines(r)]
     if failures:
         lines += ["", "Failures:", ""] + [f"- {line}" for line in failures]
     lines += ["", "## Gates", "",
@@ -607,7 +607,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     if not passed and check:
         error = ValidationFailed(
             f"validation failed for {art.name} on {art.target}:\n  - "
-            + "\n  - ".join(_failure_lines(result)) + f"\nSee {out_dir / 'validation.md'}.")
+            + "\n  - ".join(failure_lines(result)) + f"\nSee {out_dir / 'validation.md'}.")
         error.result = result  # type: ignore[attr-defined]
         raise error
     return result
@@ -633,7 +633,7 @@ def summarize(results: list[dict], out_dir: Path) -> dict:
     counts: dict[str, int] = {}
     for res in results:
         counts[res["status"]] = counts.get(res["status"], 0) + 1
-    failures = [line for res in results for line in _failure_lines(res)]
+    failures = [line for res in results for line in failure_lines(res)]
     status = "fail" if counts.get("fail") else "pass" if counts.get("pass") else "not validated"
     summary = {"status": status, "counts": counts, "failures": failures,
                "artifacts": list(results)}
