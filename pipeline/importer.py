@@ -129,6 +129,8 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
                   "matched": list(integer_report.matched),
                   "unmatched": list(integer_report.unmatched)}
         print(f"import: {integer_report.summary()}", flush=True)
+        for entry in integer_report.unmatched:
+            print(f"import:   stays in fake-quant form: {entry}", flush=True)
     (out_dir / "module.json").write_text(tvm.ir.save_json(mod), encoding="utf-8")
     (out_dir / "import_report.json").write_text(json.dumps(report, indent=2, sort_keys=True)
                                                 + "\n", encoding="utf-8")

@@ -27,7 +27,6 @@ from .hashing import canonical_json, recipe_id, sha256_file, tool_versions
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -94,16 +93,21 @@ def read_manifest(directory: Path) -> dict:
 
 
 @contextlib.contextmanager
-def build_lock(root: Path) -> Iterator[None]:
-    """One build per artifacts dir: a second runner waits, saying who holds the lock."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK, "a+", encoding="utf-8") as f:
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock on ``path``; a second holder waits, told who holds it and why.
+
+    Locks are per recipe (and per tuning cache), not per artifacts dir: two builds of
+    different artifacts proceed side by side; two builds of the same output take turns,
+    and the second then finds the first's verified output in the store.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            _say(f"another build ({holder}) is using {root}; waiting for it to finish "
+            _say(f"another build ({holder}) is making {what}; waiting for it to finish "
                  "(Ctrl-C to stop waiting; nothing will be lost)")
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
@@ -168,10 +172,10 @@ def run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
     produce : writes the outputs into the temp dir it is given; may return extra
         plain-data info recorded in the manifest.
     """
-    with build_lock(root):
-        digests = {name: sha256_file(path) for name, path in sorted(upstream.items())}
-        rid = recipe_id(stage, config, digests)
-        stage_dir = root / ".store" / stage
+    digests = {name: sha256_file(path) for name, path in sorted(upstream.items())}
+    rid = recipe_id(stage, config, digests)
+    stage_dir = root / ".store" / stage
+    with file_lock(root / ".locks" / f"{stage}-{rid[:16]}.lock", f"{stage} {rid[:12]}"):
         final = stage_dir / rid
         problem = verify(final, rid, quick=True) if final.exists() else "not built yet"
         if problem is None:
@@ -197,7 +201,8 @@ def run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
                         "outputs": outputs, "stats": stats, "info": info,
                         "seconds": round(time.monotonic() - start, 3)}
             # The manifest is written last: its presence means every output is complete.
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str)
+                                        + "\n",
                                         encoding="utf-8")
             if final.exists():
                 shutil.rmtree(final)
@@ -238,5 +243,5 @@ def gc(root: Path) -> list[Path]:
     return removed
 
 
-__all__ = ["StageResult", "build_lock", "canonical_json", "gc", "intact", "link",
+__all__ = ["StageResult", "file_lock", "canonical_json", "gc", "intact", "link",
            "read_manifest", "run_stage", "verify"]

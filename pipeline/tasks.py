@@ -14,6 +14,7 @@ from doit.tools import config_changed
 
 from . import stages
 from .errors import ConfigError
+from .hashing import tool_versions
 from .spec import ModelSpec, VariantSpec, load_specs
 from .store import intact
 from .targets import TargetSpec, target_config, target_key
@@ -115,15 +116,18 @@ def _clean_link(stable: Path) -> None:
 
 def _task(project: Project, name: str, doc: str, action, cfg: dict, upstream: dict[str, Path],
           stable: Path, target_file: str, extra_args: tuple = ()) -> dict:
-    """One stage task: its upstream files are its file_dep, its config its uptodate check,
-    and an output that no longer matches its manifest makes it run again."""
+    """One stage task: its upstream files are its file_dep, its config (with the versions of
+    the tools the stage uses) its uptodate check, and an output that no longer matches its
+    manifest makes it run again."""
+    stage = action.__name__.rstrip("_")  # stages.import_ is the "import" stage
+    checked = {"config": cfg, "tools": tool_versions(stage)}
     return {
         "name": name,
         "doc": doc,
         "actions": [(action, [project.artifacts, cfg, upstream, stable, *extra_args])],
         "file_dep": [str(p) for p in upstream.values()],
         "targets": [str(stable / target_file)],
-        "uptodate": [config_changed(cfg), functools.partial(_intact_check, stable)],
+        "uptodate": [config_changed(checked), functools.partial(_intact_check, stable)],
         "clean": [(_clean_link, [stable])],
         "verbosity": 2,
     }

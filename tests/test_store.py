@@ -135,7 +135,7 @@ import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from pipeline import store
-with store.build_lock(Path({root!r})):
+with store.file_lock(Path({root!r}) / "x.lock", "thing"):
     print("locked", flush=True)
     time.sleep(2)
 """
@@ -148,7 +148,7 @@ def test_second_builder_waits_with_a_message(tmp_path, capsys):
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     start = time.monotonic()
-    with store.build_lock(tmp_path):
+    with store.file_lock(tmp_path / "x.lock", "thing"):
         waited = time.monotonic() - start
     holder.wait()
     assert waited > 0.5

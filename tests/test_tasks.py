@@ -55,7 +55,7 @@ def test_config_reaches_uptodate(tmp_path):
     more = _by_name(all_tasks(project, get_target("cpu"), Options(trials=99)))
 
     def cfg(task):
-        return task["uptodate"][0].config
+        return task["uptodate"][0].config["config"]
 
     assert cfg(base["tune:tiny_int8@cpu"]) != cfg(more["tune:tiny_int8@cpu"])
     assert cfg(base["compile:tiny_int8@cpu"]) == cfg(more["compile:tiny_int8@cpu"])
@@ -66,7 +66,7 @@ def test_gpu_target_tasks_are_named_per_target(tmp_path):
     project = Project.load(make_project(tmp_path))
     names = _by_name(all_tasks(project, get_target("rtx4090"), Options(target="rtx4090")))
     assert "compile:tiny_int8@rtx4090" in names
-    cfg = names["compile:tiny_int8@rtx4090"]["uptodate"][0].config
+    cfg = names["compile:tiny_int8@rtx4090"]["uptodate"][0].config["config"]
     assert cfg["target"]["arch"] == "sm_89"
 
 
@@ -78,3 +78,20 @@ def test_bad_options_all_reported():
         assert needle in msg
     with pytest.raises(ConfigError, match="known targets: cpu, rtx4090, h100"):
         get_target("tpu")
+
+
+def test_tool_upgrade_reruns_only_the_stages_using_it(tmp_path, monkeypatch):
+    from pipeline import hashing
+
+    project = Project.load(make_project(tmp_path))
+    before = _by_name(all_tasks(project, get_target("cpu"), Options()))
+    real = hashing.tool_version
+    monkeypatch.setattr(hashing, "tool_version",
+                        lambda dist: "99.0" if dist == "apache-tvm" else real(dist))
+    after = _by_name(all_tasks(project, get_target("cpu"), Options()))
+    changed = {n for n in before
+               if before[n].get("uptodate") and
+               before[n]["uptodate"][0].config != after[n]["uptodate"][0].config}
+    assert {"import:tiny_int8", "tune:tiny_int8@cpu", "compile:tiny_int8@cpu",
+            "package:tiny_int8@cpu", "validate:tiny_int8@cpu"} <= changed
+    assert "source:tiny" not in changed and "quantize:tiny_int8" not in changed

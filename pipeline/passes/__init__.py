@@ -1,0 +1,1 @@
+"""The project's own Relax passes: QDQ fake quantization to integer arithmetic, and its layout."""

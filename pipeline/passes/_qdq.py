@@ -1,0 +1,455 @@
+"""Shared helpers of the QDQ passes: matching fake-quant chains, constant folding, requantize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+QMIN_QMAX = {"uint8": (0, 255), "int8": (-128, 127)}
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+class NoMatch(Exception):
+    """A rewrite rule does not apply; the message says why (it goes into the report)."""
+
+
+class NotThisRule(NoMatch):
+    """The op is not of the form a rule handles at all (another rule may take it)."""
+
+
+def first_of(*rules):
+    """A rule trying ``rules`` in order; the reason reported is the most specific one."""
+
+    def rule(ctx, qcall, producer, out, relu):
+        errors: list[NoMatch] = []
+        for candidate in rules:
+            try:
+                return candidate(ctx, qcall, producer, out, relu)
+            except NoMatch as err:
+                errors.append(err)
+        specific = [e for e in errors if not isinstance(e, NotThisRule)]
+        raise (specific or errors)[0]
+
+    return rule
+
+
+@dataclass
+class IntegerReport:
+    """Which quantized ops a pass turned into integer arithmetic, and why the others were not.
+
+    A *quantized op* is one whose result feeds an ``R.quantize``: the op between a
+    dequantize and a quantize of the fake-quantized graph. The input quantization of the
+    network (``R.quantize`` of a function parameter) is not an op and is not counted.
+    """
+
+    matched: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.matched) + len(self.unmatched)
+
+    def summary(self) -> str:
+        """One line, e.g. ``"7 of 8 quantized ops run as integer"``."""
+        return f"{len(self.matched)} of {self.total} quantized ops run as integer"
+
+    def merge(self, other: IntegerReport) -> IntegerReport:
+        """Both reports together (for passes run one after another on disjoint ops)."""
+        return IntegerReport(self.matched + other.matched, self.unmatched + other.unmatched)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor quantization parameters of an activation."""
+
+    scale: np.float32
+    zero_point: int
+    dtype: str  # "uint8" or "int8"
+
+    @property
+    def qmin(self) -> int:
+        return QMIN_QMAX[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return QMIN_QMAX[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A constant weight as integers: ``float = (values - zero_point) * scale`` along ``axis``.
+
+    ``scale`` and ``zero_point`` hold one entry per index of ``axis`` (per-tensor weights
+    are broadcast), so consumers can treat both cases alike.
+    """
+
+    values: np.ndarray  # int8
+    scale: np.ndarray  # float32, shape (values.shape[axis],)
+    zero_point: np.ndarray  # int32, same shape
+    axis: int
+    per_channel: bool
+
+
+def op_name(expr) -> str | None:
+    """``"relax.nn.conv2d"`` for a call to that op, else None."""
+    from tvm import ir
+
+    if isinstance(expr, ir.Call) and isinstance(expr.op, ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def shape_of(expr) -> tuple[int, ...]:
+    return tuple(int(s) for s in expr.ty.shape)
+
+
+def dtype_of(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+class Bindings:
+    """The value bound to each variable of a function, to look through variables."""
+
+    def __init__(self, func) -> None:
+        from tvm import relax
+
+        self.values: dict = {}
+        self.params = set(func.params)
+        body = func.body
+        if isinstance(body, relax.SeqExpr):
+            for block in body.blocks:
+                for binding in block.bindings:
+                    if isinstance(binding, relax.VarBinding):
+                        self.values[binding.var] = binding.value
+
+    def value(self, expr):
+        """Follow variable-to-variable aliases to the defining expression (or the var)."""
+        from tvm import relax
+
+        seen = 0
+        while isinstance(expr, relax.Var) and expr in self.values and seen < 64:
+            expr = self.values[expr]
+            seen += 1
+        return expr
+
+    def call(self, expr, name: str):
+        """The call to op ``name`` that defines ``expr``, or raise NoMatch."""
+        value = self.value(expr)
+        if op_name(value) != name:
+            raise NoMatch(f"expected {name.split('.')[-1]}, found {describe(value)}")
+        return value
+
+    def const(self, expr) -> np.ndarray | None:
+        """Numeric value of a constant expression (constants, dequantize, reshape, ...)."""
+        return fold_constant(self.value(expr), self)
+
+    def is_param(self, expr) -> bool:
+        return self.value(expr) in self.params
+
+
+def describe(expr) -> str:
+    name = op_name(expr)
+    if name is not None:
+        return name.removeprefix("relax.")
+    return type(expr).__name__
+
+
+def fold_constant(expr, bindings: Bindings | None = None) -> np.ndarray | None:
+    """Evaluate the few constant-only expressions that carry quantized weights, in numpy.
+
+    This follows the exact float32 arithmetic of Relax's legalization (dequantize is
+    ``float32(q - zp) * float32(scale)``), so integers recovered from the result are exact.
+    """
+    from tvm import ir, relax
+
+    if bindings is not None:
+        expr = bindings.value(expr)
+    if isinstance(expr, ir.Constant):
+        return expr.value.numpy()
+    name = op_name(expr)
+    if name is None:
+        return None
+    args = [fold_constant(a, bindings) if not isinstance(a, relax.ShapeExpr) else a
+            for a in expr.args]
+    if any(a is None for a in args):
+        return None
+    if name == "relax.dequantize":
+        q, scale, zp = args
+        axis = int(expr.attrs.axis) % q.ndim
+        bshape = [1] * q.ndim
+        if scale.size > 1:
+            bshape[axis] = scale.size
+        sub = (q.astype(np.int32) - zp.astype(np.int32).reshape(bshape if zp.size > 1 else ()))
+        return sub.astype(np.float32) * scale.astype(np.float32).reshape(
+            bshape if scale.size > 1 else ())
+    if name == "relax.reshape":
+        return args[0].reshape([int(s) for s in args[1].values])
+    if name == "relax.permute_dims":
+        axes = None if expr.attrs.axes is None else [int(a) for a in expr.attrs.axes]
+        return np.transpose(args[0], axes)
+    if name == "relax.astype":
+        return args[0].astype(str(expr.attrs.dtype))
+    return None
+
+
+def activation_qparams(bindings: Bindings, expr, what: str) -> tuple[object, QParams]:
+    """For ``expr = dequantize(x_q, scale, zp)`` with per-tensor params: (x_q, params)."""
+    call = bindings.call(expr, "relax.dequantize")
+    return call.args[0], _scalar_qparams(bindings, call, dtype_of(call.args[0]), what)
+
+
+def output_qparams(bindings: Bindings, quantize_call) -> QParams:
+    """Per-tensor params of an ``R.quantize`` call."""
+    return _scalar_qparams(bindings, quantize_call, str(quantize_call.attrs.out_dtype),
+                           "output")
+
+
+def _scalar_qparams(bindings: Bindings, call, dtype: str, what: str) -> QParams:
+    if dtype not in QMIN_QMAX:
+        raise NoMatch(f"{what} is {dtype}, only uint8/int8 are supported")
+    scale = bindings.const(call.args[1])
+    zp = bindings.const(call.args[2])
+    if scale is None or zp is None:
+        raise NoMatch(f"{what} quantization parameters are not constants")
+    if scale.size != 1 or zp.size != 1:
+        raise NoMatch(f"{what} is quantized per channel; only per-tensor activations are "
+                      "supported")
+    return QParams(np.float32(scale.reshape(())), int(zp.reshape(())), dtype)
+
+
+def weight_qparams(bindings: Bindings, expr, axis: int) -> QWeight:
+    """A constant weight as integers, per channel along ``axis`` (or per tensor).
+
+    The weight is either still ``dequantize(const int8, scale, zp)`` (possibly under
+    ``permute_dims``/``reshape``), or a float constant that FoldConstant made of one. In the
+    second case the int8 values and scales are recovered and accepted only if they
+    reproduce every float bit for bit, so the integer form computes exactly what the
+    fake-quantized graph computes.
+    """
+    value = bindings.value(expr)
+    name = op_name(value)
+    if name == "relax.permute_dims":
+        inner = weight_qparams_any_axis(bindings, value.args[0])
+        axes = (list(range(inner.values.ndim))[::-1] if value.attrs.axes is None
+                else [int(a) for a in value.attrs.axes])
+        moved = QWeight(np.transpose(inner.values, axes), inner.scale, inner.zero_point,
+                        axes.index(inner.axis), inner.per_channel)
+        return _check_axis(moved, axis)
+    if name == "relax.dequantize":
+        q = bindings.const(value.args[0])
+        scale = bindings.const(value.args[1])
+        zp = bindings.const(value.args[2])
+        if q is None or scale is None or zp is None:
+            raise NoMatch("weight is not a constant")
+        if q.dtype != np.int8:
+            raise NoMatch(f"weight is {q.dtype}, only int8 weights are supported")
+        w_axis = int(value.attrs.axis) % q.ndim
+        n = q.shape[w_axis]
+        per_channel = scale.size > 1
+        return _check_axis(QWeight(
+            q, np.broadcast_to(scale.astype(np.float32).reshape(-1), (n,)).copy(),
+            np.broadcast_to(zp.astype(np.int32).reshape(-1), (n,)).copy(), w_axis,
+            per_channel), axis)
+    floats = fold_constant(value, bindings)
+    if floats is None:
+        raise NoMatch(f"weight is not a constant ({describe(value)})")
+    if floats.dtype != np.float32:
+        raise NoMatch(f"weight is {floats.dtype}, expected float32")
+    recovered = recover_symmetric_int8(floats, axis)
+    if recovered is None:
+        raise NoMatch("weight is a float constant that is not exactly int8 x scale "
+                      "(run the pass before FoldConstant to keep its dequantize)")
+    return recovered
+
+
+def weight_qparams_any_axis(bindings: Bindings, expr) -> QWeight:
+    value = bindings.value(expr)
+    if op_name(value) == "relax.dequantize":
+        return weight_qparams(bindings, expr, int(value.attrs.axis))
+    floats = fold_constant(value, bindings)
+    if floats is None:
+        raise NoMatch("weight is not a constant")
+    recovered = recover_symmetric_int8(floats, 0)
+    if recovered is None:
+        raise NoMatch("weight is a float constant that is not exactly int8 x scale")
+    return recovered
+
+
+def _check_axis(w: QWeight, axis: int) -> QWeight:
+    axis %= w.values.ndim
+    if w.axis == axis:
+        return w
+    if not w.per_channel:
+        n = w.values.shape[axis]
+        return QWeight(w.values, np.full(n, w.scale[0], np.float32),
+                       np.full(n, w.zero_point[0], np.int32), axis, False)
+    raise NoMatch(f"weight is quantized per channel along axis {w.axis}, "
+                  f"not along the output channels (axis {axis})")
+
+
+# Scales ORT's symmetric int8 quantization can produce: absmax / qmax for the usual
+# ranges (full [-127, 127], [-128, 127], and reduce_range's 7 bits).
+_QMAX_CANDIDATES = (127.0, 127.5, 128.0, 63.0, 63.5, 64.0)
+
+
+def recover_symmetric_int8(w: np.ndarray, axis: int) -> QWeight | None:
+    """Find int8 ``q`` and scales ``s`` with ``float32(q * s) == w`` exactly, or None.
+
+    Tries one scale for the whole tensor first, then one per slice along ``axis``.
+    """
+    axis %= w.ndim
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    whole = _recover_rows(rows.reshape(1, -1))
+    per_channel = False
+    if whole is None:
+        per_row = _recover_rows(rows)
+        if per_row is None:
+            return None
+        q_rows, scales = per_row
+        per_channel = True
+    else:
+        q_rows = whole[0].reshape(rows.shape)
+        scales = np.full(rows.shape[0], whole[1][0], np.float32)
+    moved_shape = (w.shape[axis],) + tuple(np.delete(np.array(w.shape), axis))
+    q = np.moveaxis(q_rows.reshape(moved_shape), 0, axis).astype(np.int8)
+    return QWeight(q, scales.astype(np.float32), np.zeros(len(scales), np.int32), axis,
+                   per_channel)
+
+
+def _recover_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    q_out = np.zeros(rows.shape, np.int32)
+    scales = np.ones(rows.shape[0], np.float32)
+    for i, row in enumerate(rows):
+        amax = float(np.max(np.abs(row))) if row.size else 0.0
+        if amax == 0.0:
+            continue  # an all-zero channel: any scale reproduces it
+        found = False
+        for qmax in _QMAX_CANDIDATES:
+            base = np.float32(amax / qmax)
+            for steps in (0, 1, -1, 2, -2):
+                s = base
+                for _ in range(abs(steps)):
+                    s = np.nextafter(s, np.float32(np.inf if steps > 0 else -np.inf))
+                q = np.rint(row.astype(np.float64) / float(s))
+                if np.abs(q).max() > 128 or q.min() < -128 or q.max() > 127:
+                    continue
+                if np.array_equal((q.astype(np.float32) * s).astype(np.float32), row):
+                    q_out[i], scales[i], found = q.astype(np.int32), s, True
+                    break
+            if found:
+                break
+        if not found:
+            return None
+    return q_out, scales
+
+
+def emit_requantize(bb, acc, multiplier: np.ndarray, out: QParams, lower: int | None = None):
+    """``clip(round(float32(acc) * multiplier) + zp, lower, qmax)`` cast to ``out.dtype``.
+
+    Emits the steps and returns the final cast unemitted (rules return it to be bound to
+    the var of the ``R.quantize`` it replaces).
+
+    This is onnxruntime's requantization (MlasRequantizeOutput): the int32 accumulator
+    scaled in float32, rounded half to even, shifted by the zero point and saturated.
+    ``lower`` raises the lower clip bound (a ReLU absorbed as ``clip(.., zp)``).
+    """
+    from tvm import relax
+    from tvm.relax import op
+
+    lo = out.qmin if lower is None else max(out.qmin, lower)
+    x = bb.emit(op.astype(acc, "float32"))
+    x = bb.emit(op.multiply(x, relax.const(multiplier.astype(np.float32))))
+    x = bb.emit(op.round(x))
+    if out.zero_point:
+        x = bb.emit(op.add(x, relax.const(np.float32(out.zero_point))))
+    x = bb.emit(op.clip(x, float(lo), float(out.qmax)))
+    return op.astype(x, out.dtype)
+
+
+def check_int32(values: np.ndarray, what: str) -> np.ndarray:
+    if values.size and (values.min() < INT32_MIN or values.max() > INT32_MAX):
+        raise NoMatch(f"{what} does not fit int32")
+    return values.astype(np.int32)
+
+
+@dataclass
+class RuleContext:
+    """What a rewrite rule gets: the builder, the original bindings and the remapping."""
+
+    bb: object  # relax.BlockBuilder of the mutator
+    bindings: Bindings
+    remap: object  # callable: original expr -> expr in the new function
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+
+def unwrap_relu(bindings: Bindings, expr) -> tuple[object, bool]:
+    """(the value under a ReLU, True) if ``expr`` is ``relu(x)``, else (the value, False)."""
+    value = bindings.value(expr)
+    if op_name(value) == "relax.nn.relu":
+        return bindings.value(value.args[0]), True
+    return value, False
+
+
+def rewrite_quantized_ops(mod, rules: dict, report: IntegerReport):
+    """Apply ``rules`` to every ``R.quantize`` of every Relax function in ``mod``.
+
+    ``rules`` maps the op name that produces the quantized value (after looking through
+    a ReLU) to ``rule(ctx, quantize_call, producer_call, out_qparams, relu)``, which emits
+    the integer form's steps and returns ``(final expression, description for the
+    report)``; the final expression is bound to the quantize's own var. A rule
+    raises :class:`NoMatch` before emitting anything when it does not apply; the op then
+    stays in fake-quantized form and the reason goes into ``report``.
+    """
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.bindings: Bindings | None = None
+
+        def run(self, func):
+            self.bindings = Bindings(func)
+            return self.visit_expr(func)
+
+        def visit_var_binding_(self, binding):
+            value = binding.value
+            if op_name(value) == "relax.quantize" and not self.bindings.is_param(value.args[0]):
+                new = self._try(binding.var, value)
+                if isinstance(new, relax.Var) and isinstance(binding.var, relax.DataflowVar):
+                    self.set_var_remap(binding.var, new)  # an identity: no binding needed
+                    return
+                if new is not None:
+                    # the same var keeps its name; it holds the same uint8/int8 tensor
+                    self.builder_.emit_normalized(
+                        relax.VarBinding(binding.var, self.builder_.normalize(new)))
+                    return
+            super().visit_var_binding_(binding)
+
+        def _try(self, var, qcall):
+            producer, relu = unwrap_relu(self.bindings, qcall.args[0])
+            name = op_name(producer) or describe(producer)
+            label = f"{name.removeprefix('relax.')} -> {var.name} {list(shape_of(var))}"
+            rule = rules.get(name)
+            if rule is None:
+                report.unmatched.append(f"{label}: no integer rule for this op")
+                return None
+            ctx = RuleContext(self.builder_, self.bindings, self.visit_expr)
+            try:
+                out = output_qparams(self.bindings, qcall)
+                result, note = rule(ctx, qcall, producer, out, relu)
+            except NoMatch as err:
+                report.unmatched.append(f"{label}: {err}")
+                return None
+            report.matched.append(f"{note} -> {var.name} {list(shape_of(var))}")
+            return result
+
+    rewriter = _Rewriter(mod)
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            new_func = relax.analysis.remove_all_unused(rewriter.run(func))
+            rewriter.builder_.update_func(gvar, new_func)
+    return rewriter.builder_.get()

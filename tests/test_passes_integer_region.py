@@ -1,0 +1,60 @@
+"""IntegerRegion alone: residual adds, pooling and reshapes on quantized tensors, no convs."""
+
+from __future__ import annotations
+
+import qdq_helpers as H
+
+from pipeline.passes.integer_region import IntegerRegion
+
+
+def test_region_ops_rewritten_convs_reported(tmp_path):
+    qdq = H.quantize_qdq(H.classifier_model(), tmp_path)
+    region = IntegerRegion()
+    mod = region(H.import_qdq(qdq))
+    report = region.last_report
+    assert [m.split(" ->")[0] for m in report.matched] == [
+        "global average pool (int32 sum of 64)", "reshape"]
+    # conv2d and matmul are QDQToInteger's business: left in correct fake-quant form
+    assert [u.split(": ", 1)[1] for u in report.unmatched] == [
+        "add of non-quantized operands: expected dequantize, found nn.conv2d",
+        "add of non-quantized operands: expected dequantize, found matmul"]
+    assert H.count_ops(mod, "relax.mean") == 0
+    xs = H.inputs(H.input_shape(qdq), 2, seed=5)
+    steps = H.max_steps(H.build_and_run(mod, xs), H.run_ort(qdq, xs), H.output_scale(qdq))
+    assert steps <= 1.0 + 1e-5
+
+
+def test_maxpool_runs_on_uint8(tmp_path):
+    qdq = H.quantize_qdq(H.maxpool_model(), tmp_path)
+    mod = IntegerRegion()(H.import_qdq(qdq))
+    pools = [b.value for b in mod["main"].body.blocks[0].bindings
+             if H._is_call(b.value, "relax.nn.max_pool2d")]
+    assert len(pools) == 1 and str(pools[0].args[0].ty.dtype) == "uint8"
+
+
+def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(tmp_path):
+    """All 256 x 256 (a, b) codes through QLinearAdd: the ties decide, so no step is lost.
+
+    With these ranges, rounding twice (float32 multiply, then add) instead of like
+    onnxruntime's FMAs differs by one step on 8 pairs; a 50-layer network amplifies such
+    steps into several at its output.
+    """
+    import numpy as np
+
+    from pipeline.passes.qdq_to_integer import quantize_to_integer
+
+    def ramp(lo, hi):
+        return np.linspace(lo, hi, 256 * 256, dtype=np.float32).reshape(1, 1, 256, 256)
+
+    calib = [{"x": ramp(-0.5898259260937995, 2.9426274973907844),
+              "y": ramp(-1.5499442118337012, 0.950356243110093)}]
+    qdq = H.quantize_qdq(H.add_model(), tmp_path, calib=calib)
+    codes = np.arange(256, dtype=np.float32)
+    (sx, zx), (sy, zy) = H.input_qparams(qdq, "x"), H.input_qparams(qdq, "y")
+    assert zx and zy  # both zero points take part in onnxruntime's rounding
+    feed = {"x": ((codes[:, None] - zx) * sx * np.ones((1, 256))).reshape(1, 1, 256, 256),
+            "y": ((codes[None, :] - zy) * sy * np.ones((256, 1))).reshape(1, 1, 256, 256)}
+    feed = {k: v.astype(np.float32) for k, v in feed.items()}
+    mod, report = quantize_to_integer(H.import_qdq(qdq))
+    assert [m.split(" ->")[0] for m in report.matched] == ["add"]
+    np.testing.assert_array_equal(H.build_and_run(mod, [feed])[0], H.run_ort(qdq, [feed])[0])
