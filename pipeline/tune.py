@@ -1,0 +1,398 @@
+"""Stage ``tune``: MetaSchedule tuning that reuses what it already learned.
+
+MetaSchedule alone re-tunes every task even when its database holds records, so this stage
+decides per workload what still needs work: in ``missing`` mode only workloads with no valid
+record are tuned (a fully cached model tunes nothing); in ``extend`` mode every workload is
+tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in order of their
+estimated share of model latency, so a small budget buys most of the gain first. A task that
+ends with no valid measurement is retried once, then reported: compile would otherwise use
+its naive schedule without any error (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, StageFailed, collect
+from .tuning_log import FAILED_RUN_SECS
+
+log = logging.getLogger(__name__)
+
+RETRY_SEED_OFFSET = 1000  # a retry searches from another seed, so it samples other candidates
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    """How much tuning one run may do."""
+
+    trials_per_task: int = 64
+    max_trials: int = 2000  # over all tasks of this run
+    wall_seconds: float = 3600.0
+    mode: str = "missing"  # "missing": tune unseen workloads only; "extend": top up to budget
+    seed: int = 0
+    builder_timeout: float = 120.0
+
+
+@dataclass
+class TaskPlan:
+    """One tuning task with its estimated share of model latency."""
+
+    name: str
+    task: object  # ms.ExtractedTask
+    weight: int
+    flops: float
+    share: float = 0.0
+    records: int = 0
+    best_us: float | None = None
+    attempts: int = 0  # tuning runs of this task in this call (2 after a retry)
+
+
+class TuningFailed(StageFailed):
+    """Tasks still without a valid record after their retry; ``tasks`` names them.
+
+    Raised once every task had its turn, so the database keeps all that was measured;
+    ``plans`` is what :func:`tune_module` would have returned.
+    """
+
+    def __init__(self, tasks: list[str], plans: list[TaskPlan], db_dir: Path) -> None:
+        self.tasks = tasks
+        self.plans = plans
+        super().__init__(
+            "tune", f"{len(tasks)} task(s) got no valid measurement (each retried once with "
+            f"another seed and a doubled builder timeout, budget permitting): "
+            f"{', '.join(tasks)}. Compiled as is, "
+            "they would run their naive schedules. Check the builder/runner errors in the "
+            "logs, raise the builder timeout, or tune on a less loaded machine",
+            artifact_dir=db_dir, log_path=db_dir / "logs")
+
+
+def _workers_can_import_pipeline() -> None:
+    """Builder workers are fresh interpreters started in the current directory; the
+    initializer below is pickled by reference, so they must find this package too."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
+
+
+def _import_intrinsics() -> None:
+    """Builder worker initializer: register tensor intrinsics outside the per-build timeout.
+
+    Each fresh LocalBuilder worker would otherwise import them (7-14 s) inside its build
+    timeout, and on a loaded 2-core machine whole batches come back as timeouts (FACTS.md).
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+    from . import intrinsics
+
+    intrinsics.register()
+
+
+RPC_FIELDS: dict[str, tuple[type, ...]] = {
+    "tracker_host": (str,), "tracker_port": (int,), "device_key": (str,),
+    "timeout": (int, float),
+}
+
+
+def make_runner(rpc: dict | None):
+    """MetaSchedule runner: local measurement, or on a device behind a TVM RPC tracker.
+
+    Parameters
+    ----------
+    rpc : dict or None
+        None measures on this machine (``LocalRunner``). Otherwise
+        ``{"tracker_host": str, "tracker_port": int, "device_key": str, "timeout": seconds}``:
+        candidates are measured on a device registered with the tracker under
+        ``device_key``; ``timeout`` bounds each RPC session.
+
+    Returns
+    -------
+    ms.runner.Runner
+        A ``LocalRunner`` or an ``RPCRunner``.
+
+    Raises
+    ------
+    ConfigError
+        Listing every missing, unknown or ill-typed field of ``rpc``.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc is None:
+        return ms.runner.LocalRunner()
+    if not isinstance(rpc, dict):
+        raise ConfigError(f"rpc settings must be a dict or None, got {type(rpc).__name__}")
+    problems = [f"missing '{k}'" for k in RPC_FIELDS if k not in rpc]
+    problems += [f"unknown field '{k}' (known: {', '.join(RPC_FIELDS)})"
+                 for k in sorted(set(rpc) - set(RPC_FIELDS))]
+    for key, types in RPC_FIELDS.items():
+        if key not in rpc:
+            continue
+        value = rpc[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            problems.append(f"{key}={value!r}: expected {' or '.join(t.__name__ for t in types)}")
+        elif isinstance(value, str) and not value.strip():
+            problems.append(f"{key} is empty")
+        elif key == "tracker_port" and not 0 < value < 65536:
+            problems.append(f"tracker_port={value}: expected 1-65535")
+        elif key == "timeout" and not (value > 0 and math.isfinite(value)):
+            problems.append(f"timeout={value}: expected a positive number of seconds")
+    collect(problems, ConfigError, "bad RPC runner settings "
+            "{tracker_host, tracker_port, device_key, timeout}:")
+    return ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(
+        tracker_host=rpc["tracker_host"], tracker_port=rpc["tracker_port"],
+        tracker_key=rpc["device_key"], session_timeout_sec=rpc["timeout"]))
+
+
+def plan_tasks(mod, target) -> list[TaskPlan]:
+    """Extract tuning tasks and order them by estimated share (weight x FLOPs)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    plans = []
+    for task in ms.relax_integration.extract_tasks(mod, target):
+        try:
+            flops = float(estimate_tir_flops(task.dispatched[0]))
+        except Exception:  # some kernels (pure copies) have no FLOP estimate
+            flops = 0.0
+        plans.append(TaskPlan(task.task_name, task, int(task.weight), max(flops, 1.0)))
+    total = sum(p.weight * p.flops for p in plans) or 1.0
+    for p in plans:
+        p.share = p.weight * p.flops / total
+    plans.sort(key=lambda p: (-p.share, p.name))
+    return plans
+
+
+def _workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
+    """(valid records, best latency in us) of a task's workload in ``database``."""
+    mod = plan.task.dispatched[0]
+    if not database.has_workload(mod):
+        return 0, None
+    workload = database.commit_workload(mod)
+    records = database.get_top_k(workload, 100000)
+    valid = [r for r in records if r.run_secs and
+             max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
+    if not valid:
+        return 0, None
+    best = min(sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in valid)
+    return len(valid), best * 1e6
+
+
+def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
+                progress=print) -> list[TaskPlan]:
+    """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
+
+    Records are appended to the database as they are measured, so a killed run keeps what
+    it measured; the next run picks up the tasks still short of their budget. A task that
+    ends with no valid record is tuned once more with seed + 1000 and a doubled builder
+    timeout.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Lowered Relax module (see :func:`pipeline.lowering.lower_for_target`).
+    target : tvm.target.Target
+        Target to tune for; keep one ``db_dir`` per target.
+    db_dir : Path
+        MetaSchedule JSON database directory (created if missing).
+    budget : TuneBudget
+        Trials, time and mode (``missing`` tunes only workloads with no valid record).
+    runner : ms.runner.Runner, optional
+        Where candidates are measured (see :func:`make_runner`); default ``LocalRunner``.
+    progress : callable
+        Receives one human-readable line per event.
+
+    Returns
+    -------
+    list of TaskPlan
+        Every task, largest estimated share first, with its records and best latency.
+
+    Raises
+    ------
+    TuningFailed
+        After all tasks ran, if some still have no valid record after their retry.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    plans = plan_tasks(mod, target)
+    for p in plans:
+        p.records, p.best_us = _workload_stats(database, p)
+
+    def wanted(p: TaskPlan) -> int:
+        if budget.mode == "missing":
+            return budget.trials_per_task if p.records == 0 else 0
+        return max(0, budget.trials_per_task - p.records)
+
+    todo = [p for p in plans if wanted(p) > 0]
+    progress(f"tune: {len(plans)} tasks, {len(plans) - len(todo)} already tuned in the cache, "
+             f"{len(todo)} to tune (mode={budget.mode}, {budget.trials_per_task} trials/task, "
+             f"cap {budget.max_trials} trials / {budget.wall_seconds:.0f} s)")
+    for p in plans:
+        progress(f"  {p.share * 100:5.1f}%  {p.name}  x{p.weight}  records={p.records}"
+                 + (f"  best={p.best_us:.1f}us" if p.best_us else ""))
+    if not todo:
+        return plans
+
+    from . import intrinsics
+
+    # The stock VNNI intrinsic is broken with the wheel's LLVM 22: register ours here too,
+    # or every tensorized candidate fails to build and the task silently stays untuned.
+    intrinsics.register()
+    runner = runner or ms.runner.LocalRunner()
+    _workers_can_import_pipeline()
+    start = time.monotonic()
+    trials_done = 0
+    failed: list[str] = []
+    for i, p in enumerate(todo, 1):
+        # First try, then one retry from another seed with twice the builder timeout: most
+        # all-failed tasks seen so far were builder timeouts on a loaded machine.
+        for attempt in range(2):
+            elapsed = time.monotonic() - start
+            left_trials = budget.max_trials - trials_done
+            if elapsed >= budget.wall_seconds or left_trials <= 0:
+                break
+            seed = budget.seed + i + attempt * RETRY_SEED_OFFSET
+            timeout = budget.builder_timeout * 2 ** attempt
+            n = min(wanted(p), left_trials)
+            if attempt:
+                progress(f"tune: retrying {p.name} (seed {seed}, builder timeout {timeout:g} s)")
+            progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of model), "
+                     f"{n} trials, {budget.wall_seconds - elapsed:.0f} s left")
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [p.task], work_dir=str(db_dir / "logs"), seed=seed)
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
+                max_trials_global=n, max_trials_per_task=n, num_trials_per_iter=min(64, n),
+                builder=ms.builder.LocalBuilder(timeout_sec=timeout,
+                                                initializer=_import_intrinsics),
+                runner=runner, database=database)
+            p.attempts += 1
+            before = p.records
+            p.records, p.best_us = _workload_stats(database, p)
+            trials_done += n
+            best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
+            progress(f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
+                     f"records, best {best}; {trials_done} trials in "
+                     f"{time.monotonic() - start:.0f} s")
+            if p.best_us is not None:
+                break
+        if p.attempts == 0:
+            progress(f"tune: budget spent ({trials_done} trials, "
+                     f"{time.monotonic() - start:.0f} s); "
+                     f"{len(todo) - i + 1} tasks left for a later run")
+            break
+        if p.best_us is None:
+            failed.append(p.name)
+    if failed:
+        progress(f"tune: NO VALID RECORD after a retry for {len(failed)} task(s): "
+                 + ", ".join(failed))
+        raise TuningFailed(failed, plans, db_dir)
+    return plans
+
+
+def estimated_latency_us(plans: list[TaskPlan]) -> float:
+    """Sum of weight x best latency over tasks that have one (NaN if any has none)."""
+    if any(p.best_us is None for p in plans):
+        return math.nan
+    return sum(p.weight * p.best_us for p in plans)
+
+
+def _copy_best_records(cache_db, plans: list[TaskPlan], out_dir: Path) -> None:
+    """Write the best record of each of this model's workloads into a fresh database.
+
+    The stage output holds only what compile needs, in task order, so equal inputs give
+    equal bytes (the cache itself keeps every record for later tuning).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    out_db = ms.database.JSONDatabase(work_dir=str(out_dir))
+    for plan in sorted(plans, key=lambda p: p.name):
+        mod = plan.task.dispatched[0]
+        if not cache_db.has_workload(mod):
+            continue
+        best = [r for r in cache_db.get_top_k(cache_db.commit_workload(mod), 1)
+                if r.run_secs and max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
+        if best:
+            r = best[0]
+            out_db.commit_tuning_record(ms.database.TuningRecord(
+                r.trace, out_db.commit_workload(mod), r.run_secs, r.target, r.args_info))
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (out_dir / name).touch()  # present even when nothing is tuned: compile's file_dep
+
+
+def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
+    """Stage entry: seed the cache from committed logs, tune what is missing, publish the
+    best record of each of this model's workloads into ``out_dir``.
+
+    Tuning writes straight into the persistent cache (``artifacts/tuning_cache/<key>``), not
+    into the stage's temp dir, so a killed run keeps every record it measured.
+    """
+
+    from .build import load_module
+    from .lowering import lower_for_target
+    from .store import file_lock
+    from .targets import get_target, tvm_target
+
+    spec = get_target(cfg["target"]["name"])
+    target = tvm_target(spec)
+    mod = lower_for_target(load_module(module_json), target,
+                           "int8" if cfg["integer"] else "float32")
+    # One tuner per cache at a time: the database is appended to line by line, and merging
+    # rewrites it; a second artifact's tune stage waits here.
+    with file_lock(cache_dir.parent / f".{cache_dir.name}.lock", f"tuning cache {cache_dir}"):
+        return _tune_into_cache(mod, target, spec, seed_logs, cache_dir, cfg, out_dir)
+
+
+def _tune_into_cache(mod, target, spec, seed_logs: Path, cache_dir: Path, cfg: dict,
+                     out_dir: Path) -> dict:
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import tuning_log
+
+    report = tuning_log.merge([seed_logs, cache_dir], cache_dir)
+    for problem in [*report.skipped, *report.warnings]:
+        print(f"tune: WARNING {problem}", flush=True)
+    budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
+                        wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
+    can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
+    if budget.mode == "off" or not can_measure:
+        if budget.mode != "off":
+            print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
+                  "untuned kernels get DLight schedules", flush=True)
+        plans = plan_tasks(mod, target)
+        database = ms.database.JSONDatabase(work_dir=str(cache_dir))
+        for p in plans:
+            p.records, p.best_us = _workload_stats(database, p)
+    else:
+        plans = tune_module(mod, target, cache_dir, budget, runner=make_runner(_rpc(cfg["rpc"])),
+                            progress=lambda s: print(s, flush=True))
+        database = ms.database.JSONDatabase(work_dir=str(cache_dir))
+    _copy_best_records(database, plans, out_dir)
+    summary = {
+        "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
+                   "records": p.records, "best_us": p.best_us} for p in plans],
+        "untuned": sorted(p.name for p in plans if p.best_us is None),
+        "estimated_latency_us": estimated_latency_us(plans),
+    }
+    (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"tasks": len(plans), "untuned": len(summary["untuned"])}
+
+
+def _rpc(spec: str) -> dict | None:
+    if not spec:
+        return None
+    host, port, key = spec.split(":")
+    return {"tracker_host": host, "tracker_port": int(port), "device_key": key}
+
+
+def _has_cuda() -> bool:
+    from .smoke import cuda_available
+
+    return cuda_available()

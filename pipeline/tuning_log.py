@@ -1,0 +1,397 @@
+"""Tuning-log cache: read, check, merge and summarize MetaSchedule JSON databases."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+# MetaSchedule stores a failed build or run as a huge latency (1e10 s); anything this slow is
+# a failure, never a measurement.
+FAILED_RUN_SECS = 1e9
+
+# A record line is ``[workload_index,[trace,run_secs,target,args_info]]``. The body is kept as
+# the exact text TVM wrote (its floats carry 20 digits that a Python round trip would change),
+# so only the index in front is rewritten when merging.
+_RECORD_LINE = re.compile(r"\A\[\s*(-?\d+)\s*,(.*)\]\s*\Z", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class WorkloadEntry:
+    """One line of ``database_workload.json``: ``[shash, base64 of the serialized IRModule]``."""
+
+    index: int  # line index in its file: what tuning records refer to
+    shash: str
+    mod_b64: str
+    key: tuple[str, str]  # (shash, digest of the serialized module): identity across databases
+
+    def line(self) -> str:
+        """The line as MetaSchedule writes it (compact JSON)."""
+        return json.dumps([self.shash, self.mod_b64], separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RecordEntry:
+    """One line of ``database_tuning_record.json``."""
+
+    workload_index: int
+    body: str  # raw JSON text of [trace, run_secs, target, args_info]
+    trace_key: str  # canonical JSON of the trace: two records with it equal are one schedule
+    run_secs: tuple[float, ...] | None
+    target: str | None  # canonical JSON of the target the record was measured on
+    args: str | None  # "float32[16,16], ..." from args_info, for reports
+    where: str  # "path:line", for messages
+
+    @property
+    def valid(self) -> bool:
+        """Whether the record holds a real measurement (not a failed build or run)."""
+        return bool(self.run_secs) and all(
+            math.isfinite(s) and s < FAILED_RUN_SECS for s in self.run_secs)
+
+    @property
+    def mean_secs(self) -> float:
+        """Mean measured latency in seconds; ``inf`` for a failed record."""
+        return sum(self.run_secs) / len(self.run_secs) if self.valid else math.inf
+
+    def sort_key(self) -> tuple:
+        """Best first: valid before failed, then lowest mean latency; ties broken by text."""
+        return (not self.valid, self.mean_secs, self.trace_key, self.body)
+
+    def line(self, workload_index: int) -> str:
+        """The record line pointing at ``workload_index``."""
+        return f"[{workload_index},{self.body}]"
+
+
+@dataclass
+class LogContents:
+    """What :func:`load` could read from one database directory."""
+
+    db_dir: Path
+    workloads: list[WorkloadEntry] = field(default_factory=list)
+    records: list[RecordEntry] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def workload_at(self, index: int) -> WorkloadEntry | None:
+        """The workload on line ``index`` (0-based), or None if that line was skipped."""
+        return self._by_index().get(index)
+
+    def _by_index(self) -> dict[int, WorkloadEntry]:
+        return {w.index: w for w in self.workloads}
+
+
+@dataclass
+class MergeReport:
+    """Counts of what :func:`merge` read, dropped and wrote."""
+
+    dest: Path
+    sources: list[Path]
+    workloads: int = 0  # distinct workloads written
+    records_in: int = 0  # readable records over all sources
+    records_out: int = 0
+    duplicates_dropped: int = 0  # same workload and same trace as a better record
+    dropped_by_top_k: int = 0
+    skipped: list[str] = field(default_factory=list)  # corrupt lines, "path:line: why"
+    warnings: list[str] = field(default_factory=list)  # e.g. records from several targets
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _module_digest(mod_b64: str) -> str:
+    """sha256 of a workload's serialized module, insensitive to JSON whitespace.
+
+    TVM stores base64 of a length-prefixed (8-byte little-endian) JSON graph; parsing it
+    means two databases that serialized the same module differently still agree. A payload
+    in another layout is hashed as it is.
+    """
+    raw = base64.b64decode(mod_b64, validate=True)
+    payload = raw
+    if len(raw) >= 8 and int.from_bytes(raw[:8], "little") == len(raw) - 8:
+        try:
+            payload = _canonical(json.loads(raw[8:])).encode()
+        except ValueError:
+            pass
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _parse_workload(text: str, index: int) -> WorkloadEntry:
+    obj = json.loads(text)
+    if not (isinstance(obj, list) and len(obj) == 2
+            and all(isinstance(x, str) for x in obj) and obj[0].isdigit()):
+        raise ValueError("expected [\"<structural hash>\", \"<base64 module>\"]")
+    shash, mod_b64 = obj
+    try:
+        digest = _module_digest(mod_b64)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"module is not valid base64 ({e})") from None
+    return WorkloadEntry(index, shash, mod_b64, (shash, digest))
+
+
+def _args_text(args_info) -> str | None:
+    try:
+        return ", ".join(f"{a[1]}[{','.join(str(d) for d in a[2])}]" for a in args_info)
+    except (TypeError, IndexError):
+        return None
+
+
+def _parse_record(text: str, n_workload_lines: int, where: str) -> RecordEntry:
+    obj = json.loads(text)  # a bad line fails here, reported as "bad JSON"
+    match = _RECORD_LINE.match(text)
+    if not (match and isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
+        raise ValueError("expected [<workload index>, [trace, run_secs, target, args_info]]")
+    index, body = int(match.group(1)), match.group(2).strip()
+    rec = obj[1]
+    if not (isinstance(rec, list) and len(rec) == 4 and isinstance(rec[0], list)
+            and len(rec[0]) == 2):
+        raise ValueError("tuning record is not [trace, run_secs, target, args_info]")
+    trace, run_secs, target, args_info = rec
+    if run_secs is not None and not (
+            isinstance(run_secs, list)
+            and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in run_secs)):
+        raise ValueError("run_secs is not a list of numbers")
+    if target is not None and not isinstance(target, dict):
+        raise ValueError("target is not a JSON object")
+    if args_info is not None and not isinstance(args_info, list):
+        raise ValueError("args_info is not a list")
+    if not 0 <= index < n_workload_lines:
+        raise ValueError(f"workload index {index} out of range (the workload file has "
+                         f"{n_workload_lines} lines)")
+    return RecordEntry(
+        workload_index=index, body=body, trace_key=_canonical(trace),
+        run_secs=None if run_secs is None else tuple(float(s) for s in run_secs),
+        target=None if target is None else _canonical(target),
+        args=None if args_info is None else _args_text(args_info), where=where)
+
+
+def _read_lines(path: Path, warnings: list[str]) -> list[str]:
+    """Lines of ``path`` as TVM counts them (``\\n``-separated); [] if it is missing."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        _warn(warnings, f"{path}: unreadable, treated as empty: {e}")
+        return []
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last complete line
+    return [line.decode("utf-8", errors="replace") for line in lines]
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    warnings.append(message)
+    log.warning("%s", message)
+
+
+def load(db_dir: Path | str) -> LogContents:
+    """Read a MetaSchedule JSON database, skipping what is damaged.
+
+    Parameters
+    ----------
+    db_dir : Path or str
+        Directory holding ``database_workload.json`` and ``database_tuning_record.json``.
+        A missing directory or file reads as an empty log.
+
+    Returns
+    -------
+    LogContents
+        The readable workloads (with their original line index) and records. Each skipped
+        line (bad JSON such as a truncated last line, wrong shape, workload index out of
+        range, or a record whose workload line was skipped) gives one entry in ``warnings``,
+        ``"<path>:<line number>: skipped: <why>"``, also logged at WARNING. Never raises on
+        file content.
+    """
+    db_dir = Path(db_dir)
+    out = LogContents(db_dir)
+    wl_path, rec_path = db_dir / WORKLOAD_FILE, db_dir / RECORD_FILE
+    wl_lines = _read_lines(wl_path, out.warnings)
+    for i, text in enumerate(wl_lines):
+        try:
+            out.workloads.append(_parse_workload(text, i))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            _warn(out.warnings, f"{wl_path}:{i + 1}: skipped: {_why(e)}")
+    by_index = out._by_index()
+    for i, text in enumerate(_read_lines(rec_path, out.warnings)):
+        where = f"{rec_path}:{i + 1}"
+        try:
+            record = _parse_record(text, len(wl_lines), where)
+            if record.workload_index not in by_index:
+                raise ValueError(f"refers to workload line {record.workload_index + 1}, "
+                                 f"which was skipped")
+        except ValueError as e:
+            _warn(out.warnings, f"{where}: skipped: {_why(e)}")
+            continue
+        out.records.append(record)
+    return out
+
+
+def _why(e: ValueError) -> str:
+    return f"bad JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+
+
+def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> MergeReport:
+    """Merge MetaSchedule JSON databases into one, re-indexed, deduplicated and sorted.
+
+    Workloads are identified by content (structural hash + serialized module), never by
+    line index, so databases listing them in different orders merge correctly. Records of
+    one workload with the same trace are one schedule: only the best is kept. Output is
+    canonical (workloads sorted by key; records by workload, mean latency, trace text), so
+    the same inputs always give identical bytes. Workloads without records are kept.
+
+    All databases merged should come from one target: MetaSchedule ignores the target when
+    it looks a record up. Records from several targets are merged but reported in
+    ``warnings``.
+
+    Parameters
+    ----------
+    sources : list of Path
+        Database directories; missing ones count as empty. ``dest`` may be one of them.
+    dest : Path
+        Directory to write. Both files are written to a temporary directory beside it and
+        swapped in with ``os.replace``: a reader (or a crash) never sees a workload file
+        from one merge with the record file of another. Other entries already in ``dest``
+        (e.g. tuning logs) are carried over.
+    keep_top_k : int, optional
+        Keep at most this many records per workload, best first (failed ones are dropped
+        first).
+
+    Returns
+    -------
+    MergeReport
+        Counts, plus every corrupt line that was skipped.
+    """
+    if keep_top_k is not None and keep_top_k < 1:
+        raise ValueError(f"keep_top_k must be >= 1 or None, got {keep_top_k}")
+    report = MergeReport(dest=Path(dest), sources=[Path(s) for s in sources])
+    workloads: dict[tuple[str, str], WorkloadEntry] = {}
+    best: dict[tuple[tuple[str, str], str], RecordEntry] = {}  # (workload, trace) -> record
+    targets: set[str] = set()
+    for source in report.sources:
+        contents = load(source)
+        report.skipped += contents.warnings
+        by_index = contents._by_index()
+        for w in contents.workloads:
+            # Same module, two spellings: keep the smallest text, whatever the input order.
+            if w.key not in workloads or w.mod_b64 < workloads[w.key].mod_b64:
+                workloads[w.key] = w
+        for r in contents.records:
+            report.records_in += 1
+            if r.target is not None:
+                targets.add(r.target)
+            k = (by_index[r.workload_index].key, r.trace_key)
+            if k in best:
+                report.duplicates_dropped += 1
+                if r.sort_key() >= best[k].sort_key():
+                    continue
+            best[k] = r
+    if len(targets) > 1:
+        _warn(report.warnings, f"records from {len(targets)} different targets were merged; "
+              "MetaSchedule ignores the target on lookup, keep one database per target: "
+              + "; ".join(sorted(targets)))
+
+    keys = sorted(workloads)
+    new_index = {k: i for i, k in enumerate(keys)}
+    per_workload: dict[tuple[str, str], list[RecordEntry]] = {k: [] for k in keys}
+    for (wkey, _), r in best.items():
+        per_workload[wkey].append(r)
+    record_lines = []
+    for k in keys:
+        ranked = sorted(per_workload[k], key=RecordEntry.sort_key)
+        if keep_top_k is not None:
+            report.dropped_by_top_k += max(0, len(ranked) - keep_top_k)
+            ranked = ranked[:keep_top_k]
+        record_lines += [r.line(new_index[k]) for r in ranked]
+    report.workloads, report.records_out = len(keys), len(record_lines)
+    _publish(report.dest, [workloads[k].line() for k in keys], record_lines)
+    log.info("merged %d databases into %s: %d workloads, %d -> %d records (%d duplicates, "
+             "%d beyond top-k, %d corrupt lines skipped)", len(report.sources), report.dest,
+             report.workloads, report.records_in, report.records_out,
+             report.duplicates_dropped, report.dropped_by_top_k, len(report.skipped))
+    return report
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(dest: Path, workload_lines: list[str], record_lines: list[str]) -> None:
+    """Write both files into a fresh directory and swap it in place of ``dest``.
+
+    Replacing the two files one after the other would leave a window where the record file
+    indexes into the wrong workload file; swapping whole directories never does (between
+    the two renames ``dest`` is absent, which reads as an empty log).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.merge-", dir=dest.parent))
+    try:
+        _write_lines(tmp / WORKLOAD_FILE, workload_lines)
+        _write_lines(tmp / RECORD_FILE, record_lines)
+        if not dest.exists():
+            os.replace(tmp, dest)
+            return
+        for entry in dest.iterdir():
+            if entry.name not in (WORKLOAD_FILE, RECORD_FILE):
+                os.replace(entry, tmp / entry.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old)  # onto an empty directory: allowed by rename(2)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stats(db_dir: Path | str) -> dict:
+    """Per-workload summary of a database, for reports.
+
+    Parameters
+    ----------
+    db_dir : Path or str
+        Database directory (see :func:`load`).
+
+    Returns
+    -------
+    dict
+        ``{"db_dir", "workloads", "records", "valid_records", "warnings", "per_workload"}``;
+        ``per_workload`` lists, in file order, ``{"index", "shash", "args", "records",
+        "valid_records", "best_us"}`` (``best_us`` is None when no record is valid; ``args``
+        describes the kernel's buffers, e.g. ``"float32[16,16], float32[16,16]"``).
+        Plain JSON-serializable data.
+    """
+    contents = load(db_dir)
+    rows = {w.index: {"index": w.index, "shash": w.shash, "args": None, "records": 0,
+                      "valid_records": 0, "best_us": None} for w in contents.workloads}
+    for r in contents.records:
+        row = rows[r.workload_index]
+        row["records"] += 1
+        row["args"] = row["args"] or r.args
+        if r.valid:
+            row["valid_records"] += 1
+            us = r.mean_secs * 1e6
+            row["best_us"] = us if row["best_us"] is None else min(row["best_us"], us)
+    per_workload = [rows[i] for i in sorted(rows)]
+    return {
+        "db_dir": str(db_dir),
+        "workloads": len(per_workload),
+        "records": len(contents.records),
+        "valid_records": sum(row["valid_records"] for row in per_workload),
+        "warnings": list(contents.warnings),
+        "per_workload": per_workload,
+    }

@@ -1,0 +1,73 @@
+"""End to end: a tiny model through every stage with the real doit, CMake and binary."""
+
+import subprocess
+
+import numpy as np
+import pytest
+from doit_runner import doit
+from oracle import ort_run
+
+from models import make_project
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("proj"))
+    # tune=off: the tune stage still runs (seeds from logs, plans tasks, writes the database)
+    # but measures nothing; real tuning is covered by test_tune.py.
+    run = doit(project, "build:tiny_int8", "tune=off")
+    assert run.returncode == 0, run.output
+    return project, run
+
+
+@pytest.mark.slow
+def test_every_stage_ran(built):
+    _, run = built
+    assert {"source", "quantize", "import", "tune", "compile", "package", "smoke"} <= run.built
+
+
+@pytest.mark.slow
+def test_artifact_dir_holds_the_deliverables(built):
+    project, _ = built
+    art = project / "artifacts" / "tiny_int8" / "cpu"
+    for rel in ("model.so", "bin/infer", "src/main.cc", "src/CMakeLists.txt",
+                "tiny_int8-cpu.tar.gz", "compile/manifest.json", "package/manifest.json",
+                "tune/database_tuning_record.json", "smoke/smoke.json"):
+        assert (art / rel).exists(), rel
+
+
+@pytest.mark.slow
+def test_binary_matches_onnxruntime(built, tmp_path):
+    project, _ = built
+    art = project / "artifacts" / "tiny_int8" / "cpu"
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([str(art / "bin" / "infer"), "--input", str(tmp_path / "x.npy"),
+                           "--output", str(tmp_path / "y.npy"), "--repeat", "3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "median" in proc.stdout and "top-5" in proc.stdout.lower()
+    got = np.load(tmp_path / "y.npy")
+    ref = ort_run(project / "artifacts" / "tiny_int8" / "quantize" / "model.onnx", {"x": x})
+    # int8 artifact vs onnxruntime int8 on the same QDQ model: close, same top-1
+    assert np.argmax(got) == np.argmax(ref)
+    assert np.abs(got - ref).max() <= 0.05 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_second_build_does_nothing(built):
+    project, _ = built
+    again = doit(project, "build:tiny_int8", "tune=off")
+    assert again.returncode == 0, again.output
+    assert again.executed == set(), again.output
+
+
+@pytest.mark.slow
+def test_bad_input_to_binary_fails_clearly(built, tmp_path):
+    project, _ = built
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 9, 9), np.float32))
+    proc = subprocess.run([str(project / "artifacts" / "tiny_int8" / "cpu" / "bin" / "infer"),
+                           "--input", str(tmp_path / "bad.npy")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert "(1,3,8,8) expected" in proc.stderr + proc.stdout

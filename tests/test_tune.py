@@ -1,0 +1,183 @@
+"""Tests for pipeline.tune: cache hits, remote measurement over RPC, failed-task retries."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from pipeline import tune, tuning_log
+from pipeline.errors import ConfigError
+from pipeline.lowering import lower_for_target
+
+# Each tuning attempt costs a builder batch whose workers import the tensor intrinsics first
+# (7-80 s depending on load), so these tests tune as few times as they can: one tuned
+# database (a failed first attempt, then a good retry) serves two tests.
+TARGET = {"kind": "llvm", "num-cores": 2}
+TRIALS = 4
+RPC_KEY = "onnx2deploy-test-cpu"
+
+
+def target():
+    return tvm.target.Target(TARGET)
+
+
+def tiny_module():
+    """ONNX relu(x @ w + b), 16x16, imported and lowered: a single fused tuning task."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Add", ["y", "b"], ["z"]),
+         helper.make_node("Relu", ["z"], ["out"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [16, 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return lower_for_target(from_onnx(model, keep_params_in_input=False), target())
+
+
+def budget(**kw) -> tune.TuneBudget:
+    defaults = dict(trials_per_task=TRIALS, max_trials=100, wall_seconds=600, mode="missing",
+                    seed=0, builder_timeout=60)
+    return tune.TuneBudget(**{**defaults, **kw})
+
+
+def record_lines(db_dir) -> list[str]:
+    path = db_dir / tuning_log.RECORD_FILE
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@derived_object
+class FailFirstRunner(ms.runner.PyRunner):
+    """LocalRunner whose first ``n_fail`` measurements come back as errors (a broken device)."""
+
+    def __init__(self, n_fail: int) -> None:
+        super().__init__()
+        self.inner = ms.runner.LocalRunner()
+        self.n_fail = n_fail
+
+    def run(self, runner_inputs):
+        n = min(self.n_fail, len(runner_inputs))
+        self.n_fail -= n
+        failed = [ms.runner.RunnerFuture(
+            f_done=lambda: True,
+            f_result=lambda: ms.runner.RunnerResult(None, "forced failure (test)"))
+            for _ in range(n)]
+        if n < len(runner_inputs):
+            failed += list(self.inner.run(runner_inputs[n:]))
+        return failed
+
+
+@pytest.fixture(scope="module")
+def retried(tmp_path_factory):
+    """A database tuned by a run whose first attempt had every measurement fail."""
+    db = tmp_path_factory.mktemp("retried") / "db"
+    messages: list[str] = []
+    plans = tune.tune_module(tiny_module(), target(), db, budget(),
+                             runner=FailFirstRunner(TRIALS), progress=messages.append)
+    return db, plans, messages
+
+
+@pytest.mark.slow
+def test_task_failing_once_is_retried(retried):
+    db, (plan,), messages = retried
+    assert plan.attempts == 2 and plan.best_us is not None
+    assert f"tune: retrying {plan.name} (seed 1001, builder timeout 120 s)" in messages
+    assert sum("NO VALID RECORD" in m for m in messages) == 1  # the first attempt only
+    s = tuning_log.stats(db)
+    assert s["records"] > s["valid_records"] > 0  # failed first-attempt records kept
+
+
+@pytest.mark.slow
+def test_cache_hit_tunes_zero_trials(retried, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(retried[0], db)
+    before = record_lines(db)
+    messages: list[str] = []
+    (plan,) = tune.tune_module(tiny_module(), target(), db, budget(), progress=messages.append)
+    assert record_lines(db) == before  # nothing measured
+    assert "1 already tuned in the cache, 0 to tune" in messages[0]
+    assert not any(m.startswith("tune: task") for m in messages)
+    assert plan.attempts == 0
+    assert plan.best_us == pytest.approx(retried[1][0].best_us)
+
+
+@pytest.mark.slow
+def test_merged_log_of_a_real_run_is_a_cache_hit(retried, tmp_path):
+    # Records from real tuning (full traces, failed ones included) survive a merge that
+    # JSONDatabase loads, and the merged log alone makes the model a full cache hit.
+    report = tuning_log.merge([retried[0], retried[0]], tmp_path / "merged")
+    assert report.skipped == [] and report.records_out == report.records_in // 2
+    messages: list[str] = []
+    (plan,) = tune.tune_module(tiny_module(), target(), tmp_path / "merged", budget(),
+                               progress=messages.append)
+    assert plan.attempts == 0 and "0 to tune" in messages[0]
+    assert plan.best_us == pytest.approx(retried[1][0].best_us)
+
+
+@pytest.mark.slow
+def test_tune_through_rpc_tracker(tmp_path):
+    from tvm import rpc
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9690, silent=True)
+    server = Server(host="127.0.0.1", port=9700, port_end=10200, key=RPC_KEY, silent=True,
+                    tracker_addr=(tracker.host, tracker.port))
+    try:
+        deadline = time.monotonic() + 60
+        while RPC_KEY not in rpc.connect_tracker(tracker.host, tracker.port).text_summary():
+            assert time.monotonic() < deadline, "the RPC server never registered"
+            time.sleep(0.5)
+        runner = tune.make_runner({"tracker_host": tracker.host, "tracker_port": tracker.port,
+                                   "device_key": RPC_KEY, "timeout": 60})
+        assert isinstance(runner, ms.runner.RPCRunner)
+        plans = tune.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
+                                 runner=runner, progress=lambda s: None)
+    finally:
+        server.terminate()
+        tracker.terminate()
+    assert plans[0].best_us is not None and plans[0].attempts == 1
+    stats = tuning_log.stats(tmp_path / "db")
+    assert stats["valid_records"] > 0 and stats["warnings"] == []
+
+
+def test_make_runner_validates():
+    assert isinstance(tune.make_runner(None), ms.runner.LocalRunner)
+    with pytest.raises(ConfigError) as err:
+        tune.make_runner({"tracker_host": "", "tracker_port": 70000, "devicekey": "x",
+                          "timeout": -1})
+    msg = str(err.value)
+    for problem in ("missing 'device_key'", "unknown field 'devicekey'", "tracker_host is empty",
+                    "tracker_port=70000", "timeout=-1"):
+        assert problem in msg
+    with pytest.raises(ConfigError, match="tracker_port='9190': expected int"):
+        tune.make_runner({"tracker_host": "h", "tracker_port": "9190", "device_key": "k",
+                          "timeout": 10})
+
+
+@pytest.mark.slow
+def test_task_failing_twice_is_reported(tmp_path):
+    # Every measurement fails. (A 1 ms builder timeout fails too, but each timed-out
+    # worker restarts and re-imports the intrinsics: minutes more on a loaded machine.)
+    messages: list[str] = []
+    with pytest.raises(tune.TuningFailed) as err:
+        tune.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
+                         runner=FailFirstRunner(10**9), progress=messages.append)
+    (plan,) = err.value.plans
+    assert err.value.tasks == [plan.name]
+    assert plan.name in str(err.value)
+    assert (plan.attempts, plan.records, plan.best_us) == (2, 0, None)
+    assert f"tune: retrying {plan.name} (seed 1001, builder timeout 120 s)" in messages
+    assert sum("NO VALID RECORD" in m for m in messages) == 3  # two attempts + the summary
+    assert tuning_log.stats(tmp_path / "db")["valid_records"] == 0
