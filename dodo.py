@@ -12,7 +12,7 @@ from doit import get_var
 
 from pipeline.errors import ConfigError
 from pipeline.targets import get_target
-from pipeline.tasks import Options, Project, all_tasks
+from pipeline.tasks import Options, Project, all_tasks, maintenance_tasks
 
 ROOT = Path.cwd()
 (ROOT / "artifacts").mkdir(exist_ok=True)
@@ -36,13 +36,14 @@ def _load():
             threads=int(get_var("threads")) if get_var("threads") else None,
             warmup=int(get_var("warmup", "5")), repeat=int(get_var("repeat", "30")))
         options.validate()
-        return all_tasks(Project.load(ROOT), get_target(options.target), options)
+        project, target = Project.load(ROOT), get_target(options.target)
+        return all_tasks(project, target, options), maintenance_tasks(project, target)
     except (ConfigError, ValueError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-_TASKS = _load()
+_TASKS, _MAINTENANCE = _load()
 
 
 def _group(name):
@@ -97,3 +98,13 @@ def task_validate():
 def task_bench():
     """Latency of each C++ binary vs onnxruntime and TVM in Python, same threads, one run."""
     yield from _group("bench")
+
+
+def task_save_tuning_logs():
+    """Merge this machine's tuning cache into models/tuning_logs/ (then commit it)."""
+    return _MAINTENANCE["save_tuning_logs"]
+
+
+def task_gc():
+    """Delete stored outputs that no artifact points at."""
+    return _MAINTENANCE["gc"]

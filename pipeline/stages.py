@@ -176,3 +176,22 @@ def summarize(kind: str, reports: list[Path], out_dir: Path) -> None:
         from .bench import report as write
     write(results, out_dir)
     print(f"{kind}: report in {out_dir}", flush=True)
+
+
+@doit_action
+def save_tuning_logs(cache: Path, logs: Path) -> None:
+    from . import tuning_log
+
+    report = tuning_log.export_compressed([cache], logs)
+    for problem in report.skipped:
+        print(f"save_tuning_logs: WARNING {problem}", flush=True)
+    print(f"save_tuning_logs: {report.workloads} workloads, {report.records_out} records -> "
+          f"{logs} (git add it to share)", flush=True)
+
+
+@doit_action
+def gc(root: Path) -> None:
+    from .store import gc as collect
+
+    removed = collect(root)
+    print(f"gc: removed {len(removed)} unreferenced store entries", flush=True)

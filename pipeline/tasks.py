@@ -188,7 +188,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                                  else budget.wall_seconds),
                 "seed": budget.seed, "rpc": options.rpc, "log_key": key}
     upstream = {"module": module}
-    for f in _files(seed_logs, "*.json"):
+    for f in _files(seed_logs, "database_*"):  # plain or gzipped
         upstream[f"logs/{f.name}"] = f
     tasks["tune"] = _task(project, at, f"MetaSchedule database for {name} on {target.name} "
                           "(cached logs reused)", stages.tune, tune_cfg, upstream, p.tune,
@@ -248,6 +248,24 @@ def summary_task(project: Project, kind: str, members: list[dict]) -> dict:
             "file_dep": [str(r) for r in reports],
             "targets": [str(out_dir / f"{'validation' if kind == 'validate' else 'bench'}.md")],
             "verbosity": 2}
+
+
+def maintenance_tasks(project: Project, target: TargetSpec) -> dict[str, dict]:
+    """Tasks that manage the store and the shared tuning logs (they always run when asked)."""
+    key = target_key(target)
+    cache = project.artifacts / "tuning_cache" / key
+    logs = project.tuning_logs / key
+    return {
+        "save_tuning_logs": {
+            "actions": [(stages.save_tuning_logs, [cache, logs])],
+            "doc": f"merge what this machine tuned into {logs.relative_to(project.root)} "
+                   "(commit it to share)",
+            "uptodate": [False], "verbosity": 2},
+        "gc": {
+            "actions": [(stages.gc, [project.artifacts])],
+            "doc": "delete stored outputs no artifact points at (and dead temp dirs)",
+            "uptodate": [False], "verbosity": 2},
+    }
 
 
 def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[str, list[dict]]:

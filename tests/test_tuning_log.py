@@ -213,3 +213,19 @@ def test_stats(tmp_path):
     assert w16["args"] == "float32[16,16], float32[16,16], float32[16,16]"
     assert (w8["records"], w8["best_us"]) == (0, None)
     json.dumps(s)  # plain data, ready for a report
+
+
+def test_committed_form_is_gzipped_reproducible_and_readable(tmp_path):
+    make_db(tmp_path / "a", [16, 32], [(16, 4, [3e-6]), (16, 2, [2e-6]), (32, 4, [5e-6])])
+    first = tuning_log.export_compressed([tmp_path / "a"], tmp_path / "logs1", keep_top_k=1)
+    tuning_log.export_compressed([tmp_path / "a"], tmp_path / "logs2", keep_top_k=1)
+    names = sorted(p.name for p in (tmp_path / "logs1").iterdir())
+    assert names == ["database_tuning_record.json.gz", "database_workload.json.gz"]
+    for name in names:
+        assert (tmp_path / "logs1" / name).read_bytes() == (tmp_path / "logs2" / name).read_bytes()
+    assert first.records_out == 2  # top-1 per workload
+    contents = tuning_log.load(tmp_path / "logs1")
+    assert len(contents.workloads) == 2 and len(contents.records) == 2
+    # a gzipped log seeds a plain database TVM can query: the best record survives
+    tuning_log.merge([tmp_path / "logs1"], tmp_path / "plain")
+    assert best_in_tvm(tmp_path / "plain", 16) == [2e-6]
