@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import gzip
+import hashlib
 import json
 import logging
 import math
