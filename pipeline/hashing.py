@@ -26,6 +26,36 @@ TOOLS_BY_STAGE: dict[str, tuple[str, ...]] = {
 }
 
 
+# The pipeline's own source files each stage's output depends on (paths under pipeline/).
+# Their digest is part of the recipe: a changed pass re-imports, a changed template does
+# not re-tune; a change that leaves the output bytes alone stops the rebuild right there.
+CODE_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "source": ("source.py",),
+    "quantize": ("quantize.py",),
+    "import": ("importer.py", "lowering.py", "passes"),
+    "tune": ("tune.py", "tuning_log.py", "lowering.py", "passes", "intrinsics.py", "build.py"),
+    "compile": ("build.py", "lowering.py", "passes", "intrinsics.py"),
+    "package": ("package.py",),
+    "smoke": ("smoke.py",),
+    "validate": ("validate.py",),
+    "bench": ("bench.py",),
+}
+_PIPELINE_DIR = Path(__file__).resolve().parent
+
+
+@cache
+def code_digest(stage: str) -> str:
+    """sha256 (16 hex) of the pipeline source files ``stage`` runs."""
+    h = hashlib.sha256()
+    for entry in CODE_BY_STAGE.get(stage, ()):
+        path = _PIPELINE_DIR / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.relative_to(_PIPELINE_DIR).as_posix().encode() + b"\0")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def canonical_json(obj: object) -> str:
     """JSON with sorted keys and fixed separators: equal data, equal text, equal hash."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -47,7 +77,7 @@ def tool_version(dist: str) -> str:
 def tool_versions(stage: str) -> dict[str, str]:
     """Versions that matter to ``stage``, the pipeline's own version included."""
     versions = {dist: tool_version(dist) for dist in TOOLS_BY_STAGE.get(stage, ())}
-    versions["onnx2deploy"] = __version__
+    versions["onnx2deploy"] = f"{__version__}+{code_digest(stage)}"
     return versions
 
 

@@ -344,6 +344,33 @@ def _recover_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return q_out, scales
 
 
+def tensor_const(value, dtype: str):
+    """A constant the kernels receive as a buffer, never as an immediate.
+
+    Legalization turns 0-d constants (and clip bounds) into TIR immediates, which puts each
+    layer's requantize scales and zero points into its workload hash: ResNet-50 then has one
+    tuning task per residual block instead of one per shape, and recalibrating the model
+    (same shapes, new scales) would invalidate its tuning logs. A shape-(1,) constant
+    broadcasts the same and stays a kernel parameter.
+    """
+    from tvm import relax
+
+    arr = np.asarray(value, dtype=dtype)
+    # relax.const would narrow a float64 array to float32 unless told the dtype
+    return relax.const(arr.reshape(1) if arr.ndim == 0 else arr, dtype)
+
+
+def emit_lower_bound(bb, x, lo: float, qmin: int, dtype: str = "float32"):
+    """``max(x, lo)`` as a tensor operation when ``lo`` is above the type's minimum.
+
+    An absorbed ReLU clips at the output zero point, which differs per layer; as a clip
+    attribute it would become an immediate (see :func:`tensor_const`).
+    """
+    from tvm.relax import op
+
+    return bb.emit(op.maximum(x, tensor_const(lo, dtype))) if lo > qmin else x
+
+
 def emit_requantize(bb, acc, multiplier: np.ndarray, out: QParams, lower: int | None = None):
     """``clip(round(float32(acc) * multiplier) + zp, lower, qmax)`` cast to ``out.dtype``.
 
@@ -354,16 +381,16 @@ def emit_requantize(bb, acc, multiplier: np.ndarray, out: QParams, lower: int | 
     scaled in float32, rounded half to even, shifted by the zero point and saturated.
     ``lower`` raises the lower clip bound (a ReLU absorbed as ``clip(.., zp)``).
     """
-    from tvm import relax
     from tvm.relax import op
 
     lo = out.qmin if lower is None else max(out.qmin, lower)
     x = bb.emit(op.astype(acc, "float32"))
-    x = bb.emit(op.multiply(x, relax.const(multiplier.astype(np.float32))))
+    x = bb.emit(op.multiply(x, tensor_const(multiplier, "float32")))
     x = bb.emit(op.round(x))
     if out.zero_point:
-        x = bb.emit(op.add(x, relax.const(np.float32(out.zero_point))))
-    x = bb.emit(op.clip(x, float(lo), float(out.qmax)))
+        x = bb.emit(op.add(x, tensor_const(out.zero_point, "float32")))
+    x = emit_lower_bound(bb, x, lo, out.qmin)
+    x = bb.emit(op.clip(x, float(out.qmin), float(out.qmax)))
     return op.astype(x, out.dtype)
 
 

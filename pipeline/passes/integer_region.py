@@ -10,9 +10,11 @@ from ._qdq import (
     NotThisRule,
     QParams,
     activation_qparams,
+    emit_lower_bound,
     emit_requantize,
     op_name,
     rewrite_quantized_ops,
+    tensor_const,
 )
 
 __all__ = ["IntegerRegion", "region_rules"]
@@ -56,7 +58,6 @@ def _residual_add(ctx, qcall, producer, out: QParams, relu: bool):
     step; a deep network then amplifies such steps, so the FMAs are computed exactly in
     float64 and rounded to float32 once, as the hardware does.
     """
-    from tvm import relax
     from tvm.relax import op
 
     try:
@@ -72,21 +73,21 @@ def _residual_add(ctx, qcall, producer, out: QParams, relu: bool):
 
     def fma(x_q, ratio, addend):
         x = ctx.emit(op.astype(ctx.remap(x_q), "float64"))
-        x = ctx.emit(op.multiply(x, relax.const(float(ratio), "float64")))
+        x = ctx.emit(op.multiply(x, tensor_const(ratio, "float64")))
         x = ctx.emit(op.add(x, addend))
         return ctx.emit(op.astype(x, "float32"))
 
-    partial = fma(b_q, ratio_b, relax.const(float(fixed), "float64"))
+    partial = fma(b_q, ratio_b, tensor_const(fixed, "float64"))
     total = fma(a_q, ratio_a, ctx.emit(op.astype(partial, "float64")))
     total = ctx.emit(op.round(total))
     lo = max(out.qmin, out.zero_point) if relu else out.qmin
-    total = ctx.emit(op.clip(total, float(lo), float(out.qmax)))
+    total = emit_lower_bound(ctx.bb, total, lo, out.qmin)
+    total = ctx.emit(op.clip(total, float(out.qmin), float(out.qmax)))
     return op.astype(total, out.dtype), "add" + (" (relu absorbed)" if relu else "")
 
 
 def _global_average(ctx, qcall, producer, out: QParams, relu: bool):
     """onnxruntime's QLinearGlobalAveragePool: int32 sum, one requantize by sx / (sy * HW)."""
-    from tvm import relax
     from tvm.relax import op
 
     x_q, xp = activation_qparams(ctx.bindings, producer.args[0], "mean input")
@@ -99,7 +100,7 @@ def _global_average(ctx, qcall, producer, out: QParams, relu: bool):
     acc = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
     acc = ctx.emit(op.sum(acc, axis=[2, 3], keepdims=bool(producer.attrs.keepdims)))
     if xp.zero_point:
-        acc = ctx.emit(op.subtract(acc, relax.const(np.int32(xp.zero_point * count))))
+        acc = ctx.emit(op.subtract(acc, tensor_const(xp.zero_point * count, "int32")))
     mult = np.float32(xp.scale) / (np.float32(out.scale) * np.float32(count))
     result = emit_requantize(ctx.bb, acc, np.asarray(mult), out,
                              lower=out.zero_point if relu else None)
@@ -108,7 +109,6 @@ def _global_average(ctx, qcall, producer, out: QParams, relu: bool):
 
 def _requantize(ctx, qcall, producer, out: QParams, relu: bool):
     """``quantize(dequantize(x))``: nothing if the parameters agree, else one requantize."""
-    from tvm import relax
     from tvm.relax import op
 
     x_q, xp = activation_qparams(ctx.bindings, producer, "requantize input")
@@ -117,7 +117,7 @@ def _requantize(ctx, qcall, producer, out: QParams, relu: bool):
         return ctx.remap(x_q), "quantize(dequantize) identity removed"
     acc = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
     if xp.zero_point:
-        acc = ctx.emit(op.subtract(acc, relax.const(np.int32(xp.zero_point))))
+        acc = ctx.emit(op.subtract(acc, tensor_const(xp.zero_point, "int32")))
     mult = np.float32(xp.scale) / np.float32(out.scale)
     return emit_requantize(ctx.bb, acc, np.asarray(mult), out,
                            lower=out.zero_point if relu else None), "requantize"
