@@ -328,12 +328,17 @@ def _copy_best_records(cache_db, plans: list[TaskPlan], out_dir: Path) -> None:
 
 
 def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
-    """Stage entry: seed the cache from committed logs, tune what is missing, publish the
-    best record of each of this model's workloads into ``out_dir``.
+    """Stage entry: seed from the committed logs and the local cache, tune what is missing,
+    publish the best record of each of this model's workloads into ``out_dir``.
 
     Tuning writes straight into the persistent cache (``artifacts/tuning_cache/<key>``), not
-    into the stage's temp dir, so a killed run keeps every record it measured.
+    into the stage's temp dir, so a killed run keeps every record it measured. Without
+    tuning, the cache is only read (through the tolerant loader, into a scratch copy), so a
+    build never waits for, nor disturbs, a long tuning run of another artifact.
     """
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
 
     from .build import load_module
     from .lowering import lower_for_target
@@ -344,21 +349,6 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
     target = tvm_target(spec)
     mod = lower_for_target(load_module(module_json), target,
                            "int8" if cfg["integer"] else "float32")
-    # One tuner per cache at a time: the database is appended to line by line, and merging
-    # rewrites it; a second artifact's tune stage waits here.
-    with file_lock(cache_dir.parent / f".{cache_dir.name}.lock", f"tuning cache {cache_dir}"):
-        return _tune_into_cache(mod, target, spec, seed_logs, cache_dir, cfg, out_dir)
-
-
-def _tune_into_cache(mod, target, spec, seed_logs: Path, cache_dir: Path, cfg: dict,
-                     out_dir: Path) -> dict:
-    from tvm.s_tir import meta_schedule as ms
-
-    from . import tuning_log
-
-    report = tuning_log.merge([seed_logs, cache_dir], cache_dir)
-    for problem in [*report.skipped, *report.warnings]:
-        print(f"tune: WARNING {problem}", flush=True)
     budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
                         wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
     can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
@@ -366,15 +356,25 @@ def _tune_into_cache(mod, target, spec, seed_logs: Path, cache_dir: Path, cfg: d
         if budget.mode != "off":
             print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
                   "untuned kernels get DLight schedules", flush=True)
-        plans = plan_tasks(mod, target)
-        database = ms.database.JSONDatabase(work_dir=str(cache_dir))
-        for p in plans:
-            p.records, p.best_us = _workload_stats(database, p)
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+            db_dir = Path(scratch) / "db"
+            _merge_logs([seed_logs, cache_dir], db_dir)
+            database = ms.database.JSONDatabase(work_dir=str(db_dir))
+            plans = plan_tasks(mod, target)
+            for p in plans:
+                p.records, p.best_us = _workload_stats(database, p)
+            _copy_best_records(database, plans, out_dir)
     else:
-        plans = tune_module(mod, target, cache_dir, budget, runner=make_runner(_rpc(cfg["rpc"])),
-                            progress=lambda s: print(s, flush=True))
-        database = ms.database.JSONDatabase(work_dir=str(cache_dir))
-    _copy_best_records(database, plans, out_dir)
+        # One tuner per cache at a time: the database is appended to line by line, and
+        # merging rewrites it; a second artifact's tuning waits here.
+        with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
+                       f"tuning cache {cache_dir}"):
+            _merge_logs([seed_logs, cache_dir], cache_dir)
+            plans = tune_module(mod, target, cache_dir, budget,
+                                runner=make_runner(_rpc(cfg["rpc"])),
+                                progress=lambda s: print(s, flush=True))
+            _copy_best_records(ms.database.JSONDatabase(work_dir=str(cache_dir)), plans,
+                               out_dir)
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
                    "records": p.records, "best_us": p.best_us} for p in plans],
@@ -383,6 +383,14 @@ def _tune_into_cache(mod, target, spec, seed_logs: Path, cache_dir: Path, cfg: d
     }
     (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"tasks": len(plans), "untuned": len(summary["untuned"])}
+
+
+def _merge_logs(sources: list[Path], dest: Path) -> None:
+    from . import tuning_log
+
+    report = tuning_log.merge(sources, dest)
+    for problem in [*report.skipped, *report.warnings]:
+        print(f"tune: WARNING {problem}", flush=True)
 
 
 def _rpc(spec: str) -> dict | None:
