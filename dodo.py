@@ -26,10 +26,17 @@ DOIT_CONFIG = {
 }
 
 
+def _target_named_in_argv():
+    """``doit validate:resnet50_int8@h100`` names its target: no ``target=`` needed."""
+    named = {arg.rsplit("@", 1)[1] for arg in sys.argv[1:] if "@" in arg and "=" not in arg}
+    return named.pop() if len(named) == 1 else None
+
+
 def _load():
     try:
         options = Options(
-            target=get_var("target", "cpu"), tune=get_var("tune", "missing"),
+            target=get_var("target") or _target_named_in_argv() or "cpu",
+            tune=get_var("tune", "missing"),
             trials=int(get_var("trials")) if get_var("trials") else None,
             tune_minutes=float(get_var("tune_minutes")) if get_var("tune_minutes") else None,
             rpc=get_var("rpc", ""),
@@ -108,3 +115,10 @@ def task_save_tuning_logs():
 def task_gc():
     """Delete stored outputs that no artifact points at."""
     return _MAINTENANCE["gc"]
+
+
+def task_nightly():
+    """Rebuild every model x variant x target (tune=off), validate, bench, check the baseline."""
+    from pipeline.nightly import nightly_task
+
+    return nightly_task(ROOT, get_var)

@@ -127,6 +127,10 @@ def _bench_tvm_python(art: ArtifactUnderTest, paths: list[Path], threads: int, w
             "device": "cuda" if art.is_gpu else "cpu", "warmup": warmup, "repeat": repeat,
             "result": str(result)}
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    if art.is_gpu:  # the subprocess compiles the kernels at load: NVRTC or nvcc, as smoke
+        from .smoke import cuda_compile_mode
+
+        env["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
     proc = subprocess.run([sys.executable, "-c", _VM_BENCH, json.dumps(args)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not result.is_file():

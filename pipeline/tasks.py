@@ -209,7 +209,10 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                              stages.package, {"artifact": name, "target": tcfg}, upstream,
                              p.package, "bin/infer")
     tasks["smoke"] = _task(project, at, f"smoke check of {name} on {target.name}: C++ == Python VM",
-                           stages.smoke, {"seed": 0, "target": tcfg},
+                           stages.smoke, {"seed": 0, "target": tcfg,
+                                          # CUDA: C++ vs Python VM within the spec's tolerance
+                                          **({"gpu_rel_tol": spec.validation.gpu_rel_tol}
+                                             if target.is_gpu else {})},
                            {"binary": p.package / "bin" / "infer",
                             "model": p.package / "model.so", "io": p.compile / "io.json"},
                            p.smoke, "smoke.json")

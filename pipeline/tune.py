@@ -340,11 +340,15 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
 
     from tvm.s_tir import meta_schedule as ms
 
+    from . import intrinsics
     from .build import load_module
     from .lowering import lower_for_target
     from .store import file_lock
     from .targets import get_target, tvm_target
 
+    # Records of tensorized schedules name their intrinsic: it must be registered before
+    # any database holding them is opened (or JSONDatabase fails to load).
+    intrinsics.register()
     spec = get_target(cfg["target"]["name"])
     target = tvm_target(spec)
     mod = lower_for_target(load_module(module_json), target,
