@@ -321,8 +321,12 @@ def _copy_best_records(cache_db, plans: list[TaskPlan], out_dir: Path) -> None:
                 if r.run_secs and max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
         if best:
             r = best[0]
+            # Commit the workload the record was tuned on, not the task's module: they are
+            # structurally equal, but a trace finds blocks by name, and some block names
+            # (a reduction's "lv224_red") follow the importer's variable numbering.
             out_db.commit_tuning_record(ms.database.TuningRecord(
-                r.trace, out_db.commit_workload(mod), r.run_secs, r.target, r.args_info))
+                r.trace, out_db.commit_workload(r.workload.mod), r.run_secs, r.target,
+                r.args_info))
     for name in ("database_workload.json", "database_tuning_record.json"):
         (out_dir / name).touch()  # present even when nothing is tuned: compile's file_dep
 

@@ -181,3 +181,34 @@ def test_task_failing_twice_is_reported(tmp_path):
     assert f"tune: retrying {plan.name} (seed 1001, builder timeout 120 s)" in messages
     assert sum("NO VALID RECORD" in m for m in messages) == 3  # two attempts + the summary
     assert tuning_log.stats(tmp_path / "db")["valid_records"] == 0
+
+
+def test_best_records_are_published_with_the_workload_they_were_tuned_on(tmp_path):
+    """A trace finds blocks by name; the task's own module may name them differently
+    (the importer numbers variables) while being structurally equal. Publishing the record
+    against the task's module gave a database TVM refused to load."""
+    from types import SimpleNamespace
+
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tune import TaskPlan, _copy_best_records
+    from test_tuning_log import make_db
+
+    def matmul_named(block: str):
+        a = te.placeholder((16, 16), name="a")
+        b = te.placeholder((16, 16), name="b")
+        k = te.reduce_axis((0, 16), name="k")
+        c = te.compute((16, 16), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name=block)
+        return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+    cache = make_db(tmp_path / "cache", [16], [(16, 4, [2e-6])])  # tuned on block "C"
+    renamed = matmul_named("D")
+    db = ms.database.JSONDatabase(work_dir=str(cache))
+    assert db.has_workload(renamed)  # structurally equal despite the name
+    plan = TaskPlan("matmul", SimpleNamespace(dispatched=[renamed]), 1, 1.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    _copy_best_records(db, [plan], out)
+    loaded = ms.database.JSONDatabase(work_dir=str(out), allow_missing=False)
+    assert len(loaded) == 1
