@@ -779,7 +779,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
     for t in per_target:
         if t["returncode"] != 0 and not any(r["status"] in (FAILED, NOT_RUN)
                                             for r in t["tasks"]):
-            tail = (root / t["log"]).read_text(encoding="utf-8").strip()[-800:]
+            tail = " ".join((root / t["log"]).read_text(encoding="utf-8").split())[-800:]
             failures.append(f"target {t['target']}: doit exited {t['returncode']}: {tail}")
     if not chosen:
         failures.append("no target can be built on this machine: " + "; ".join(

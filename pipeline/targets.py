@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -107,7 +108,10 @@ def target_config(spec: TargetSpec) -> dict:
         return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
                 "cpu_model": _cpuinfo().get("model name", platform.processor()),
                 "num_cores": num_threads()}
-    return {"name": spec.name, "kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS}
+    # Whether this machine can run the artifact is part of the recipe of what runs it: a
+    # "not run: no CUDA device" result must not be reused on a machine with a GPU.
+    return {"name": spec.name, "kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS,
+            "device_present": shutil.which("nvidia-smi") is not None}
 
 
 def tvm_target(spec: TargetSpec):
