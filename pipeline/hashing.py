@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from functools import cache
 from importlib import metadata
@@ -59,6 +60,19 @@ def code_digest(stage: str) -> str:
 def canonical_json(obj: object) -> str:
     """JSON with sorted keys and fixed separators: equal data, equal text, equal hash."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def jsonable(value):
+    """Plain data for strict JSON: infinities and NaN become "inf"/"-inf"/"nan", paths str."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def sha256_text(text: str) -> str:

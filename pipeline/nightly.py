@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, PipelineError
+from .hashing import jsonable
 from .stages import REPO, doit_action
 
 STAGES = ("source", "quantize", "import", "tune", "compile", "package", "smoke", "validate",
@@ -689,18 +690,6 @@ def _git_commit(root: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def run(project_dir: Path, targets: Sequence[str] | None = None,
         options: NightlyOptions | None = None,
         run_doit: Callable[[list[str], Path, float | None], tuple[int, str]] | None = None
@@ -790,7 +779,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
         warnings = [w for w in warnings if "no baseline entry" not in w]
         refreshed = _refresh_baseline(baseline, baseline_path, results, threshold, drop,
                                       commit, now)
-        append_history(out_dir / "history.jsonl", _jsonable({
+        append_history(out_dir / "history.jsonl", jsonable({
             "kind": "baseline_refresh", "time": now, "commit": commit,
             "file": _rel(baseline_path, root), "entries": refreshed}))
 
@@ -799,7 +788,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
     for t in per_target:
         for k, v in t["counts"].items():
             stage_counts[k] = stage_counts.get(k, 0) + v
-    append_history(out_dir / "history.jsonl", _jsonable({
+    append_history(out_dir / "history.jsonl", jsonable({
         "kind": "run", "time": now, "commit": commit, "machine_class": machine_class,
         "status": status, "baseline_mode": options.baseline, "threshold": threshold,
         "targets": chosen, "skipped_targets": skipped, "stage_counts": stage_counts,
@@ -830,7 +819,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
                "report": str(out_dir / "nightly.md")}
     write_report(summary, out_dir)
     (out_dir / "nightly.json").write_text(
-        json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     _print_summary(summary)
     return summary
 
@@ -857,7 +846,7 @@ def _refresh_baseline(baseline: dict, path: Path, results: Sequence[dict], thres
             "entries": [entries[k] for k in sorted(entries)]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n",
+    tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n",
                    encoding="utf-8")
     os.replace(tmp, path)
     print(f"nightly: baseline {path}: {len(changed)} entries refreshed (commit it)", flush=True)

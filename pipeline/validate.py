@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError, ValidationFailed
+from .hashing import jsonable
 from .spec import ValidationSpec
 
 if TYPE_CHECKING:
@@ -449,19 +450,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: infinities and NaN become the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _headline(result: dict) -> str:
     word = {"pass": "PASS", "fail": "FAIL"}.get(result["status"], result["status"].upper())
     art = f"{result['artifact']} on {result['target']}"
@@ -502,7 +490,7 @@ def _markdown(results: Sequence[dict], title: str) -> str:
 def _write(out_dir: Path, payload: dict, results: Sequence[dict], title: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "validation.json").write_text(
-        json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (out_dir / "validation.md").write_text(_markdown(results, title), encoding="utf-8")
 
 
