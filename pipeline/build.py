@@ -60,7 +60,6 @@ def untuned_kernels(mod, target, database) -> tuple[list[str], list[str]]:
 def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None):
     """Lower for the target and apply tuning records (and DLight on GPUs). Returns
     ``(scheduled_mod, target, report)``."""
-    import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -84,7 +83,6 @@ def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | 
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
               "untuned_scheduler": "dlight" if spec.is_gpu else "none (naive loops)",
               **gpu_report}
-    del tvm
     return mod, target, report
 
 

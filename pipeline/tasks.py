@@ -234,11 +234,11 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     validate = _task(project, at, f"validate {name} on {target.name} against onnxruntime",
                      stages.validate, {"gates": asdict(spec.validation), "target": tcfg},
                      upstream, p.artifact_dir / "validate", "validation.json", extra_args=extra)
+    bench_cfg = {"threads": options.threads or tcfg.get("num_cores", 1),
+                 "warmup": options.warmup, "repeat": options.repeat, "target": tcfg}
     bench = _task(project, at, f"latency of {name} on {target.name} vs onnxruntime",
-                  stages.bench, {"threads": options.threads or target_config(target).get(
-                      "num_cores", 1), "warmup": options.warmup, "repeat": options.repeat,
-                      "target": tcfg},
-                  upstream, p.artifact_dir / "bench", "bench.json", extra_args=extra)
+                  stages.bench, bench_cfg, upstream, p.artifact_dir / "bench", "bench.json",
+                  extra_args=extra)
     return {"validate": validate, "bench": bench}
 
 
