@@ -43,8 +43,7 @@ def python_vm_outputs(model_so: Path, feeds: list[np.ndarray], device: str = "cp
         tvm.runtime.load_module(str(model_so))
     vm = relax.VirtualMachine(module, dev)
     out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
-    outs = list(out) if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and \
-        not hasattr(out, "numpy") else [out]
+    outs = [out] if hasattr(out, "numpy") else list(out)  # one tensor, or a tuple of them
     return [o.numpy() for o in outs]
 
 

@@ -474,9 +474,16 @@ def rewrite_quantized_ops(mod, rules: dict, report: IntegerReport):
             report.matched.append(f"{note} -> {var.name} {list(shape_of(var))}")
             return result
 
-    rewriter = _Rewriter(mod)
+    return mutate_relax_functions(_Rewriter(mod), mod)
+
+
+def mutate_relax_functions(mutator, mod):
+    """Run a ``relax.PyExprMutator`` over every Relax function of ``mod`` (dead bindings
+    removed) and return the module its builder holds."""
+    from tvm import relax
+
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            new_func = relax.analysis.remove_all_unused(rewriter.run(func))
-            rewriter.builder_.update_func(gvar, new_func)
-    return rewriter.builder_.get()
+            new_func = relax.analysis.remove_all_unused(mutator.run(func))
+            mutator.builder_.update_func(gvar, new_func)
+    return mutator.builder_.get()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._qdq import Bindings, op_name, shape_of
+from ._qdq import Bindings, mutate_relax_functions, op_name, shape_of
 
 __all__ = ["PackInt8ForVNNI", "pack_conv_weight", "OC_BLOCK"]
 
@@ -249,12 +249,7 @@ def _pack_region(mod, stats: dict):
             stats["convs"] += 1
             return _Packed(out, OC_BLOCK, out_c)
 
-    packer = _Packer(mod)
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            new_func = relax.analysis.remove_all_unused(packer.run(func))
-            packer.builder_.update_func(gvar, new_func)
-    return packer.builder_.get()
+    return mutate_relax_functions(_Packer(mod), mod)
 
 
 def PackInt8ForVNNI():  # noqa: N802  (a pass factory, named like TVM's)
