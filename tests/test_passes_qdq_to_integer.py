@@ -115,7 +115,8 @@ def test_structure_of_a_per_tensor_conv():
         def main(x: R.Tensor((1, 2, 4, 4), "float32"), w: R.Tensor((4, 2, 1, 1), "int8"),
                  m: R.Tensor((1, 4, 1, 1), "float32"), zp: R.Tensor((1,), "float32")):
             with R.dataflow():
-                xq = R.quantize(x, R.const(0.5, "float32"), R.const(0, "uint8"), axis=1,
+                # the input edge keeps its quantize, its parameters as (1,) tensors too
+                xq = R.quantize(x, R.const([0.5], "float32"), R.const([0], "uint8"), axis=1,
                                 out_dtype="uint8")
                 acc = R.nn.conv2d(xq, w, out_dtype="int32")
                 f = R.astype(acc, "float32")
@@ -146,14 +147,15 @@ def test_asymmetric_weights_stay_fake_quantized_and_are_reported():
         @R.function
         def main(x: R.Tensor((1, 2, 4, 4), "float32"), w: R.Tensor((4, 2, 1, 1), "int8")):
             with R.dataflow():
-                xq = R.quantize(x, R.const(0.5, "float32"), R.const(0, "uint8"), axis=1,
+                # activation parameters already as (1,) tensors, as the pass leaves them
+                xq = R.quantize(x, R.const([0.5], "float32"), R.const([0], "uint8"), axis=1,
                                 out_dtype="uint8")
-                xf = R.dequantize(xq, R.const(0.5, "float32"), R.const(0, "uint8"), axis=1,
+                xf = R.dequantize(xq, R.const([0.5], "float32"), R.const([0], "uint8"), axis=1,
                                   out_dtype="float32")
                 wf = R.dequantize(w, R.const(0.25, "float32"), R.const(5, "int8"), axis=0,
                                   out_dtype="float32")
                 y = R.nn.conv2d(xf, wf)
-                yq = R.quantize(y, R.const(0.125, "float32"), R.const(3, "uint8"), axis=1,
+                yq = R.quantize(y, R.const([0.125], "float32"), R.const([3], "uint8"), axis=1,
                                 out_dtype="uint8")
                 R.output(yq)
             return yq

@@ -394,6 +394,97 @@ def emit_requantize(bb, acc, multiplier: np.ndarray, out: QParams, lower: int | 
     return op.astype(x, out.dtype)
 
 
+def emit_zero_point_pad(bb, data, padding: list[int], zero_point: int, dtype: str):
+    """Pad H and W of NCHW ``data`` with ``zero_point``, the value a real 0 quantizes to.
+
+    Written as ``where(inside, pad(data, 0), zp)`` with ``zp`` a shape-(1,) tensor: a pad
+    value is an attribute, which would make it a TIR immediate and put the input's zero
+    point into the first conv's workload (see :func:`tensor_const`). ``inside`` depends on
+    shapes only. :func:`match_zero_point_pad` recognises the pattern.
+    """
+    from tvm import relax
+    from tvm.relax import op
+
+    top, left, bottom, right = padding
+    _, _, h, w = shape_of(data)
+    padded = bb.emit(op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
+    return bb.emit(op.where(relax.const(_inside_mask(h, w, padding)), padded,
+                            tensor_const(zero_point, dtype)))
+
+
+def _inside_mask(h: int, w: int, padding: list[int]) -> np.ndarray:
+    top, left, bottom, right = padding
+    inside = np.zeros((1, 1, h + top + bottom, w + left + right), bool)
+    inside[:, :, top:top + h, left:left + w] = True
+    return inside
+
+
+@dataclass(frozen=True)
+class ZeroPointPad:
+    """A match of :func:`emit_zero_point_pad`: ``source`` padded by ``padding`` with ``zero_point``."""
+
+    source: object  # the unpadded NCHW expression
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    zero_point: object  # the shape-(1,) constant expression
+
+
+def match_zero_point_pad(bindings: Bindings, expr) -> ZeroPointPad | None:
+    """The :class:`ZeroPointPad` that defines ``expr``, or None."""
+    from tvm import ir
+
+    where = bindings.value(expr)
+    if op_name(where) != "relax.where":
+        return None
+    cond, padded, zp = (bindings.value(a) for a in where.args)
+    if op_name(padded) != "relax.nn.pad" or str(padded.attrs.pad_mode) != "constant":
+        return None
+    widths = [int(p) for p in padded.attrs.pad_width]
+    if len(widths) != 8 or any(widths[:4]) or float(padded.attrs.pad_value) != 0.0:
+        return None
+    padding = (widths[4], widths[6], widths[5], widths[7])
+    if not (isinstance(cond, ir.Constant) and isinstance(zp, ir.Constant)
+            and tuple(zp.value.shape) == (1,)):
+        return None
+    _, _, h, w = shape_of(padded.args[0])
+    if not np.array_equal(cond.value.numpy(), _inside_mask(h, w, list(padding))):
+        return None
+    return ZeroPointPad(padded.args[0], padding, zp)
+
+
+def tensorize_activation_qparams(mod):
+    """Give every remaining activation quantize/dequantize its scale and zero point as
+    shape-(1,) tensors instead of 0-d constants.
+
+    What the integer passes leave in quantize/dequantize form is the network's edge (the
+    input quantize, the output dequantize) and any op no rule matched. Legalization would
+    turn their 0-d parameters into immediates (see :func:`tensor_const`); as (1,) tensors
+    they legalize to the same arithmetic read from buffers, so recalibrating the model
+    changes no workload. Weights (constant data) keep theirs: they fold away.
+    """
+    from tvm import ir, relax
+    from tvm.relax import op
+
+    @relax.expr_functor.mutator
+    class _Tensorize(relax.PyExprMutator):
+        def run(self, func):
+            return self.visit_expr(func)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if op_name(call) not in ("relax.quantize", "relax.dequantize"):
+                return call
+            data, scale, zp = call.args
+            if (isinstance(data, ir.Constant) or not all(
+                    isinstance(a, ir.Constant) and a.value.numpy().ndim == 0
+                    for a in (scale, zp))):
+                return call
+            make = op.quantize if op_name(call) == "relax.quantize" else op.dequantize
+            scale, zp = (tensor_const(a.value.numpy(), str(a.value.dtype)) for a in (scale, zp))
+            return make(data, scale, zp, int(call.attrs.axis), str(call.attrs.out_dtype))
+
+    return mutate_relax_functions(_Tensorize(mod), mod)
+
+
 def check_int32(values: np.ndarray, what: str) -> np.ndarray:
     if values.size and (values.min() < INT32_MIN or values.max() > INT32_MAX):
         raise NoMatch(f"{what} does not fit int32")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._qdq import Bindings, mutate_relax_functions, op_name, shape_of
+from ._qdq import Bindings, match_zero_point_pad, mutate_relax_functions, op_name, shape_of
 
 __all__ = ["PackInt8ForVNNI", "pack_conv_weight", "OC_BLOCK"]
 
@@ -43,17 +43,30 @@ def _ic_block(channels: int) -> int:
     return next((b for b in (16, 8, 4) if channels % b == 0), IC_GROUP)
 
 
-def _conv_te(data, kernel, strides, padding, dilation, pad_value: int):
+def _conv_te(data, kernel, strides, padding, dilation):
     from tvm import topi
 
-    if pad_value and any(padding):
-        # padded pixels must hold the input zero point, not 0 (see qdq_to_integer)
-        top, left, bottom, right = padding
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0],
-                           pad_value=pad_value, name="data_pad")
-        padding = [0, 0, 0, 0]
     return topi.nn.conv2d_NCHWc_int8(data, kernel, strides, padding, dilation, "NCHWc",
                                      "NCHWc", out_dtype="int32")
+
+
+def _zero_point_padded_conv_te(data, kernel, zero_point, strides, padding, dilation):
+    """The conv over ``data`` padded with ``zero_point[0]`` inside the same kernel.
+
+    Padded pixels must hold the input zero point, not 0 (see qdq_to_integer); reading it
+    from a (1,) buffer keeps its value out of the workload (see ``_qdq.tensor_const``).
+    """
+    from tvm import te, tirx
+
+    top, left, bottom, right = padding
+    n, c, h, w, cb = data.shape
+
+    def fill(i, ci, y, x, b):
+        inside = tirx.all(y >= top, y < top + h, x >= left, x < left + w)
+        return tirx.if_then_else(inside, data[i, ci, y - top, x - left, b], zero_point[0])
+
+    padded = te.compute((n, c, h + top + bottom, w + left + right, cb), fill, name="data_pad")
+    return _conv_te(padded, kernel, strides, [0, 0, 0, 0], dilation)
 
 
 @dataclass
@@ -78,19 +91,6 @@ def _packable_conv(bindings: Bindings, call) -> bool:
     if weight is None or weight.dtype != np.int8:
         return False
     return weight.shape[0] % OC_BLOCK == 0
-
-
-def _spatial_pad(call):
-    """(top, left, bottom, right, value) of a constant NCHW pad of H and W only, or None."""
-    if op_name(call) != "relax.nn.pad" or str(call.attrs.pad_mode) != "constant":
-        return None
-    widths = [int(p) for p in call.attrs.pad_width]
-    if len(widths) != 8 or any(widths[:4]):
-        return None
-    value = float(call.attrs.pad_value)
-    if value != int(value):
-        return None
-    return widths[4], widths[6], widths[5], widths[7], int(value)
 
 
 def _users(func) -> dict:
@@ -162,7 +162,7 @@ def _pack_region(mod, stats: dict):
 
         def folded_pad(self, var) -> bool:
             """Whether ``var`` is a zero-point pad read only by convs that will be packed."""
-            if _spatial_pad(self.bindings.value(var)) is None:
+            if match_zero_point_pad(self.bindings, var) is None:
                 return False
             users = self.users.get(var, [None])
             return all(u is not None and _packable_conv(self.bindings, u)
@@ -229,22 +229,25 @@ def _pack_region(mod, stats: dict):
             weight = self.bindings.const(conv.args[1])
             out_c, in_c = weight.shape[:2]
             padding = [int(p) for p in attrs.padding]
-            pad_value = 0
             data = conv.args[0]
-            if self.folded_pad(data):
-                top, left, bottom, right, pad_value = _spatial_pad(self.bindings.value(data))
-                padding = [top, left, bottom, right]
-                data = self.bindings.value(data).args[0]
+            zp_pad = match_zero_point_pad(self.bindings, data) if self.folded_pad(data) else None
+            if zp_pad is not None:
+                data, padding = zp_pad.source, list(zp_pad.padding)
             block = _ic_block(in_c)
             padded_c = -(-in_c // block) * block
             if padded_c != in_c:
                 weight = np.pad(weight, [(0, 0), (0, padded_c - in_c), (0, 0), (0, 0)])
             data5 = self.pack(data, block)
             kernel = relax.const(pack_conv_weight(weight, block))
-            out = self.builder_.call_te(
-                _conv_te, data5, kernel, [int(s) for s in attrs.strides], padding,
-                [int(d) for d in attrs.dilation], pad_value,
-                primfunc_name_hint="conv2d_NCHWc_int8")
+            conv_args = ([int(s) for s in attrs.strides], padding,
+                         [int(d) for d in attrs.dilation])
+            if zp_pad is None:
+                out = self.builder_.call_te(_conv_te, data5, kernel, *conv_args,
+                                            primfunc_name_hint="conv2d_NCHWc_int8")
+            else:
+                out = self.builder_.call_te(_zero_point_padded_conv_te, data5, kernel,
+                                            zp_pad.zero_point, *conv_args,
+                                            primfunc_name_hint="conv2d_NCHWc_int8")
             out = self.builder_.emit(out)
             stats["convs"] += 1
             return _Packed(out, OC_BLOCK, out_c)

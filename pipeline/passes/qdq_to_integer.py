@@ -12,9 +12,11 @@ from ._qdq import (
     activation_qparams,
     check_int32,
     emit_requantize,
+    emit_zero_point_pad,
     first_of,
     op_name,
     rewrite_quantized_ops,
+    tensorize_activation_qparams,
     weight_qparams,
 )
 
@@ -85,9 +87,7 @@ def _conv2d(ctx, qcall, producer, out: QParams, relu: bool):
     data = ctx.remap(x_q)
     padding = [int(p) for p in attrs.padding]
     if xp.zero_point != 0 and any(padding):
-        top, left, bottom, right = padding
-        data = ctx.emit(op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
-                                  pad_value=float(xp.zero_point)))
+        data = emit_zero_point_pad(ctx.bb, data, padding, xp.zero_point, xp.dtype)
         padding = [0, 0, 0, 0]
     acc = ctx.emit(op.nn.conv2d(
         data, relax.const(w.values), strides=attrs.strides, padding=padding,
@@ -172,7 +172,8 @@ def quantize_to_integer(mod, region: bool = True):
         and the report of what was and was not rewritten, with reasons.
     """
     report = IntegerReport()
-    return rewrite_quantized_ops(mod, integer_rules(region), report), report
+    mod = rewrite_quantized_ops(mod, integer_rules(region), report)
+    return tensorize_activation_qparams(mod), report
 
 
 def QDQToInteger(region: bool = True):  # noqa: N802  (a pass factory, named like TVM's)
