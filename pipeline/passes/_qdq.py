@@ -421,7 +421,7 @@ def _inside_mask(h: int, w: int, padding: list[int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ZeroPointPad:
-    """A match of :func:`emit_zero_point_pad`: ``source`` padded by ``padding`` with ``zero_point``."""
+    """A match of :func:`emit_zero_point_pad`: ``source`` padded with ``zero_point``."""
 
     source: object  # the unpadded NCHW expression
     padding: tuple[int, int, int, int]  # top, left, bottom, right
