@@ -261,3 +261,29 @@ def _input_zero_point(model) -> int:
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
                    and n.input[0] == model.graph.input[0].name)
     return int(numpy_helper.to_array(inits[first_q.input[2]]).reshape(()))
+
+
+def test_tasks_with_records_are_ranked_by_measured_time():
+    """Once measured, a slow kernel with few FLOPs outranks a fast one with many; a task
+    not measured yet is costed at the median GFLOP/s of the others."""
+    plans = [
+        tune.TaskPlan("big_but_fast", None, weight=1, flops=4e9, best_us=1000.0),
+        tune.TaskPlan("small_but_slow", None, weight=2, flops=1e9, best_us=2000.0),
+        tune.TaskPlan("unmeasured", None, weight=1, flops=2e9),
+        tune.TaskPlan("tiny", None, weight=1, flops=1e6, best_us=1.0),
+    ]
+    tune.rank_by_measured_share(plans)
+    # costs in us: small_but_slow 2 x 2000, unmeasured 2e9 FLOP at the median rate of
+    # 1e6 FLOP/us = 2000, big_but_fast 1000, tiny 1
+    assert [p.name for p in plans][:2] == ["small_but_slow", "unmeasured"]
+    assert abs(sum(p.share for p in plans) - 1.0) < 1e-9
+    rates = sorted([4e9 / 1000.0, 1e9 / 2000.0, 1e6 / 1.0])  # FLOP per us of measured tasks
+    unmeasured = next(p for p in plans if p.name == "unmeasured")
+    assert unmeasured.share == pytest.approx((2e9 / rates[1]) / (4000 + 1000 + 2e9 / rates[1] + 1))
+
+
+def test_ranking_without_any_record_keeps_the_flop_estimate():
+    plans = [tune.TaskPlan("a", None, 1, 1e9, share=0.75), tune.TaskPlan("b", None, 1, 3e8,
+                                                                         share=0.25)]
+    tune.rank_by_measured_share(plans)
+    assert [(p.name, p.share) for p in plans] == [("a", 0.75), ("b", 0.25)]
