@@ -2,7 +2,8 @@
 
 Kept thin and free of heavy imports (no TVM, no onnxruntime) so ``doit list`` and a no-op
 ``doit build:...`` start instantly. Options: ``doit build:resnet50_int8 target=rtx4090``,
-``tune=off|missing|extend``, ``trials=N``, ``tune_minutes=M``, ``rpc=host:port:key``.
+``tune=off|missing|extend``, ``trials=N``, ``tune_minutes=M``, ``rpc=host:port:key``,
+``layout=NHWC|NCHW16c`` (fp32 convs on CPUs).
 """
 
 import sys
@@ -39,7 +40,7 @@ def _load():
             tune=get_var("tune", "missing"),
             trials=int(get_var("trials")) if get_var("trials") else None,
             tune_minutes=float(get_var("tune_minutes")) if get_var("tune_minutes") else None,
-            rpc=get_var("rpc", ""),
+            rpc=get_var("rpc", ""), layout=get_var("layout", ""),
             threads=int(get_var("threads")) if get_var("threads") else None,
             warmup=int(get_var("warmup", "5")), repeat=int(get_var("repeat", "30")))
         options.validate()

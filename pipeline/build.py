@@ -18,6 +18,7 @@ from .targets import get_target, tvm_target
 class CompileConfig:
     target: str  # name in the targets table
     integer: bool  # the module computes in int8 (selects the lowering's layout choices)
+    layout: str = ""  # fp32 conv layout on CPUs (see pipeline.lowering)
 
 
 def load_module(module_json: Path):
@@ -57,7 +58,8 @@ def untuned_kernels(mod, target, database) -> tuple[list[str], list[str]]:
     return sorted(tuned), sorted(untuned)
 
 
-def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None):
+def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None,
+                       layout: str = ""):
     """Lower for the target and apply tuning records (and DLight on GPUs). Returns
     ``(scheduled_mod, target, report)``."""
     from tvm import relax
@@ -69,7 +71,7 @@ def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | 
     intrinsics.register()  # tuning records may name the project's VNNI intrinsic
     spec = get_target(spec_name)
     target = tvm_target(spec)
-    mod = lower_for_target(mod, target, "int8" if integer else "float32")
+    mod = lower_for_target(mod, target, "int8" if integer else "float32", layout)
     database = None
     if database_dir is not None and (database_dir / "database_workload.json").exists():
         database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
@@ -133,7 +135,8 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
 
     mod = load_module(module_json)
     io = io_signature(mod)
-    mod, target, report = lower_and_schedule(mod, config.target, config.integer, database_dir)
+    mod, target, report = lower_and_schedule(mod, config.target, config.integer, database_dir,
+                                             config.layout)
     if report["untuned"]:
         print(f"compile: WARNING {len(report['untuned'])} of "
               f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record "

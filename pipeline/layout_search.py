@@ -6,9 +6,11 @@ a measurement, not a belief: this module takes a model's heaviest convolution sh
 each as a one-layer module (conv + bias + ReLU, the fused kernel the model tunes) in both
 layouts, tunes both with the same number of trials and reports the faster.
 
-The channels-last layer is the very workload the model's own tuning produces, so the tuning
-cache usually answers for it at no cost; the packed layer is tuned in a scratch database.
-``lowering.LAYOUTS`` holds the choice the pipeline builds with.
+Each layer is lowered by the pipeline itself, so its conv task is the very workload the
+model gets in that layout: the tuning cache often answers for the layout the model was tuned
+in at no cost, and what the search tunes is tuned for the model too (in a scratch database
+seeded from the cache; the cache is not written). ``lowering.DEFAULT_CPU_FP32_LAYOUT`` is
+the choice the pipeline builds with; a spec's ``layout`` or ``doit ... layout=`` overrides it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LAYOUTS = ("NHWC", "NCHW16c")
+from .spec import CPU_FP32_LAYOUTS
+
+LAYOUTS = CPU_FP32_LAYOUTS
 BLOCK = 16
 
 
@@ -73,41 +77,27 @@ def conv_shapes(mod) -> list[ConvShape]:
 
 
 def layer_module(shape: ConvShape, layout: str, target):
-    """conv + bias + ReLU in ``layout``, lowered and fused the way the pipeline does."""
+    """conv + bias + ReLU as the model holds it (NCHW), lowered by the pipeline in ``layout``:
+    the conv task is the very workload the model gets in that layout."""
     import numpy as np
-    from tvm import relax, topi, transform
+    from tvm import relax
     from tvm.relax import op
+
+    from .lowering import lower_for_target
 
     rng = np.random.default_rng(0)
     c, k, n, kk = shape.in_channels, shape.out_channels, shape.size, shape.kernel
+    weight = rng.standard_normal((k, c, kk, kk)).astype("float32")
+    bias = rng.standard_normal((1, k, 1, 1)).astype("float32")
     bb = relax.BlockBuilder()
-    if layout == "NHWC":
-        x = relax.Var("x", relax.TensorType((1, n, n, c), "float32"))
-        weight = rng.standard_normal((kk, kk, c, k)).astype("float32")
-        bias_shape = (1, 1, 1, k)
-    else:
-        x = relax.Var("x", relax.TensorType((1, c // BLOCK, n, n, BLOCK), "float32"))
-        weight = rng.standard_normal((k // BLOCK, c // BLOCK, kk, kk, BLOCK, BLOCK)
-                                     ).astype("float32")
-        bias_shape = (1, k // BLOCK, 1, 1, BLOCK)
-    bias = relax.const(rng.standard_normal(bias_shape).astype("float32"))
-    with target, bb.function("main", [x]):
+    x = relax.Var("x", relax.TensorType((1, c, n, n), "float32"))
+    with bb.function("main", [x]):
         with bb.dataflow():
-            strides, pad = [shape.stride] * 2, [shape.pad] * 4
-            if layout == "NHWC":
-                y = bb.emit(op.nn.conv2d(x, relax.const(weight), strides, pad,
-                                         data_layout="NHWC", kernel_layout="HWIO"))
-            else:  # topi's packed fp32 conv must be built inside ``with target`` (FACTS.md)
-                y = bb.emit_te(topi.nn.conv2d_NCHWc, x, relax.const(weight), strides, pad,
-                               [1, 1], "NCHW16c", "NCHW16c", "float32")
-            out = bb.emit_output(bb.emit(op.nn.relu(bb.emit(op.add(y, bias)))))
+            y = bb.emit(op.nn.conv2d(x, relax.const(weight), [shape.stride] * 2,
+                                     [shape.pad] * 4))
+            out = bb.emit_output(bb.emit(op.nn.relu(bb.emit(op.add(y, relax.const(bias))))))
         bb.emit_func_output(out)
-    seq = transform.Sequential([
-        relax.transform.LegalizeOps(), relax.transform.FoldConstant(),
-        relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-        relax.transform.FuseTIR()])
-    with target:
-        return seq(bb.get())
+    return lower_for_target(bb.get(), target, "float32", layout)
 
 
 def search(mod, target, seed_dbs: list[Path], trials: int, top: int, out_json: Path,
@@ -136,7 +126,8 @@ def search(mod, target, seed_dbs: list[Path], trials: int, top: int, out_json: P
                 progress(f"layout search {i}/{len(shapes)}: {shape.label} x{shape.count}, "
                          f"{layout}")
                 plans = tune_module(layer_module(shape, layout, target), target, scratch,
-                                    budget, progress=lambda s: None)
+                                    budget, progress=lambda s: None,
+                                    select=lambda p: "conv2d" in p.name)
                 conv = max(plans, key=lambda p: p.flops)
                 row[layout] = {"best_us": conv.best_us, "records": conv.records,
                                "gflops": shape.flops / conv.best_us / 1e3

@@ -2,21 +2,24 @@
 
 Tuning and compilation must see the very same fused kernels, or tuning records (matched
 by workload structural hash) would not apply; so both call :func:`lower_for_target`.
-Target-specific choices sit in one table, :data:`LAYOUTS`.
+Target-specific layout choices sit at the top: :data:`CPU_FP32_LAYOUTS`.
 """
 
 from __future__ import annotations
 
 import logging
 
+from .spec import CPU_FP32_LAYOUTS
+
 log = logging.getLogger(__name__)
 
-# Phase 2 layout choices, per (target kind, compute dtype). Measured on this machine class
-# (FACTS.md): plain NCHW fp32 convolutions run at about half the speed of NHWC/HWIO, which
-# the stock legalization handles. GPU targets keep NCHW: DLight schedules them as they are.
-LAYOUTS: dict[tuple[str, str], dict[str, list[str]]] = {
-    ("llvm", "float32"): {"relax.nn.conv2d": ["NHWC", "HWIO"]},
-}
+# Phase 2: the layout of fp32 convolutions on x86 CPUs. Plain NCHW runs at about half the
+# speed of the other two (FACTS.md). "NHWC" (channels-last, weights HWIO) legalizes with the
+# stock rules; "NCHW16c" (blocked, onnxruntime's fp32 layout) goes through PackFloat32NCHWc.
+# Which is faster is measured per model by scripts/layout_search.py (README, Benchmarks);
+# a spec's `layout` or `doit ... layout=` overrides the default. GPU targets keep NCHW:
+# DLight schedules it as it is. int8 on a VNNI CPU is always packed (PackInt8ForVNNI).
+DEFAULT_CPU_FP32_LAYOUT = "NHWC"  # one of CPU_FP32_LAYOUTS
 
 
 def graph_cleanup():
@@ -35,22 +38,35 @@ def graph_cleanup():
     ], name="graph_cleanup")
 
 
-def lower_for_target(mod, target, compute_dtype: str = "float32"):
-    """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels."""
+def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = ""):
+    """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels.
+
+    ``layout`` picks the fp32 conv layout on CPUs (one of :data:`CPU_FP32_LAYOUTS`; empty:
+    :data:`DEFAULT_CPU_FP32_LAYOUT`); other targets and int8 ignore it.
+    """
     from tvm import relax, transform
     from tvm.target import codegen
 
     from .passes.pack_int8_vnni import PackInt8ForVNNI
+    from .passes.pack_nchwc import PackFloat32NCHWc
 
-    layout = LAYOUTS.get((target.kind.name, compute_dtype))
+    on_cpu = target.kind.name == "llvm"
+    if layout and layout not in CPU_FP32_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
+    layout_pass = transform.Sequential([])
+    if on_cpu and compute_dtype == "float32":
+        if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
+            layout_pass = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
+        else:
+            layout_pass = PackFloat32NCHWc()
     # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
     # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
-    pack_vnni = (compute_dtype == "int8" and target.kind.name == "llvm"
-                 and codegen.target_has_features("avx512vnni", target))
+    elif (on_cpu and compute_dtype == "int8"
+          and codegen.target_has_features("avx512vnni", target)):
+        layout_pass = PackInt8ForVNNI()
     seq = transform.Sequential([
         # Phase 2: layout (converted once at the network's edges, weights folded at compile time)
-        PackInt8ForVNNI() if pack_vnni else transform.Sequential([]),
-        relax.transform.ConvertLayout(layout) if layout else transform.Sequential([]),
+        layout_pass,
         # Phase 3: legalize to TIR, fold the weight transforms, fuse into kernels
         relax.transform.LegalizeOps(),
         relax.transform.FoldConstant(),

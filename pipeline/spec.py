@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 QUANT_TYPES = ("uint8", "int8")
+CPU_FP32_LAYOUTS = ("NHWC", "NCHW16c")  # the choices of pipeline.lowering
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -47,6 +48,7 @@ class VariantSpec:
     activation_type: str = "uint8"  # u8 x s8 is what VNNI multiplies
     weight_type: str = "int8"
     per_channel: bool = True
+    layout: str = ""  # fp32 convs on CPUs: "NHWC" or "NCHW16c"; empty: the pipeline's default
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,9 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
                         variant.weight_type not in QUANT_TYPES):
             problems.append(f"variants.{vname}: activation_type/weight_type must be one of "
                             f"{', '.join(QUANT_TYPES)}")
+        if variant and variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
+            problems.append(f"variants.{vname}.layout: {variant.layout!r} not one of "
+                            f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")
         if variant:
             variants[vname] = variant
     tuning = _typed(TuningSpec, data.get("tuning", {}), "tuning", problems)

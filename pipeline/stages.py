@@ -83,7 +83,8 @@ def tune(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path,
 def compile_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
     from . import build as stage
 
-    config = stage.CompileConfig(target=cfg["target"]["name"], integer=cfg["integer"])
+    config = stage.CompileConfig(target=cfg["target"]["name"], integer=cfg["integer"],
+                                 layout=cfg.get("layout", ""))
     run_stage(root, "compile", cfg, upstream, stable,
               lambda out: stage.run(upstream["module"], upstream["database"].parent,
                                     config, out))

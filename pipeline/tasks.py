@@ -15,7 +15,7 @@ from doit.tools import config_changed
 from . import stages
 from .errors import ConfigError
 from .hashing import tool_versions
-from .spec import ModelSpec, VariantSpec, load_specs
+from .spec import CPU_FP32_LAYOUTS, ModelSpec, VariantSpec, load_specs
 from .store import intact
 from .targets import TargetSpec, target_config, target_key
 
@@ -32,6 +32,7 @@ class Options:
     trials: int | None = None  # overrides the spec's trials_per_task
     tune_minutes: float | None = None  # overrides the spec's wall_seconds
     rpc: str = ""  # host:port:device_key of a TVM RPC tracker for measurement
+    layout: str = ""  # overrides the spec's fp32 conv layout on CPUs (NHWC | NCHW16c)
     threads: int | None = None  # bench threads (default: every core of this machine)
     warmup: int = 5
     repeat: int = 30
@@ -47,6 +48,8 @@ class Options:
             problems.append(f"tune={self.tune}: use one of {', '.join(TUNE_MODES)}")
         if self.trials is not None and self.trials < 1:
             problems.append(f"trials={self.trials}: must be >= 1")
+        if self.layout and self.layout not in CPU_FP32_LAYOUTS:
+            problems.append(f"layout={self.layout}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
         if self.rpc and len(self.rpc.split(":")) != 3:
             problems.append(f"rpc={self.rpc}: use host:port:device_key")
         if problems:
@@ -174,6 +177,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                                   stages.quantize, cfg, upstream, p.quantize, "model.onnx")
         model = p.quantize / "model.onnx"
     integer = variant.quantize
+    # in the tune and compile recipes both: they must lower identically
+    layout = options.layout or variant.layout
     tasks["import"] = _task(project, name, f"Relax IRModule of {name}", stages.import_,
                             {"inputs": _inputs(spec), "integer": integer},
                             {"model": model}, p.import_, "module.json")
@@ -181,7 +186,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     key = target_key(target)
     seed_logs = project.tuning_logs / key
     budget = spec.tuning
-    tune_cfg = {"target": tcfg, "integer": integer, "mode": options.tune,
+    tune_cfg = {"target": tcfg, "integer": integer, "layout": layout, "mode": options.tune,
                 "trials_per_task": options.trials or budget.trials_per_task,
                 "max_trials": budget.max_trials,
                 "wall_seconds": (options.tune_minutes * 60 if options.tune_minutes is not None
@@ -195,7 +200,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                           "database_tuning_record.json",
                           extra_args=(seed_logs, project.artifacts / "tuning_cache" / key))
     tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}", stages.compile_,
-                             {"target": tcfg, "integer": integer},
+                             {"target": tcfg, "integer": integer, "layout": layout},
                              {"module": module,
                               "database": p.tune / "database_tuning_record.json",
                               "workloads": p.tune / "database_workload.json"},

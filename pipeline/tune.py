@@ -204,7 +204,7 @@ def _workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
 
 
 def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
-                progress=print) -> list[TaskPlan]:
+                progress=print, select=None) -> list[TaskPlan]:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
 
     Records are appended to the database as they are measured, so a killed run keeps what
@@ -226,6 +226,8 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
         Where candidates are measured (see :func:`make_runner`); default ``LocalRunner``.
     progress : callable
         Receives one human-readable line per event.
+    select : callable, optional
+        ``select(plan) -> bool``: tune only the tasks it accepts (default: all).
 
     Returns
     -------
@@ -251,7 +253,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
             return budget.trials_per_task if p.records == 0 else 0
         return max(0, budget.trials_per_task - p.records)
 
-    todo = [p for p in plans if wanted(p) > 0]
+    todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))]
     progress(f"tune: {len(plans)} tasks, {len(plans) - len(todo)} already tuned in the cache, "
              f"{len(todo)} to tune (mode={budget.mode}, {budget.trials_per_task} trials/task, "
              f"cap {budget.max_trials} trials / {budget.wall_seconds:.0f} s)")
@@ -377,7 +379,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
     spec = get_target(cfg["target"]["name"])
     target = tvm_target(spec)
     mod = lower_for_target(load_module(module_json), target,
-                           "int8" if cfg["integer"] else "float32")
+                           "int8" if cfg["integer"] else "float32", cfg.get("layout", ""))
     budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
                         wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
     can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()

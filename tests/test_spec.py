@@ -22,13 +22,15 @@ def test_all_problems_reported_together():
     bad = {"name": "m", "bogus": 1, "source": {"path": "a.onnx", "generator": "g"},
            "inputs": [{"name": "x", "shape": [1, -3], "dtype": "float64"}],
            "calibration": {"method": "magic", "samples": 0},
-           "variants": {"int8": {"activation_type": "int4", "colour": "red"}}}
+           "variants": {"int8": {"activation_type": "int4", "colour": "red"},
+                        "fp32": {"layout": "NC4HW"}}}
     with pytest.raises(ConfigError) as e:
         parse_spec(bad, "m.toml")
     msg = str(e.value)
     for needle in ("unknown key 'bogus'", "exactly one of 'generator'", "positive ints",
                    "'float64' not one of", "'magic' not one of", "samples: must be >= 1",
-                   "activation_type/weight_type", "unknown key 'colour'", "m.toml"):
+                   "activation_type/weight_type", "unknown key 'colour'",
+                   "variants.fp32.layout: 'NC4HW' not one of NHWC, NCHW16c", "m.toml"):
         assert needle in msg, needle
 
 

@@ -72,9 +72,10 @@ def test_gpu_target_tasks_are_named_per_target(tmp_path):
 
 def test_bad_options_all_reported():
     with pytest.raises(ConfigError) as e:
-        Options(target="tpu", tune="always", trials=0, rpc="nohost").validate()
+        Options(target="tpu", tune="always", trials=0, rpc="nohost", layout="NCHW").validate()
     msg = str(e.value)
-    for needle in ("target=tpu", "tune=always", "trials=0", "rpc=nohost"):
+    for needle in ("target=tpu", "tune=always", "trials=0", "rpc=nohost",
+                   "layout=NCHW: use one of NHWC, NCHW16c"):
         assert needle in msg
     with pytest.raises(ConfigError, match="known targets: cpu, rtx4090, h100"):
         get_target("tpu")
