@@ -22,10 +22,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .passes.pack_nchwc import OC_BLOCK
 from .spec import CPU_FP32_LAYOUTS
 
 LAYOUTS = CPU_FP32_LAYOUTS
-BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def search(mod, target, seed_dbs: list[Path], trials: int, top: int, out_json: P
 
     intrinsics.register()
     shapes = [s for s in conv_shapes(mod)
-              if s.in_channels % BLOCK == 0 and s.out_channels % BLOCK == 0][:top]
+              if s.in_channels % OC_BLOCK == 0 and s.out_channels % OC_BLOCK == 0][:top]
     budget = TuneBudget(trials_per_task=trials, max_trials=10 * trials * top,
                         wall_seconds=math.inf, mode="extend")
     rows = []

@@ -270,8 +270,6 @@ def _float_conv_te(data, kernel, strides, padding, dilation):
 class Float32NCHWc(ConvPacking):
     """fp32 convs (16k output channels, groups=1) as ``topi.nn.conv2d_NCHWc``."""
 
-    kernel_name = "conv2d_NCHWc"
-
     def accepts(self, bindings: Bindings, call) -> bool:
         out_dtype = call.attrs.out_dtype  # None: the input's dtype
         weight = bindings.const(call.args[1])
