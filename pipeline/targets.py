@@ -105,8 +105,12 @@ def target_config(spec: TargetSpec) -> dict:
     """Plain-data description of the target, part of every target-dependent recipe."""
     if spec.kind == "llvm":
         # The CPU model stands in for LLVM's detected mcpu, which would need TVM to read.
+        # Family and model numbers too: some model names ("AMD EPYC") cover Zen 4 and Zen 5,
+        # which LLVM compiles for differently (and tuned kernels are checked per CPU).
+        info = _cpuinfo()
         return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
-                "cpu_model": _cpuinfo().get("model name", platform.processor()),
+                "cpu_model": info.get("model name", platform.processor()),
+                "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
                 "num_cores": num_threads()}
     # Whether this machine can run the artifact is part of the recipe of what runs it: a
     # "not run: no CUDA device" result must not be reused on a machine with a GPU.

@@ -327,31 +327,41 @@ def estimated_latency_us(plans: list[TaskPlan]) -> float:
     return sum(p.weight * p.best_us for p in plans)
 
 
-def _copy_best_records(cache_db, plans: list[TaskPlan], out_dir: Path) -> None:
-    """Write the best record of each of this model's workloads into a fresh database.
+def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
+                     verify: bool) -> list:
+    """Write one record per workload of this model into a fresh database in ``out_dir``.
 
-    The stage output holds only what compile needs, in task order, so equal inputs give
-    equal bytes (the cache itself keeps every record for later tuning).
+    With ``verify`` (a CPU target built on this host) it is the fastest record whose kernel
+    computes what the naive kernel computes (:mod:`pipeline.kernel_check`); otherwise the
+    fastest. The stage output holds only what compile needs, in task order, so equal inputs
+    give equal bytes (the cache itself keeps every record for later tuning). Returns the
+    kernel verdicts (empty without ``verify``).
     """
     from tvm.s_tir import meta_schedule as ms
 
+    from . import kernel_check
+
+    candidates = {p.name: (p.task.dispatched[0], kernel_check.valid_records(
+        cache_db, p.task.dispatched[0], kernel_check.MAX_CANDIDATES if verify else 1))
+        for p in plans}
+    verdicts = []
+    if verify:
+        chosen, verdicts = kernel_check.check_records(
+            candidates, target, progress=lambda s: print(s, flush=True))
+    else:
+        chosen = {n: recs[0] for n, (_, recs) in candidates.items() if recs}
     out_db = ms.database.JSONDatabase(work_dir=str(out_dir))
-    for plan in sorted(plans, key=lambda p: p.name):
-        mod = plan.task.dispatched[0]
-        if not cache_db.has_workload(mod):
-            continue
-        best = [r for r in cache_db.get_top_k(cache_db.commit_workload(mod), 1)
-                if r.run_secs and max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
-        if best:
-            r = best[0]
-            # Commit the workload the record was tuned on, not the task's module: they are
-            # structurally equal, but a trace finds blocks by name, and some block names
-            # (a reduction's "lv224_red") follow the importer's variable numbering.
-            out_db.commit_tuning_record(ms.database.TuningRecord(
-                r.trace, out_db.commit_workload(r.workload.mod), r.run_secs, r.target,
-                r.args_info))
+    for name in sorted(chosen):
+        r = chosen[name]
+        # Commit the workload the record was tuned on, not the task's module: they are
+        # structurally equal, but a trace finds blocks by name, and some block names
+        # (a reduction's "lv224_red") follow the importer's variable numbering.
+        out_db.commit_tuning_record(ms.database.TuningRecord(
+            r.trace, out_db.commit_workload(r.workload.mod), r.run_secs, r.target,
+            r.args_info))
     for name in ("database_workload.json", "database_tuning_record.json"):
         (out_dir / name).touch()  # present even when nothing is tuned: compile's file_dep
+    return verdicts
 
 
 def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
@@ -383,6 +393,9 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
     budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
                         wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
     can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
+    # Kernels are checked where they can run: a CPU target is this host (unless an RPC
+    # tracker measures on another machine, whose CPU may differ).
+    verify = not spec.is_gpu and not cfg["rpc"]
     if budget.mode == "off" or not can_measure:
         if budget.mode != "off":
             print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
@@ -394,7 +407,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
             plans = plan_tasks(mod, target)
             for p in plans:
                 p.records, p.best_us = _workload_stats(database, p)
-            _copy_best_records(database, plans, out_dir)
+            verdicts = _publish_records(database, plans, out_dir, target, verify)
     else:
         # One tuner per cache at a time: the database is appended to line by line, and
         # merging rewrites it; a second artifact's tuning waits here.
@@ -404,16 +417,34 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
             plans = tune_module(mod, target, cache_dir, budget,
                                 runner=make_runner(_rpc(cfg["rpc"])),
                                 progress=lambda s: print(s, flush=True))
-            _copy_best_records(ms.database.JSONDatabase(work_dir=str(cache_dir)), plans,
-                               out_dir)
+            verdicts = _publish_records(ms.database.JSONDatabase(work_dir=str(cache_dir)),
+                                        plans, out_dir, target, verify)
+    verdict = {v.name: v for v in verdicts}
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
-                   "records": p.records, "best_us": p.best_us} for p in plans],
-        "untuned": sorted(p.name for p in plans if p.best_us is None),
+                   "records": p.records, "best_us": p.best_us,
+                   **_verdict_fields(verdict.get(p.name), p)} for p in plans],
+        "kernels_checked": bool(verify),
+        "wrong_records_skipped": sum(len(v.rejected) for v in verdicts),
+        "untuned": sorted(p.name for p in plans if p.best_us is None or (
+            p.name in verdict and not verdict[p.name].ok)),
         "estimated_latency_us": estimated_latency_us(plans),
     }
+    if verify:
+        wrong = [v for v in verdicts if v.rejected]
+        print(f"tune: checked the published kernel of {len(plans) - len(summary['untuned'])} "
+              f"workloads against the naive kernel: "
+              + (f"{summary['wrong_records_skipped']} wrong record(s) skipped in "
+                 f"{', '.join(v.name for v in wrong)}" if wrong else "all agree"), flush=True)
     (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"tasks": len(plans), "untuned": len(summary["untuned"])}
+
+
+def _verdict_fields(verdict, plan: TaskPlan) -> dict:
+    """tune_report.json fields of one task's kernel check (none when not checked)."""
+    if verdict is None or plan.records == 0:
+        return {}
+    return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
 
 
 def _merge_logs(sources: list[Path], dest: Path) -> None:
