@@ -193,7 +193,7 @@ def test_best_records_are_published_with_the_workload_they_were_tuned_on(tmp_pat
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tune import TaskPlan, _copy_best_records
+    from pipeline.tune import TaskPlan, _publish_records
 
     def matmul_named(block: str):
         a = te.placeholder((16, 16), name="a")
@@ -209,9 +209,11 @@ def test_best_records_are_published_with_the_workload_they_were_tuned_on(tmp_pat
     plan = TaskPlan("matmul", SimpleNamespace(dispatched=[renamed]), 1, 1.0)
     out = tmp_path / "out"
     out.mkdir()
-    _copy_best_records(db, [plan], out)
+    verdicts = _publish_records(db, [plan], out, target(), verify=True)
     loaded = ms.database.JSONDatabase(work_dir=str(out), allow_missing=False)
     assert len(loaded) == 1
+    # and checked: the record, replayed on the block it was tuned on, computes the matmul
+    assert [v.chosen_rank for v in verdicts] == [0]
 
 
 def test_recalibration_keeps_every_workload(tmp_path):
