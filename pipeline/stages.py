@@ -150,6 +150,8 @@ def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spe
     result = run_stage(root, "validate", cfg, upstream, stable,
                        lambda out: stage.run(art, cfg["gates"], out, check=False))
     report = json.loads((result.path / "validation.json").read_text(encoding="utf-8"))
+    # (the stage itself ran in a temp dir: the report's lasting address is the stable one)
+    print(f"validate: report {stable / 'validation.md'}", flush=True)
     failures = stage.failure_lines(report)
     if failures:
         raise ValidationFailed("validation failed (report: "

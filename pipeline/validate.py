@@ -593,7 +593,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     result["pass"] = passed
     _write(out_dir, result, [result], title)
     print(f"validate: {art.name} on {art.target}: {result['status'].upper()} "
-          f"({result['inputs_desc']}; report {out_dir / 'validation.md'})", flush=True)
+          f"({result['inputs_desc']})", flush=True)
     if not passed and check:
         error = ValidationFailed(
             f"validation failed for {art.name} on {art.target}:\n  - "
