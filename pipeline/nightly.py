@@ -719,7 +719,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
         ``artifacts/reports/nightly/nightly.json``.
     """
     from .bench import chart as latency_chart
-    from .targets import host_cpu_class
+    from .targets import host_machine_class
     from .tasks import Project
 
     options = options or NightlyOptions()
@@ -731,7 +731,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
     baseline = load_baseline(baseline_path)
     threshold = options.threshold or float(baseline.get("threshold", DEFAULT_THRESHOLD))
     drop = options.sqnr_drop_db or float(baseline.get("sqnr_drop_db", DEFAULT_SQNR_DROP_DB))
-    machine_class = host_cpu_class()
+    machine_class = host_machine_class()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     commit = _git_commit(root)
     chosen, skipped = buildable_targets(targets or ())

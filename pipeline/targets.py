@@ -87,6 +87,27 @@ def host_cpu_class() -> str:
     return "-".join(parts)
 
 
+def cpu_identity() -> str:
+    """The host CPU's model name with its family/model numbers, e.g. ``AMD EPYC 26/2``.
+
+    Some model names cover several generations ("AMD EPYC": Zen 4 is family 25, Zen 5 26),
+    which LLVM compiles for differently and onnxruntime runs at different speeds.
+    """
+    info = _cpuinfo()
+    name = info.get("model name", platform.processor()) or "unknown CPU"
+    return f"{name} {info.get('cpu family', '?')}/{info.get('model', '?')}"
+
+
+def host_machine_class() -> str:
+    """The machine a latency baseline is kept for: ISA class and CPU identity.
+
+    Finer than the tuning-log key on purpose: the same logs gave ResNet-50 fp32 1.5x
+    onnxruntime's latency on a Zen 4 host and 2.0x on a Zen 5 host (whose full-width AVX-512
+    onnxruntime uses better), so one baseline for both would flag or hide regressions.
+    """
+    return f"{host_cpu_class()} {cpu_identity()}"
+
+
 def host_has_vnni() -> bool:
     return "avx512_vnni" in _cpu_flags()
 
@@ -105,13 +126,9 @@ def target_config(spec: TargetSpec) -> dict:
     """Plain-data description of the target, part of every target-dependent recipe."""
     if spec.kind == "llvm":
         # The CPU model stands in for LLVM's detected mcpu, which would need TVM to read.
-        # Family and model numbers too: some model names ("AMD EPYC") cover Zen 4 and Zen 5,
-        # which LLVM compiles for differently (and tuned kernels are checked per CPU).
-        info = _cpuinfo()
+        # With family/model numbers (cpu_identity): tuned kernels are checked per CPU.
         return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
-                "cpu_model": info.get("model name", platform.processor()),
-                "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-                "num_cores": num_threads()}
+                "cpu": cpu_identity(), "num_cores": num_threads()}
     # Whether this machine can run the artifact is part of the recipe of what runs it: a
     # "not run: no CUDA device" result must not be reused on a machine with a GPU.
     return {"name": spec.name, "kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS,

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from models import make_project, tiny_convnet
 from pipeline import nightly
 from pipeline.errors import ConfigError
-from pipeline.targets import host_cpu_class
+from pipeline.targets import host_machine_class
 
 PNG = b"\x89PNG\r\n\x1a\n"
 WORKFLOW = REPO / ".github" / "workflows" / "nightly.yml"
@@ -234,7 +234,7 @@ def test_first_run_builds_validates_benches_and_records_the_baseline(built):
         assert gpu["bench_status"] == "not run: no CUDA device"
     baseline = nightly.load_baseline(project / nightly.BASELINE_FILE)
     assert {(e["artifact"], e["target"], e["machine_class"]) for e in baseline["entries"]} == \
-        {("tiny_fp32", "cpu", host_cpu_class()), ("tiny_int8", "cpu", host_cpu_class())}
+        {("tiny_fp32", "cpu", host_machine_class()), ("tiny_int8", "cpu", host_machine_class())}
     entry = baseline["entries"][1]
     assert {"cpp_median_ms", "cpp_p90_ms", "onnxruntime_median_ms"} <= set(entry["latency"])
     assert entry["validation"]["tvm_int8_vs_ort_fp32"]["sqnr_db"] > 20
