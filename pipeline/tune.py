@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tuning_log
 from .errors import ConfigError, StageFailed, collect
 from .tuning_log import FAILED_RUN_SECS
 
@@ -242,7 +243,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
     from tvm.s_tir import meta_schedule as ms
 
     db_dir.mkdir(parents=True, exist_ok=True)
-    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    database = tuning_log.open_database(db_dir)
     plans = plan_tasks(mod, target)
     for p in plans:
         p.records, p.best_us = _workload_stats(database, p)
@@ -289,7 +290,8 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
             progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of model), "
                      f"{n} trials, {budget.wall_seconds - elapsed:.0f} s left")
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [p.task], work_dir=str(db_dir / "logs"), seed=seed)
+                [_on_stored_workload(database, p.task)], work_dir=str(db_dir / "logs"),
+                seed=seed)
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
                 max_trials_global=n, max_trials_per_task=n, num_trials_per_iter=min(64, n),
@@ -318,6 +320,25 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
                  + ", ".join(failed))
         raise TuningFailed(failed, plans, db_dir)
     return plans
+
+
+def _on_stored_workload(database, task):
+    """``task``, to be tuned on the module the database already holds for its workload.
+
+    MetaSchedule files a new record under the stored workload that is structurally equal to
+    the task's module, but builds the record's trace on the task's module. Block names that
+    follow the importer's variable numbering ("lv224_red" here, "lv330_red" in the stored
+    module) then differ, the trace cannot be replayed on the stored workload, and
+    JSONDatabase refuses to open the whole database (seen: 56 such records after a 27-minute
+    run). Tuning the stored module keeps every trace replayable.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = task.dispatched[0]
+    if not database.has_workload(mod):
+        return task
+    stored = database.commit_workload(mod).mod
+    return ms.ExtractedTask(task.task_name, task.mod, task.target, [stored], task.weight)
 
 
 def estimated_latency_us(plans: list[TaskPlan]) -> float:
@@ -375,8 +396,6 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
     """
     import tempfile
 
-    from tvm.s_tir import meta_schedule as ms
-
     from . import intrinsics
     from .build import load_module
     from .lowering import lower_for_target
@@ -403,7 +422,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             db_dir = Path(scratch) / "db"
             _merge_logs([seed_logs, cache_dir], db_dir)
-            database = ms.database.JSONDatabase(work_dir=str(db_dir))
+            database = tuning_log.open_database(db_dir)
             plans = plan_tasks(mod, target)
             for p in plans:
                 p.records, p.best_us = _workload_stats(database, p)
@@ -417,8 +436,8 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
             plans = tune_module(mod, target, cache_dir, budget,
                                 runner=make_runner(_rpc(cfg["rpc"])),
                                 progress=lambda s: print(s, flush=True))
-            verdicts = _publish_records(ms.database.JSONDatabase(work_dir=str(cache_dir)),
-                                        plans, out_dir, target, verify)
+            verdicts = _publish_records(tuning_log.open_database(cache_dir), plans, out_dir,
+                                        target, verify)
     verdict = {v.name: v for v in verdicts}
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,

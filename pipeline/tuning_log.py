@@ -250,6 +250,18 @@ def _why(e: ValueError) -> str:
     return f"bad JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
 
 
+def _target_class(target_json: str) -> str:
+    """A record's target without ``mcpu``: CPU logs are shared per ISA class on purpose, so
+    records measured on Zen 4 and Zen 5 (``znver4``/``znver5``) belong together."""
+    try:
+        target = json.loads(target_json)
+    except ValueError:
+        return target_json
+    if isinstance(target, dict):
+        target.pop("mcpu", None)
+    return _canonical(target)
+
+
 def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> MergeReport:
     """Merge MetaSchedule JSON databases into one, re-indexed, deduplicated and sorted.
 
@@ -298,7 +310,7 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
         for r in contents.records:
             report.records_in += 1
             if r.target is not None:
-                targets.add(r.target)
+                targets.add(_target_class(r.target))
             k = (by_index[r.workload_index].key, r.trace_key)
             if k in best:
                 report.duplicates_dropped += 1
@@ -329,6 +341,62 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
              report.workloads, report.records_in, report.records_out,
              report.duplicates_dropped, report.dropped_by_top_k, len(report.skipped))
     return report
+
+
+def open_database(db_dir: Path | str):
+    """``ms.database.JSONDatabase`` on ``db_dir``, after dropping records it cannot replay.
+
+    TVM opens a database by replaying every record's trace on its workload, and one record
+    that does not replay (a trace built on a block name the stored workload spells
+    otherwise) makes the whole database fail to open with only "parallel_for_dynamic
+    error". So when opening fails, each record is replayed on its own, the ones that fail
+    are dropped (named, ``file:line``, in the log) and the rest is opened.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import intrinsics
+
+    intrinsics.register()  # records of tensorized schedules name the project's intrinsic
+    try:
+        return ms.database.JSONDatabase(work_dir=str(db_dir))
+    except Exception:  # noqa: BLE001 -- TVM gives no detail worth keeping here
+        dropped = drop_unreplayable(db_dir)
+        log.warning("%s: dropped %d record(s) whose trace does not replay: %s", db_dir,
+                    len(dropped), "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+        return ms.database.JSONDatabase(work_dir=str(db_dir))
+
+
+def drop_unreplayable(db_dir: Path | str) -> list[str]:
+    """Rewrite ``db_dir`` without the records whose trace fails on their workload.
+
+    Returns one ``"<path>:<line>: <why>"`` per dropped record (lines already unreadable are
+    dropped too, as :func:`load` skips them). Replaying ~2000 ResNet-50 records takes
+    seconds.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import intrinsics
+
+    intrinsics.register()  # or every VNNI record would "fail" and be dropped
+    contents = load(db_dir)
+    by_index = contents._by_index()
+    workloads: dict[int, object] = {}
+    kept, dropped = [], list(contents.warnings)
+    for r in contents.records:
+        w = by_index[r.workload_index]
+        try:
+            if w.index not in workloads:
+                workloads[w.index] = ms.database.Workload.from_json([w.shash, w.mod_b64])
+            ms.database.TuningRecord.from_json(json.loads(r.body), workloads[w.index])
+        except Exception as e:  # noqa: BLE001 -- any failure means TVM cannot load it
+            dropped.append(f"{r.where}: {type(e).__name__}")
+            continue
+        kept.append(r)
+    indices = sorted(by_index)
+    new_index = {old: new for new, old in enumerate(indices)}
+    _publish(Path(db_dir), [by_index[i].line() for i in indices],
+             [r.line(new_index[r.workload_index]) for r in kept])
+    return dropped
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

@@ -289,3 +289,22 @@ def test_ranking_without_any_record_keeps_the_flop_estimate():
                                                                          share=0.25)]
     tune.rank_by_measured_share(plans)
     assert [(p.name, p.share) for p in plans] == [("a", 0.75), ("b", 0.25)]
+
+
+def test_a_task_is_tuned_on_the_module_the_database_stores(tmp_path):
+    """New records must replay on the stored workload: a task whose block names differ
+    from the stored workload's (same structure) is tuned on the stored module."""
+    from test_tuning_log import _matmul_with_block, make_db
+
+    from pipeline.tune import _on_stored_workload
+
+    cache = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])  # tuned on block "C"
+    db = ms.database.JSONDatabase(work_dir=str(cache))
+    renamed = _matmul_with_block(16, "D")
+    task = ms.ExtractedTask("matmul", renamed, target(), [renamed], 1)
+    tuned_on = _on_stored_workload(db, task).dispatched[0]
+    assert db.has_workload(tuned_on) and not tuned_on.same_as(renamed)
+    assert "sblock(\"C\")" in tuned_on.script() and "sblock(\"D\")" not in tuned_on.script()
+    fresh = _matmul_with_block(8, "D")  # not in the database: tuned as extracted
+    assert _on_stored_workload(db, ms.ExtractedTask("m8", fresh, target(), [fresh], 1)) \
+        .dispatched[0].same_as(fresh)

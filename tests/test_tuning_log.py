@@ -229,3 +229,33 @@ def test_committed_form_is_gzipped_reproducible_and_readable(tmp_path):
     # a gzipped log seeds a plain database TVM can query: the best record survives
     tuning_log.merge([tmp_path / "logs1"], tmp_path / "plain")
     assert best_in_tvm(tmp_path / "plain", 16) == [2e-6]
+
+
+def _matmul_with_block(n: int, block: str):
+    a = te.placeholder((n, n), name="a")
+    b = te.placeholder((n, n), name="b")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name=block)
+    return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+
+def test_a_record_that_does_not_replay_is_dropped_and_the_rest_opens(tmp_path, caplog):
+    """A trace built on block "D" filed under the structurally equal workload whose block
+    is "C" (what MetaSchedule did when a task's block names differed from the stored
+    workload's): TVM cannot open the database at all; open_database drops that record."""
+    db_dir = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])
+    db = ms.database.JSONDatabase(work_dir=str(db_dir))
+    renamed = _matmul_with_block(16, "D")
+    sch = s_tir.Schedule(renamed)
+    i, _, _ = sch.get_loops(sch.get_sblock("D"))
+    sch.split(i, [2, 8])
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, db.commit_workload(renamed), [1e-6], tvm.target.Target(TARGET),
+        ms.arg_info.ArgInfo.from_prim_func(renamed["main"])))
+    with pytest.raises(RuntimeError, match="parallel_for"):  # all TVM says
+        ms.database.JSONDatabase(work_dir=str(db_dir))
+
+    reopened = tuning_log.open_database(db_dir)
+    assert len(reopened) == 1
+    assert best_in_tvm(db_dir, 16) == [2e-6]  # the good record survived, on disk too
+    assert f"{db_dir / tuning_log.RECORD_FILE}:2: ScheduleError" in caplog.text
