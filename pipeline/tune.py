@@ -21,7 +21,6 @@ from pathlib import Path
 
 from . import tuning_log
 from .errors import ConfigError, StageFailed, collect
-from .tuning_log import FAILED_RUN_SECS
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +190,9 @@ def rank_by_measured_share(plans: list[TaskPlan]) -> list[TaskPlan]:
 
 def _workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
     """(valid records, best latency in us) of a task's workload in ``database``."""
-    mod = plan.task.dispatched[0]
-    if not database.has_workload(mod):
-        return 0, None
-    workload = database.commit_workload(mod)
-    records = database.get_top_k(workload, 100000)
-    valid = [r for r in records if r.run_secs and
-             max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
+    from .kernel_check import valid_records
+
+    valid = valid_records(database, plan.task.dispatched[0], limit=100000)
     if not valid:
         return 0, None
     best = min(sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in valid)
