@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tuning_log import FAILED_RUN_SECS
-
 # Floats: |tuned - reference| <= FLOAT_TOL * max(1, max |reference|). Reordered fp32 sums of
 # a few thousand terms differ by ~1e-6 of the output's scale; a wrong kernel by ~1.
 FLOAT_TOL = 1e-3
@@ -40,15 +38,6 @@ class KernelVerdict:
     @property
     def ok(self) -> bool:
         return self.chosen_rank is not None
-
-
-def valid_records(database, workload_mod, limit: int = MAX_CANDIDATES) -> list:
-    """The workload's measured records, fastest first (failed measurements left out)."""
-    if not database.has_workload(workload_mod):
-        return []
-    records = database.get_top_k(database.commit_workload(workload_mod), limit)
-    return [r for r in records
-            if r.run_secs and max(float(s) for s in r.run_secs) < FAILED_RUN_SECS]
 
 
 def scheduled_func(record):
@@ -115,7 +104,7 @@ def check_records(candidates: dict, target, seed: int = 0,
     """Pick, per workload, the fastest record whose kernel agrees with the naive kernel.
 
     ``candidates`` maps a task name to ``(workload_mod, records)`` with records fastest
-    first (:func:`valid_records`). Returns ``({name: record}, verdicts)``; a name missing
+    first (``tune.valid_records``). Returns ``({name: record}, verdicts)``; a name missing
     from the dict had no record that agreed. Each round builds one library with the next
     candidate of every workload still open, so a model whose best records are all right
     costs two builds.

@@ -188,10 +188,17 @@ def rank_by_measured_share(plans: list[TaskPlan]) -> list[TaskPlan]:
     return plans
 
 
+def valid_records(database, workload_mod, limit: int) -> list:
+    """The workload's measured records in ``database``, fastest first (failed ones left out)."""
+    if not database.has_workload(workload_mod):
+        return []
+    records = database.get_top_k(database.commit_workload(workload_mod), limit)
+    return [r for r in records
+            if r.run_secs and max(float(s) for s in r.run_secs) < tuning_log.FAILED_RUN_SECS]
+
+
 def _workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
     """(valid records, best latency in us) of a task's workload in ``database``."""
-    from .kernel_check import valid_records
-
     valid = valid_records(database, plan.task.dispatched[0], limit=100000)
     if not valid:
         return 0, None
@@ -357,7 +364,7 @@ def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
 
     from . import kernel_check
 
-    candidates = {p.name: (p.task.dispatched[0], kernel_check.valid_records(
+    candidates = {p.name: (p.task.dispatched[0], valid_records(
         cache_db, p.task.dispatched[0], kernel_check.MAX_CANDIDATES if verify else 1))
         for p in plans}
     verdicts = []
@@ -462,8 +469,6 @@ def _verdict_fields(verdict, plan: TaskPlan) -> dict:
 
 
 def _merge_logs(sources: list[Path], dest: Path) -> None:
-    from . import tuning_log
-
     report = tuning_log.merge(sources, dest)
     for problem in [*report.skipped, *report.warnings]:
         print(f"tune: WARNING {problem}", flush=True)
