@@ -11,9 +11,11 @@ from pathlib import Path
 
 from doit import get_var
 
-from pipeline.errors import ConfigError
-from pipeline.targets import get_target
-from pipeline.tasks import Options, Project, all_tasks, maintenance_tasks
+from pipeline.core.errors import ConfigError
+from pipeline.core.project import Project
+from pipeline.core.targets import get_target
+from pipeline.tasks.graph import all_tasks, maintenance_tasks
+from pipeline.tasks.options import Options
 
 ROOT = Path.cwd()
 (ROOT / "artifacts").mkdir(exist_ok=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.targets import TARGETS  # noqa: E402  (cheap: no TVM import)
+from pipeline.core.targets import TARGETS  # noqa: E402  (cheap: no TVM import)
 
 
 class CannotCheck(Exception):

@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from pipeline import layout_search
-    from pipeline.build import load_module
-    from pipeline.targets import get_target, target_key, tvm_target
+    from pipeline.compiler.workloads import load_module
+    from pipeline.core.targets import get_target, target_key, tvm_target
+    from pipeline.tuning import layout_search
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")

@@ -8,9 +8,10 @@ import pytest
 from test_validate import INPUTS, build_artifact
 
 from models import tiny_convnet
-from pipeline import bench, validate
-from pipeline.errors import ConfigError
-from pipeline.smoke import cuda_available
+from pipeline.core.errors import ConfigError
+from pipeline.runtime.artifact import ArtifactUnderTest
+from pipeline.runtime.vm import cuda_available
+from pipeline.stages import bench
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +29,7 @@ def _result(name: str, cpp: float, ort: float, status: str = "ok") -> dict:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> validate.ArtifactUnderTest:
+def artifact(tmp_path_factory) -> ArtifactUnderTest:
     return build_artifact(tmp_path_factory.mktemp("bench") / "fp32", "tiny", tiny_convnet())
 
 
@@ -60,7 +61,7 @@ def test_report_embeds_the_chart(tmp_path):
 
 @pytest.mark.skipif(cuda_available(), reason="checks the no-GPU path")
 def test_gpu_artifact_without_cuda_is_not_run(tmp_path):
-    art = validate.ArtifactUnderTest("tiny_fp32", "tiny", "fp32", "h100", True,
+    art = ArtifactUnderTest("tiny_fp32", "tiny", "fp32", "h100", True,
                                      tmp_path / "m.onnx", None, tmp_path / "pkg",
                                      tmp_path / "io.json", INPUTS)
     result = bench.run(art, threads=1, warmup=0, repeat=1, out_dir=tmp_path)
@@ -69,7 +70,7 @@ def test_gpu_artifact_without_cuda_is_not_run(tmp_path):
 
 
 def test_bad_settings_are_rejected(tmp_path):
-    art = validate.ArtifactUnderTest("t", "t", "fp32", "cpu", False, tmp_path, None, tmp_path,
+    art = ArtifactUnderTest("t", "t", "fp32", "cpu", False, tmp_path, None, tmp_path,
                                      tmp_path, INPUTS)
     with pytest.raises(ConfigError, match="threads=0"):
         bench.run(art, threads=0, warmup=0, repeat=1, out_dir=tmp_path)

@@ -11,7 +11,8 @@ import pytest
 from oracle import assert_close_fp32, ort_run
 
 from models import tiny_convnet
-from pipeline import build, importer
+from pipeline.stages import compile_model as build
+from pipeline.stages import import_model as importer
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ import pytest
 from doit_runner import REPO, doit
 
 from models import make_project
-from pipeline import package, smoke
-from pipeline.errors import StageFailed
-from pipeline.smoke import cuda_available
-from pipeline.targets import TARGETS, get_target
+from pipeline.core.errors import StageFailed
+from pipeline.core.targets import TARGETS, get_target
+from pipeline.runtime import vm
+from pipeline.runtime.vm import cuda_available
+from pipeline.stages import package, smoke
 
 NO_CUDA_SMOKE = "not run: no CUDA device"
 NO_CUDA_VALIDATE = "not validated: no CUDA device"
@@ -97,7 +98,7 @@ def cubin_text_sections(cubin: bytes) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------ fast tests
 
 def test_gpu_targets_name_their_sm_and_cpu_stays_the_default():
-    from pipeline.tasks import Options
+    from pipeline.tasks.options import Options
 
     assert (TARGETS["rtx4090"].kind, TARGETS["rtx4090"].arch) == ("cuda", "sm_89")
     assert (TARGETS["h100"].kind, TARGETS["h100"].arch) == ("cuda", "sm_90")
@@ -117,9 +118,9 @@ def _fake_smoke_env(monkeypatch, tmp_path, y_cpp, y_py, gpu=True):
         return subprocess.CompletedProcess([], 0, "", "")
 
     monkeypatch.setattr(smoke, "cuda_available", lambda: gpu)
-    monkeypatch.setattr(package, "run_binary", run_binary)
+    monkeypatch.setattr(smoke, "run_binary", run_binary)
     monkeypatch.setattr(smoke, "python_vm_outputs", lambda *a, **k: [y_py])
-    monkeypatch.setattr(smoke, "_cuda_device_name", lambda: "Fake GPU (sm_90)")
+    monkeypatch.setattr(smoke, "cuda_device_name", lambda: "Fake GPU (sm_90)")
     out = tmp_path / "out"
     out.mkdir()
     return io, out
@@ -162,7 +163,7 @@ def test_cpu_smoke_stays_bit_identical(monkeypatch, tmp_path):
 def test_cuda_smoke_without_a_device_is_not_run(monkeypatch, tmp_path):
     io, out = _fake_smoke_env(monkeypatch, tmp_path, np.zeros((1, 4), np.float32),
                               np.zeros((1, 4), np.float32), gpu=False)
-    monkeypatch.setattr(package, "run_binary", lambda *a, **k: pytest.fail("ran the app"))
+    monkeypatch.setattr(smoke, "run_binary", lambda *a, **k: pytest.fail("ran the app"))
     result = smoke.run(tmp_path / "pkg", io, {"seed": 0, "target": {"name": "rtx4090"}}, out)
     assert result["status"] == NO_CUDA_SMOKE
 
@@ -171,17 +172,17 @@ def test_python_vm_compiles_cuda_with_nvcc_when_nvrtc_is_missing(monkeypatch):
     import importlib.util
 
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvrtc")
-    assert smoke.cuda_compile_mode() == "nvrtc"  # an explicit choice is kept
+    assert vm.cuda_compile_mode() == "nvrtc"  # an explicit choice is kept
     monkeypatch.delenv("TVM_CUDA_COMPILE_MODE")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] == "cuda" else real(name, *a))
     monkeypatch.setattr(shutil, "which", lambda tool: "/usr/bin/nvcc" if tool == "nvcc" else None)
-    assert smoke.cuda_compile_mode() == "nvcc" and os.environ["TVM_CUDA_COMPILE_MODE"] == "nvcc"
+    assert vm.cuda_compile_mode() == "nvcc" and os.environ["TVM_CUDA_COMPILE_MODE"] == "nvcc"
     monkeypatch.delenv("TVM_CUDA_COMPILE_MODE")
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     with pytest.raises(StageFailed, match="cuda-bindings"):
-        smoke.cuda_compile_mode()
+        vm.cuda_compile_mode()
 
 
 def _fake_nvidia_smi(tmp_path: Path, answer: str) -> dict:

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper
 from oracle import assert_close_fp32, ort_run
 
 from models import tiny_convnet
-from pipeline import importer
-from pipeline.errors import UnsupportedModelError
+from pipeline.core.errors import UnsupportedModelError
+from pipeline.stages import import_model as importer
 
 CFG = importer.ImportConfig(inputs=(("x", (1, 3, 8, 8), "float32"),), integer=False)
 

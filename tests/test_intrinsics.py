@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import intrinsics
-from pipeline.targets import host_has_vnni
+from pipeline.compiler import intrinsics
+from pipeline.core.targets import host_has_vnni
 
 
 def _tensorized_dot():

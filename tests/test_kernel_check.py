@@ -1,4 +1,4 @@
-"""Tests for pipeline.kernel_check: a record whose kernel computes something else is skipped."""
+"""pipeline.tuning.kernel_check: a record whose kernel computes something else is skipped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.script import tirx as T
 
-from pipeline import kernel_check
+from pipeline.tuning import kernel_check
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import layout_search
-from pipeline.layout_search import ConvShape
+from pipeline.tuning import layout_search
+from pipeline.tuning.layout_search import ConvShape
 
 
 def test_conv_shapes_of_a_model_heaviest_first():
     from tvm.relax.frontend.onnx import from_onnx
 
     from models import tiny_convnet
-    from pipeline.lowering import graph_cleanup
+    from pipeline.compiler.lowering import graph_cleanup
 
     mod = graph_cleanup()(from_onnx(tiny_convnet(), keep_params_in_input=False))
     shapes = layout_search.conv_shapes(mod)
@@ -24,8 +24,8 @@ def test_conv_shapes_of_a_model_heaviest_first():
 
 @pytest.mark.parametrize("layout", layout_search.LAYOUTS)
 def test_layer_module_is_one_fused_conv_task_in_each_layout(layout):
-    from pipeline.targets import get_target, tvm_target
-    from pipeline.tune import plan_tasks
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.core.targets import get_target, tvm_target
 
     target = tvm_target(get_target("cpu"))
     shape = ConvShape(32, 16, 10, 3, 2, 1, count=1)

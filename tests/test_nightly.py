@@ -20,8 +20,8 @@ from onnx import numpy_helper
 
 from models import make_project, tiny_convnet
 from pipeline import nightly
-from pipeline.errors import ConfigError
-from pipeline.targets import host_machine_class
+from pipeline.core.errors import ConfigError
+from pipeline.core.targets import host_machine_class
 
 PNG = b"\x89PNG\r\n\x1a\n"
 WORKFLOW = REPO / ".github" / "workflows" / "nightly.yml"

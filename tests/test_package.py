@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import package
-from pipeline.errors import ConfigError, CorruptInputError, StageFailed
-from pipeline.targets import get_target
+from pipeline.core.errors import ConfigError, CorruptInputError, StageFailed
+from pipeline.core.targets import get_target
+from pipeline.runtime import app
+from pipeline.stages import package
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "package"
 RUNTIME_CPP = Path(__file__).resolve().parent.parent / "runtime_cpp"
@@ -343,7 +344,7 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert package.cuda_kernel_sources(result["model"]) == []
 
     y_path, stats_path = tmp_path / "y.npy", tmp_path / "stats.json"
-    proc = package.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=2,
+    proc = app.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=2,
                               json_path=stats_path)
     assert proc.returncode == 0, proc.stderr
     y = np.load(y_path)
@@ -365,7 +366,7 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert stats["latency_ms"]["count"] == 5
     assert stats["latency_ms"]["min"] <= stats["latency_ms"]["median"] <= stats["latency_ms"]["p90"]
 
-    proc = package.run_binary(out, tiny["x_npy"], device_timing="include-copies", threads=1)
+    proc = app.run_binary(out, tiny["x_npy"], device_timing="include-copies", threads=1)
     assert proc.returncode == 0 and "threads: 1" in proc.stdout
     assert proc.stdout.index("(include-copies)") < proc.stdout.index("(exclude-copies)")
 
@@ -385,7 +386,7 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
         (tmp_path / "absent.npy", "cannot open"),
     ]
     for path, expected in cases:
-        proc = package.run_binary(out, path)
+        proc = app.run_binary(out, path)
         assert proc.returncode == 2, (path, proc.stdout, proc.stderr)
         assert expected in proc.stderr and str(path) in proc.stderr, proc.stderr
         assert proc.stdout == ""
@@ -508,7 +509,7 @@ def test_app_with_several_inputs_and_outputs(tmp_path):
     assert re.search(r"top-5 of output 's' row 1: \d=\S+ \d=\S+ \d=\S+\n", proc.stdout)
     assert "output 'm'" not in proc.stdout
 
-    proc = package.run_binary(tmp_path / "pkg", {"a": a_npy, "b": b_npy})
+    proc = app.run_binary(tmp_path / "pkg", {"a": a_npy, "b": b_npy})
     assert proc.returncode == 0, proc.stderr
     proc = infer("--input", str(a_npy))
     assert proc.returncode == 2 and "pass --input NAME=PATH" in proc.stderr
@@ -583,7 +584,7 @@ def test_cuda_app_cross_builds_with_sm89_kernels(tiny, tmp_path):
         names = tar.getnames()
     assert "tiny-rtx4090/kernels/cuda0.fatbin" in names and "tiny-rtx4090/lib/" + cudart[0] in names
 
-    proc = package.run_binary(result["binary"].parent.parent, tiny["x_npy"], tmp_path / "y.npy",
+    proc = app.run_binary(result["binary"].parent.parent, tiny["x_npy"], tmp_path / "y.npy",
                               repeat=3, device_timing="include-copies")
     if not _has_gpu():
         # No driver here: one clear message, not a loader crash.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import qdq_helpers as H
 
-from pipeline.passes.integer_region import IntegerRegion
+from pipeline.compiler.passes.integer_region import IntegerRegion
 
 
 def test_region_ops_rewritten_convs_reported(tmp_path):
@@ -41,7 +41,7 @@ def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(tmp_path):
     """
     import numpy as np
 
-    from pipeline.passes.qdq_to_integer import quantize_to_integer
+    from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
 
     def ramp(lo, hi):
         return np.linspace(lo, hi, 256 * 256, dtype=np.float32).reshape(1, 1, 256, 256)

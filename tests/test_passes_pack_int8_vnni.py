@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import qdq_helpers as H
 
-from pipeline.passes.pack_int8_vnni import PackInt8ForVNNI, pack_conv_weight
-from pipeline.passes.qdq_to_integer import quantize_to_integer
-from pipeline.targets import host_has_vnni
+from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI, pack_conv_weight
+from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
+from pipeline.core.targets import host_has_vnni
 
 
 def _integer_module(model, tmp_path):
@@ -75,9 +75,9 @@ def test_metaschedule_tensorizes_packed_conv_with_vnni(tmp_path, monkeypatch):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline import intrinsics
-    from pipeline.lowering import lower_for_target
-    from pipeline.tune import _import_intrinsics
+    from pipeline.compiler import intrinsics
+    from pipeline.compiler.lowering import lower_for_target
+    from pipeline.tuning.tuner import _import_intrinsics
 
     intrinsics.register()
     # builder workers are fresh processes: they must be able to import `pipeline`

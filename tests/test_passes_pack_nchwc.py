@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 import qdq_helpers as H
 
-from pipeline import lowering
-from pipeline.passes.pack_nchwc import PackFloat32NCHWc, pack_float_weight
-from pipeline.targets import get_target, tvm_target
+from pipeline.compiler import lowering
+from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc, pack_float_weight
+from pipeline.core.targets import get_target, tvm_target
 
 
 def test_weight_layout_is_oihw_ic_i_16o():
@@ -62,7 +62,7 @@ def test_int8_convs_are_left_to_the_vnni_rule(tmp_path):
     """The fp32 rule packs fp32 convs only: an integer module passes through unchanged."""
     import tvm
 
-    from pipeline.passes.qdq_to_integer import quantize_to_integer
+    from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
 
     mod, _ = quantize_to_integer(H.import_qdq(H.quantize_qdq(H.residual_model(), tmp_path)))
     packer = PackFloat32NCHWc()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import qdq_helpers as H
 
-from pipeline.passes._qdq import recover_symmetric_int8
-from pipeline.passes.qdq_to_integer import IntegerReport, QDQToInteger, quantize_to_integer
+from pipeline.compiler.passes._qdq import IntegerReport, recover_symmetric_int8
+from pipeline.compiler.passes.qdq_to_integer import QDQToInteger, quantize_to_integer
 
 # (model factory, quantize options, ops the report must list as matched)
 CASES = {

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from models import tiny_convnet
-from pipeline import quantize
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.stages import quantize
 
 INPUTS = (("x", (1, 3, 8, 8), "float32"),)
 

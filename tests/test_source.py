@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from models import tiny_convnet
-from pipeline import source
-from pipeline.errors import ConfigError, CorruptInputError
+from pipeline.core.errors import ConfigError, CorruptInputError
+from pipeline.stages import source
 
 INPUTS = (("x", (1, 3, 8, 8), "float32"),)
 REPO = Path(__file__).resolve().parent.parent

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.spec import find_artifact, load_specs, parse_spec
+from pipeline.core.errors import ConfigError
+from pipeline.core.spec import find_artifact, load_specs, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

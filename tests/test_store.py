@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import hashing, store
+from pipeline.core import hashing, store
 
 
 def _produce(text: str, calls: list):
@@ -105,7 +105,7 @@ KILLED_CHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from pipeline import store
+from pipeline.core import store
 def produce(out):
     (out / "half").write_text("x")
     print("started", flush=True)
@@ -134,7 +134,7 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from pipeline import store
+from pipeline.core import store
 with store.file_lock(Path({root!r}) / "x.lock", "thing"):
     print("locked", flush=True)
     time.sleep(2)

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 from models import make_project
-from pipeline.errors import ConfigError
-from pipeline.targets import get_target
-from pipeline.tasks import Options, Project, all_tasks
+from pipeline.core.errors import ConfigError
+from pipeline.core.project import Project
+from pipeline.core.targets import get_target
+from pipeline.tasks.graph import all_tasks
+from pipeline.tasks.options import Options
 
 
 @pytest.fixture
@@ -82,7 +84,7 @@ def test_bad_options_all_reported():
 
 
 def test_tool_upgrade_reruns_only_the_stages_using_it(tmp_path, monkeypatch):
-    from pipeline import hashing
+    from pipeline.core import hashing
 
     project = Project.load(make_project(tmp_path))
     before = _by_name(all_tasks(project, get_target("cpu"), Options()))

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tune: cache hits, remote measurement over RPC, failed-task retries."""
+"""Tests for pipeline.stages.tune: cache hits, remote measurement over RPC, failed-task retries."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from pipeline import tune, tuning_log
-from pipeline.errors import ConfigError
-from pipeline.lowering import lower_for_target
+from pipeline.compiler.lowering import lower_for_target
+from pipeline.core.errors import ConfigError
+from pipeline.tuning import logs as tuning_log
+from pipeline.tuning import tuner
 
 # Each tuning attempt costs a builder batch whose workers import the tensor intrinsics first
 # (7-80 s depending on load), so these tests tune as few times as they can: one tuned
@@ -46,10 +47,10 @@ def tiny_module():
     return lower_for_target(from_onnx(model, keep_params_in_input=False), target())
 
 
-def budget(**kw) -> tune.TuneBudget:
+def budget(**kw) -> tuner.TuneBudget:
     defaults = dict(trials_per_task=TRIALS, max_trials=100, wall_seconds=600, mode="missing",
                     seed=0, builder_timeout=60)
-    return tune.TuneBudget(**{**defaults, **kw})
+    return tuner.TuneBudget(**{**defaults, **kw})
 
 
 def record_lines(db_dir) -> list[str]:
@@ -83,7 +84,7 @@ def retried(tmp_path_factory):
     """A database tuned by a run whose first attempt had every measurement fail."""
     db = tmp_path_factory.mktemp("retried") / "db"
     messages: list[str] = []
-    plans = tune.tune_module(tiny_module(), target(), db, budget(),
+    plans = tuner.tune_module(tiny_module(), target(), db, budget(),
                              runner=FailFirstRunner(TRIALS), progress=messages.append)
     return db, plans, messages
 
@@ -104,7 +105,7 @@ def test_cache_hit_tunes_zero_trials(retried, tmp_path):
     shutil.copytree(retried[0], db)
     before = record_lines(db)
     messages: list[str] = []
-    (plan,) = tune.tune_module(tiny_module(), target(), db, budget(), progress=messages.append)
+    (plan,) = tuner.tune_module(tiny_module(), target(), db, budget(), progress=messages.append)
     assert record_lines(db) == before  # nothing measured
     assert "1 already tuned in the cache, 0 to tune" in messages[0]
     assert not any(m.startswith("tune: task") for m in messages)
@@ -119,7 +120,7 @@ def test_merged_log_of_a_real_run_is_a_cache_hit(retried, tmp_path):
     report = tuning_log.merge([retried[0], retried[0]], tmp_path / "merged")
     assert report.skipped == [] and report.records_out == report.records_in // 2
     messages: list[str] = []
-    (plan,) = tune.tune_module(tiny_module(), target(), tmp_path / "merged", budget(),
+    (plan,) = tuner.tune_module(tiny_module(), target(), tmp_path / "merged", budget(),
                                progress=messages.append)
     assert plan.attempts == 0 and "0 to tune" in messages[0]
     assert plan.best_us == pytest.approx(retried[1][0].best_us)
@@ -139,10 +140,10 @@ def test_tune_through_rpc_tracker(tmp_path):
         while RPC_KEY not in rpc.connect_tracker(tracker.host, tracker.port).text_summary():
             assert time.monotonic() < deadline, "the RPC server never registered"
             time.sleep(0.5)
-        runner = tune.make_runner({"tracker_host": tracker.host, "tracker_port": tracker.port,
+        runner = tuner.make_runner({"tracker_host": tracker.host, "tracker_port": tracker.port,
                                    "device_key": RPC_KEY, "timeout": 60})
         assert isinstance(runner, ms.runner.RPCRunner)
-        plans = tune.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
+        plans = tuner.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
                                  runner=runner, progress=lambda s: None)
     finally:
         server.terminate()
@@ -153,16 +154,16 @@ def test_tune_through_rpc_tracker(tmp_path):
 
 
 def test_make_runner_validates():
-    assert isinstance(tune.make_runner(None), ms.runner.LocalRunner)
+    assert isinstance(tuner.make_runner(None), ms.runner.LocalRunner)
     with pytest.raises(ConfigError) as err:
-        tune.make_runner({"tracker_host": "", "tracker_port": 70000, "devicekey": "x",
+        tuner.make_runner({"tracker_host": "", "tracker_port": 70000, "devicekey": "x",
                           "timeout": -1})
     msg = str(err.value)
     for problem in ("missing 'device_key'", "unknown field 'devicekey'", "tracker_host is empty",
                     "tracker_port=70000", "timeout=-1"):
         assert problem in msg
     with pytest.raises(ConfigError, match="tracker_port='9190': expected int"):
-        tune.make_runner({"tracker_host": "h", "tracker_port": "9190", "device_key": "k",
+        tuner.make_runner({"tracker_host": "h", "tracker_port": "9190", "device_key": "k",
                           "timeout": 10})
 
 
@@ -171,8 +172,8 @@ def test_task_failing_twice_is_reported(tmp_path):
     # Every measurement fails. (A 1 ms builder timeout fails too, but each timed-out
     # worker restarts and re-imports the intrinsics: minutes more on a loaded machine.)
     messages: list[str] = []
-    with pytest.raises(tune.TuningFailed) as err:
-        tune.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
+    with pytest.raises(tuner.TuningFailed) as err:
+        tuner.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
                          runner=FailFirstRunner(10**9), progress=messages.append)
     (plan,) = err.value.plans
     assert err.value.tasks == [plan.name]
@@ -193,7 +194,8 @@ def test_best_records_are_published_with_the_workload_they_were_tuned_on(tmp_pat
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tune import TaskPlan, _publish_records
+    from pipeline.compiler.workloads import TaskPlan
+    from pipeline.stages.tune import _publish_records
 
     def matmul_named(block: str):
         a = te.placeholder((16, 16), name="a")
@@ -227,10 +229,10 @@ def test_recalibration_keeps_every_workload(tmp_path):
     from qdq_helpers import inputs, quantize_qdq, residual_model
     from tvm.relax.frontend.onnx import from_onnx
 
-    from pipeline import lowering
-    from pipeline.passes.qdq_to_integer import quantize_to_integer
-    from pipeline.targets import get_target, tvm_target
-    from pipeline.tune import plan_tasks
+    from pipeline.compiler import lowering
+    from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.core.targets import get_target, tvm_target
 
     target = tvm_target(get_target("cpu"))
     model = residual_model()
@@ -269,12 +271,12 @@ def test_tasks_with_records_are_ranked_by_measured_time():
     """Once measured, a slow kernel with few FLOPs outranks a fast one with many; a task
     not measured yet is costed at the median GFLOP/s of the others."""
     plans = [
-        tune.TaskPlan("big_but_fast", None, weight=1, flops=4e9, best_us=1000.0),
-        tune.TaskPlan("small_but_slow", None, weight=2, flops=1e9, best_us=2000.0),
-        tune.TaskPlan("unmeasured", None, weight=1, flops=2e9),
-        tune.TaskPlan("tiny", None, weight=1, flops=1e6, best_us=1.0),
+        tuner.TaskPlan("big_but_fast", None, weight=1, flops=4e9, best_us=1000.0),
+        tuner.TaskPlan("small_but_slow", None, weight=2, flops=1e9, best_us=2000.0),
+        tuner.TaskPlan("unmeasured", None, weight=1, flops=2e9),
+        tuner.TaskPlan("tiny", None, weight=1, flops=1e6, best_us=1.0),
     ]
-    tune.rank_by_measured_share(plans)
+    tuner.rank_by_measured_share(plans)
     # costs in us: small_but_slow 2 x 2000, unmeasured 2e9 FLOP at the median rate of
     # 1e6 FLOP/us = 2000, big_but_fast 1000, tiny 1
     assert [p.name for p in plans][:2] == ["small_but_slow", "unmeasured"]
@@ -285,9 +287,9 @@ def test_tasks_with_records_are_ranked_by_measured_time():
 
 
 def test_ranking_without_any_record_keeps_the_flop_estimate():
-    plans = [tune.TaskPlan("a", None, 1, 1e9, share=0.75), tune.TaskPlan("b", None, 1, 3e8,
+    plans = [tuner.TaskPlan("a", None, 1, 1e9, share=0.75), tuner.TaskPlan("b", None, 1, 3e8,
                                                                          share=0.25)]
-    tune.rank_by_measured_share(plans)
+    tuner.rank_by_measured_share(plans)
     assert [(p.name, p.share) for p in plans] == [("a", 0.75), ("b", 0.25)]
 
 
@@ -296,7 +298,7 @@ def test_a_task_is_tuned_on_the_module_the_database_stores(tmp_path):
     from the stored workload's (same structure) is tuned on the stored module."""
     from test_tuning_log import _matmul_with_block, make_db
 
-    from pipeline.tune import _on_stored_workload
+    from pipeline.tuning.tuner import _on_stored_workload
 
     cache = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])  # tuned on block "C"
     db = ms.database.JSONDatabase(work_dir=str(cache))

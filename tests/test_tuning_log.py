@@ -1,4 +1,4 @@
-"""Tests for pipeline.tuning_log on real MetaSchedule JSON databases written by TVM."""
+"""Tests for pipeline.tuning.logs on real MetaSchedule JSON databases written by TVM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tvm
 from tvm import s_tir, te
 from tvm.s_tir import meta_schedule as ms
 
-from pipeline import tuning_log
+from pipeline.tuning import logs as tuning_log
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 FAILED = 1e10  # what MetaSchedule writes for a failed build or run

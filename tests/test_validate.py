@@ -10,10 +10,13 @@ import pytest
 from onnx import numpy_helper
 
 from models import TINY_SHAPE, tiny_convnet
-from pipeline import build, importer, package, quantize, source, validate
-from pipeline.errors import ConfigError, ValidationFailed
-from pipeline.smoke import cuda_available
-from pipeline.targets import get_target
+from pipeline.core.errors import ConfigError, ValidationFailed
+from pipeline.core.targets import get_target
+from pipeline.runtime.artifact import ArtifactUnderTest
+from pipeline.runtime.vm import cuda_available
+from pipeline.stages import compile_model as build
+from pipeline.stages import import_model as importer
+from pipeline.stages import package, quantize, source, validate
 
 INPUTS = (("x", TINY_SHAPE, "float32"),)
 
@@ -27,7 +30,7 @@ def _quantize(fp32: Path, out: Path) -> Path:
 
 def build_artifact(tmp: Path, name: str, model: onnx.ModelProto, quantized: bool = False,
                    app_from: Path | None = None,
-                   reference: Path | None = None) -> validate.ArtifactUnderTest:
+                   reference: Path | None = None) -> ArtifactUnderTest:
     """Build a tiny CPU artifact through the real stages: source, quantize, import, compile,
     package. The int8 variant imports the QDQ model in fake-quant form (integer=False).
 
@@ -55,7 +58,7 @@ def build_artifact(tmp: Path, name: str, model: onnx.ModelProto, quantized: bool
         shutil.copytree(app_from, dirs["package"])
         shutil.copyfile(dirs["compile"] / "model.so", dirs["package"] / "model.so")
     variant = "int8" if quantized else "fp32"
-    return validate.ArtifactUnderTest(
+    return ArtifactUnderTest(
         name=f"{name}_{variant}", model=name, variant=variant, target="cpu", is_gpu=False,
         fp32_onnx=reference or fp32, qdq_onnx=qdq, package_dir=dirs["package"],
         io_json=dirs["compile"] / "io.json", inputs=INPUTS)
@@ -73,7 +76,7 @@ def perturbed_convnet() -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[str, validate.ArtifactUnderTest]:
+def artifacts(tmp_path_factory) -> dict[str, ArtifactUnderTest]:
     tmp = tmp_path_factory.mktemp("validate")
     fp32 = build_artifact(tmp / "fp32", "tiny", tiny_convnet())
     int8 = build_artifact(tmp / "int8", "tiny", tiny_convnet(), quantized=True,
@@ -141,7 +144,7 @@ def test_output_steps_rejects_a_float_model(tmp_path):
 
 @pytest.mark.skipif(cuda_available(), reason="checks the no-GPU path")
 def test_gpu_artifact_without_cuda_is_not_validated(tmp_path):
-    art = validate.ArtifactUnderTest(
+    art = ArtifactUnderTest(
         "tiny_int8", "tiny", "int8", "rtx4090", True, tmp_path / "missing.onnx",
         tmp_path / "missing_qdq.onnx", tmp_path / "no_package", tmp_path / "io.json", INPUTS)
     result = validate.run(art, {}, tmp_path / "v")

@@ -29,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, StageFailed
-from .validate import ArtifactUnderTest
+from pipeline.core.errors import ConfigError, StageFailed
+from pipeline.core.project import REPO
+from pipeline.runtime.artifact import ArtifactUnderTest
 
 STAGE = "bench"
 NO_CUDA = "not run: no CUDA device"
 RUNNERS = ("cpp", "tvm_python", "onnxruntime")
 _LABELS = {"cpp": "C++ binary", "tvm_python": "TVM in Python", "onnxruntime": "onnxruntime"}
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = REPO
 RSS_METHOD = ("getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process whose only child is "
               "bin/infer")
 
@@ -44,7 +45,7 @@ RSS_METHOD = ("getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process whose o
 _CPP_WRAPPER = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from pipeline.package import run_binary
+from pipeline.runtime.app import run_binary
 kwargs = json.loads(sys.argv[2])
 proc = run_binary(**kwargs)
 print(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
@@ -128,7 +129,7 @@ def _bench_tvm_python(art: ArtifactUnderTest, paths: list[Path], threads: int, w
             "result": str(result)}
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
     if art.is_gpu:  # the subprocess compiles the kernels at load: NVRTC or nvcc, as smoke
-        from .smoke import cuda_compile_mode
+        from pipeline.runtime.vm import cuda_compile_mode
 
         env["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
     proc = subprocess.run([sys.executable, "-c", _VM_BENCH, json.dumps(args)], env=env,
@@ -171,7 +172,7 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     Parameters
     ----------
     art : ArtifactUnderTest
-        The packaged artifact (see :mod:`pipeline.validate`).
+        The packaged artifact (see :mod:`pipeline.stages.validate`).
     threads : int
         CPU threads for every runner (TVM's pool, onnxruntime's intra-op pool).
     warmup, repeat : int
@@ -196,8 +197,8 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     StageFailed
         A runner failed (the message quotes its output).
     """
-    from .quantize import calibration_samples
-    from .smoke import cuda_available
+    from pipeline.runtime.data import calibration_samples
+    from pipeline.runtime.vm import cuda_available
 
     problems = [f"{k}={v} must be >= {lo}" for k, v, lo in
                 (("threads", threads, 1), ("warmup", warmup, 0), ("repeat", repeat, 1))

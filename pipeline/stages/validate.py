@@ -46,14 +46,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, ValidationFailed
-from .hashing import jsonable
-from .spec import ValidationSpec
+from pipeline.core.errors import ConfigError, ValidationFailed
+from pipeline.core.hashing import jsonable
+from pipeline.core.spec import ValidationSpec
+from pipeline.runtime.artifact import ArtifactUnderTest
 
 if TYPE_CHECKING:
-    from .spec import ModelSpec, VariantSpec
-    from .targets import TargetSpec
-    from .tasks import ArtifactPaths
+    pass
 
 STAGE = "validate"
 NO_CUDA = "not validated: no CUDA device"
@@ -72,59 +71,6 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator
                                                "==": operator.eq}
 _METRICS = ("max_abs_err", "max_rel_err", "cosine", "top1_agreement", "top5_agreement",
             "sqnr_db", "max_err_steps", "mismatched_elements")
-
-
-@dataclass(frozen=True)
-class ArtifactUnderTest:
-    """One built artifact and the ONNX models it is checked against.
-
-    ``inputs`` are ``(name, shape, dtype)`` in the order the model's ``main`` takes them;
-    ``qdq_onnx`` is None for an fp32 variant.
-    """
-
-    name: str  # e.g. "tiny_int8"
-    model: str
-    variant: str
-    target: str
-    is_gpu: bool
-    fp32_onnx: Path
-    qdq_onnx: Path | None
-    package_dir: Path
-    io_json: Path
-    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
-
-    @property
-    def quantized(self) -> bool:
-        return self.qdq_onnx is not None
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
-                  paths: ArtifactPaths) -> ArtifactUnderTest:
-        """The artifact a build of ``spec``/``variant`` for ``target`` leaves at ``paths``.
-
-        Parameters
-        ----------
-        spec, variant : ModelSpec, VariantSpec
-            The model spec and the variant that was built.
-        target : TargetSpec
-            The target it was built for.
-        paths : ArtifactPaths
-            Its stage folders, from :func:`pipeline.tasks.artifact_paths`.
-
-        Returns
-        -------
-        ArtifactUnderTest
-        """
-        return cls(name=f"{spec.name}_{variant.name}", model=spec.name, variant=variant.name,
-                   target=target.name, is_gpu=target.is_gpu,
-                   fp32_onnx=paths.source / "model.onnx",
-                   qdq_onnx=paths.quantize / "model.onnx" if paths.quantize else None,
-                   package_dir=paths.package, io_json=paths.compile / "io.json",
-                   inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs))
-
-    def header(self) -> dict[str, Any]:
-        return {"artifact": self.name, "model": self.model, "variant": self.variant,
-                "target": self.target}
 
 
 def resolve_gates(gates: Mapping[str, Any] | ValidationSpec | None) -> dict[str, Any]:
@@ -319,7 +265,7 @@ def _save_inputs(feed: dict, order: list[str], folder: Path, index: int) -> Path
 def _cpp_outputs(art: ArtifactUnderTest, inputs: Path | dict, out_names: list[str],
                  folder: Path, index: int) -> tuple[list[np.ndarray] | None, str]:
     """The binary's outputs for one input, or (None, why) if it failed."""
-    from .package import run_binary
+    from pipeline.runtime.app import run_binary
 
     folder.mkdir(parents=True, exist_ok=True)
     outputs = []
@@ -506,7 +452,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
         The packaged artifact and its reference ONNX models.
     gates : mapping or ValidationSpec
         The model's ``[validation]`` settings (``samples``, ``seed``, ``data_dir`` and the
-        thresholds); missing keys take the :class:`~pipeline.spec.ValidationSpec` defaults.
+        thresholds); missing keys take the :class:`~pipeline.core.spec.ValidationSpec` defaults.
         ``data_dir`` is used as given (absolute, or relative to the working directory).
     out_dir : Path
         Receives the reports, the inputs (``inputs/``) and the C++ outputs (``cpp/``).
@@ -526,8 +472,8 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
         naming artifact, model, target, comparison, metric, value, threshold and input
         index; the exception's ``result`` attribute holds the returned dict.
     """
-    from .quantize import calibration_samples
-    from .smoke import cuda_available, python_vm_outputs
+    from pipeline.runtime.data import calibration_samples
+    from pipeline.runtime.vm import cuda_available, python_vm_outputs
 
     g = resolve_gates(gates)
     out_dir = Path(out_dir)

@@ -11,51 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .targets import get_target, tvm_target
+from pipeline.compiler.workloads import io_signature, load_module, untuned_kernels
+from pipeline.core.targets import get_target, tvm_target
 
 
 @dataclass(frozen=True)
 class CompileConfig:
     target: str  # name in the targets table
     integer: bool  # the module computes in int8 (selects the lowering's layout choices)
-    layout: str = ""  # fp32 conv layout on CPUs (see pipeline.lowering)
-
-
-def load_module(module_json: Path):
-    import tvm
-
-    return tvm.ir.load_json(module_json.read_text(encoding="utf-8"))
-
-
-def io_signature(mod) -> dict:
-    """Input and output names/shapes/dtypes of ``main``, as plain data for the C++ app."""
-    from tvm import relax
-
-    func = mod["main"]
-
-    def tensor(name, ty):
-        if not isinstance(ty, relax.TensorType):
-            raise TypeError(f"{name}: only tensor inputs/outputs are supported, got {ty}")
-        return {"name": name, "shape": [int(d) for d in ty.shape], "dtype": str(ty.dtype)}
-
-    # TVM 0.27 names struct info "ty": Var.ty, Function.ret_ty.
-    ret = func.ret_ty
-    outs = ret.fields if isinstance(ret, relax.TupleType) else [ret]
-    return {"inputs": [tensor(p.name, p.ty) for p in func.params],
-            "outputs": [tensor(f"output{i}", s) for i, s in enumerate(outs)]}
-
-
-def untuned_kernels(mod, target, database) -> tuple[list[str], list[str]]:
-    """(tuned, untuned) task names of the lowered module against ``database``."""
-    from .tune import plan_tasks
-
-    tuned, untuned = [], []
-    for plan in plan_tasks(mod, target):
-        workload_mod = plan.task.dispatched[0]
-        found = database is not None and database.query_tuning_record(
-            workload_mod, target, plan.name) is not None
-        (tuned if found else untuned).append(plan.name)
-    return sorted(tuned), sorted(untuned)
+    layout: str = ""  # fp32 conv layout on CPUs (see pipeline.compiler.lowering)
 
 
 def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None,
@@ -65,8 +29,8 @@ def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | 
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    from . import intrinsics
-    from .lowering import lower_for_target
+    from pipeline.compiler import intrinsics
+    from pipeline.compiler.lowering import lower_for_target
 
     intrinsics.register()  # tuning records may name the project's VNNI intrinsic
     spec = get_target(spec_name)
@@ -99,7 +63,7 @@ def _dlight_schedule(mod, target, integer: bool):
     from tvm import tirx
     from tvm.s_tir import dlight as dl
 
-    from .errors import StageFailed
+    from pipeline.core.errors import StageFailed
 
     def unscheduled(m) -> list[str]:
         return sorted(gv.name_hint for gv, f in m.functions_items()

@@ -11,9 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .errors import ConfigError, CorruptInputError
+from pipeline.runtime.data import calibration_samples
 
 
 @dataclass(frozen=True)
@@ -26,44 +24,6 @@ class QuantizeConfig:
     weight_type: str
     per_channel: bool
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
-
-
-def calibration_samples(inputs, samples: int, seed: int, data_dir: str) -> list[dict]:
-    """Calibration (or validation) feeds: ``.npy`` files from ``data_dir`` or seeded N(0,1).
-
-    With one model input, each ``.npy`` file is one sample; with several, ``data_dir`` holds
-    one subfolder per input name. Files are read in sorted order (determinism).
-    """
-    if not data_dir:
-        rng = np.random.default_rng(seed)
-        return [{name: rng.standard_normal(shape).astype(dtype) for name, shape, dtype in inputs}
-                for _ in range(samples)]
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise ConfigError(f"calibration data_dir {root} does not exist: create it with .npy "
-                          "files (one sample each) or set data_dir = \"\" for synthetic data")
-    feeds: list[dict] = []
-    per_input = {}
-    for name, shape, dtype in inputs:
-        folder = root if len(inputs) == 1 else root / name
-        files = sorted(folder.glob("*.npy"))[:samples]
-        if not files:
-            raise ConfigError(f"no .npy files for input {name!r} in {folder}")
-        arrays = []
-        for f in files:
-            try:
-                a = np.load(f, allow_pickle=False)
-            except Exception as e:
-                raise CorruptInputError(f"cannot read calibration sample {f}: {e}") from None
-            if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
-                raise ConfigError(f"calibration sample {f}: shape {a.shape} {a.dtype}, "
-                                  f"expected {tuple(shape)} {dtype}")
-            arrays.append(a)
-        per_input[name] = arrays
-    count = min(len(v) for v in per_input.values())
-    for i in range(count):
-        feeds.append({name: per_input[name][i] for name in per_input})
-    return feeds
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .spec import CPU_FP32_LAYOUTS
+from pipeline.core.spec import CPU_FP32_LAYOUTS
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = 
     from tvm import relax, transform
     from tvm.target import codegen
 
-    from .passes.pack_int8_vnni import PackInt8ForVNNI
-    from .passes.pack_nchwc import PackFloat32NCHWc
+    from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI
+    from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc
 
     on_cpu = target.kind.name == "llvm"
     if layout and layout not in CPU_FP32_LAYOUTS:

@@ -22,8 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .passes.pack_nchwc import OC_BLOCK
-from .spec import CPU_FP32_LAYOUTS
+from pipeline.compiler.passes.pack_nchwc import OC_BLOCK
+from pipeline.core.spec import CPU_FP32_LAYOUTS
 
 LAYOUTS = CPU_FP32_LAYOUTS
 
@@ -55,7 +55,7 @@ def conv_shapes(mod) -> list[ConvShape]:
     """The model's square NCHW conv2d shapes (groups=1), heaviest (count x FLOPs) first."""
     from tvm import relax
 
-    from .passes._qdq import op_name, shape_of
+    from pipeline.compiler.passes._qdq import op_name, shape_of
 
     counts: dict[tuple, int] = {}
 
@@ -83,7 +83,7 @@ def layer_module(shape: ConvShape, layout: str, target):
     from tvm import relax
     from tvm.relax import op
 
-    from .lowering import lower_for_target
+    from pipeline.compiler.lowering import lower_for_target
 
     rng = np.random.default_rng(0)
     c, k, n, kk = shape.in_channels, shape.out_channels, shape.size, shape.kernel
@@ -108,8 +108,9 @@ def search(mod, target, seed_dbs: list[Path], trials: int, top: int, out_json: P
     tuning usually covers that side); everything new goes into a scratch database.
     Writes and returns one row per shape: best microseconds per layout and the winner.
     """
-    from . import intrinsics, tuning_log
-    from .tune import TuneBudget, tune_module
+    from pipeline.compiler import intrinsics
+    from pipeline.tuning import logs as tuning_log
+    from pipeline.tuning.tuner import TuneBudget, tune_module
 
     intrinsics.register()
     shapes = [s for s in conv_shapes(mod)

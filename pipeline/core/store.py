@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StageFailed
-from .hashing import canonical_json, recipe_id, sha256_file, tool_versions
+from pipeline.core.errors import StageFailed
+from pipeline.core.hashing import canonical_json, recipe_id, sha256_file, tool_versions
 
 log = logging.getLogger(__name__)
 

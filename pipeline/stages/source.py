@@ -11,7 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, CorruptInputError
+from pipeline.core.errors import ConfigError, CorruptInputError
 
 MIN_OPSET = 13
 ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}

@@ -13,44 +13,21 @@ is reported "not run: no CUDA device", never passed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .errors import StageFailed
-from .targets import get_target
-
-
-def seeded_input(shape, dtype: str, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
-
-
-def python_vm_outputs(model_so: Path, feeds: list[np.ndarray], device: str = "cpu"):
-    """Run ``main`` of an exported Relax executable in Python; returns numpy outputs."""
-    import tvm
-    from tvm import relax
-
-    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-    module = _load_cuda_module(model_so, dev) if device == "cuda" else \
-        tvm.runtime.load_module(str(model_so))
-    vm = relax.VirtualMachine(module, dev)
-    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
-    outs = [out] if hasattr(out, "numpy") else list(out)  # one tensor, or a tuple of them
-    return [o.numpy() for o in outs]
+from pipeline.core.errors import StageFailed
+from pipeline.core.targets import get_target
+from pipeline.runtime.app import run_binary
+from pipeline.runtime.data import seeded_input
+from pipeline.runtime.vm import cuda_available, cuda_device_name, python_vm_outputs
 
 
 def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
     """Write ``input.npy``, ``output_cpp.npy`` and ``smoke.json``; fail on any mismatch."""
-    from . import package
-
     io = json.loads(io_json.read_text(encoding="utf-8"))
     target = get_target(cfg["target"]["name"])
     inp = io["inputs"][0]
@@ -61,7 +38,7 @@ def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
         (out_dir / "smoke.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"smoke: {target.name} artifact built; not run here: no CUDA device", flush=True)
         return result
-    proc = package.run_binary(package_dir, out_dir / "input.npy", out_dir / "output_cpp.npy")
+    proc = run_binary(package_dir, out_dir / "input.npy", out_dir / "output_cpp.npy")
     if proc.returncode != 0:
         raise StageFailed("smoke", f"bin/infer exited {proc.returncode}: "
                           f"{(proc.stderr or proc.stdout)[-2000:]}")
@@ -86,7 +63,7 @@ def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
 def _judge_cuda(result: dict, identical: bool, y_py: np.ndarray, cfg: dict,
                 out_dir: Path) -> dict:
     """CUDA: pass within ``gpu_rel_tol`` (see the module docstring); record bit-identity."""
-    from .spec import ValidationSpec
+    from pipeline.core.spec import ValidationSpec
 
     tol = float(cfg.get("gpu_rel_tol", ValidationSpec().gpu_rel_tol))
     diff = result["max_abs_diff"]
@@ -96,7 +73,7 @@ def _judge_cuda(result: dict, identical: bool, y_py: np.ndarray, cfg: dict,
     result.update(status="pass" if ok else "fail", bit_identical=identical,
                   gate=f"max_abs_diff <= gpu_rel_tol * max(1, max abs ref) = {tol} * "
                        f"{max(1.0, ref_max):.6g} = {limit:.6g}",
-                  gpu_rel_tol=tol, device=_cuda_device_name(),
+                  gpu_rel_tol=tol, device=cuda_device_name(),
                   python_cuda_compile_mode=os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc"))
     (out_dir / "smoke.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not ok:
@@ -106,65 +83,3 @@ def _judge_cuda(result: dict, identical: bool, y_py: np.ndarray, cfg: dict,
     return result
 
 
-def cuda_compile_mode() -> str:
-    """How the Python VM compiles a CUDA model's kernels when it loads it.
-
-    TVM's ``tvm_callback_cuda_compile`` uses NVRTC unless ``TVM_CUDA_COMPILE_MODE=nvcc``,
-    and NVRTC needs the ``cuda-bindings`` package. Where that is missing and ``nvcc`` is on
-    PATH (a machine that packages CUDA artifacts has it), nvcc is chosen, as the app's build
-    does; an explicit ``TVM_CUDA_COMPILE_MODE`` is always kept.
-    """
-    mode = os.environ.get("TVM_CUDA_COMPILE_MODE")
-    if mode:
-        return mode
-    if importlib.util.find_spec("cuda") is not None and \
-            importlib.util.find_spec("cuda.bindings") is not None:
-        return "nvrtc"
-    if shutil.which("nvcc"):
-        os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"  # read by TVM's callback at call time
-        return "nvcc"
-    raise StageFailed("smoke", "the Python VM cannot compile CUDA kernels: neither the "
-                      "cuda-bindings package (NVRTC) nor nvcc is available; "
-                      "`pip install cuda-bindings` or put the CUDA toolkit's nvcc on PATH")
-
-
-_CUDA_MODULES: dict[tuple[str, int, int, str], object] = {}
-
-
-def _load_cuda_module(model_so: Path, dev):
-    """Load a CUDA ``model.so`` in Python, compiling its kernels for this GPU's own SM.
-
-    The kernels are compiled inside a CUDA target scope naming the device's ``sm_XY``: TVM's
-    callback reads the arch from it, so the flags match the app's fatbins (without it, an
-    sm_90 device would get ``sm_90a``). The loaded module is kept per file version: validate
-    loads the same model once per input, and each load would compile every kernel again.
-    """
-    import tvm
-
-    mode = cuda_compile_mode()
-    st = os.stat(model_so)
-    key = (os.path.realpath(model_so), st.st_size, st.st_mtime_ns, mode)
-    if key not in _CUDA_MODULES:
-        major, minor = str(dev.compute_version).split(".")[:2]
-        with tvm.target.Target({"kind": "cuda", "arch": f"sm_{major}{minor}"}):
-            _CUDA_MODULES[key] = tvm.runtime.load_module(str(model_so))
-    return _CUDA_MODULES[key]
-
-
-def _cuda_device_name() -> str:
-    try:
-        import tvm
-
-        dev = tvm.cuda(0)
-        return f"{dev.device_name} (sm_{str(dev.compute_version).replace('.', '')})"
-    except Exception:  # only a label
-        return "cuda:0"
-
-
-def cuda_available() -> bool:
-    try:
-        import tvm
-
-        return bool(tvm.cuda(0).exist)
-    except Exception:
-        return False

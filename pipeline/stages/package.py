@@ -17,12 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, CorruptInputError, StageFailed, collect
-from .targets import TARGETS, TargetSpec
+from pipeline.core.errors import ConfigError, CorruptInputError, StageFailed, collect
+from pipeline.core.project import REPO
+from pipeline.core.targets import TARGETS, TargetSpec
 
 STAGE = "package"
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = REPO
 TEMPLATES_DIR = _ROOT / "templates"
 RUNTIME_CPP_DIR = _ROOT / "runtime_cpp"
 
@@ -98,7 +99,7 @@ class PackageConfig:
     """
 
     model: str  # model name: names the bundle
-    target: str  # target name, as in pipeline.targets
+    target: str  # target name, as in pipeline.core.targets
     target_kind: str  # "llvm" or "cuda"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -146,7 +147,7 @@ class PackageConfig:
     @classmethod
     def for_target(cls, model_name: str, target: TargetSpec, inputs: Sequence[Any],
                    outputs: Sequence[Any], build_type: str = "Release") -> PackageConfig:
-        """Build a config from a :class:`~pipeline.targets.TargetSpec` and a plain io spec.
+        """Build a config from a :class:`~pipeline.core.targets.TargetSpec` and a plain io spec.
 
         Parameters
         ----------
@@ -615,53 +616,3 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     return result
 
 
-def run_binary(pkg_dir: Path, input_npy: Path | Mapping[str, Path], output_npy: Path | None = None,
-               warmup: int = 0, repeat: int = 1, threads: int | None = None,
-               json_path: Path | None = None, *, model: Path | None = None,
-               device_timing: str | None = None,
-               timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a packaged app's ``bin/infer``.
-
-    Parameters
-    ----------
-    pkg_dir : Path
-        A package folder (``out_dir`` of :func:`run`, or an unpacked bundle's root).
-    input_npy : Path or mapping of str to Path
-        The input file; for a model with several inputs, ``{input name: path}``.
-    output_npy : Path, optional
-        Where to write the output (single-output models).
-    warmup, repeat : int
-        Untimed and timed runs.
-    threads : int, optional
-        TVM thread pool size; default: the runtime's choice.
-    json_path : Path, optional
-        Where the app writes its latency statistics as JSON.
-    model : Path, optional
-        Another compiled model than ``pkg_dir/model.so``.
-    device_timing : {"include-copies", "exclude-copies"}, optional
-        Which latency the app reports first.
-    timeout : float, optional
-        Seconds before the app is killed (``subprocess.TimeoutExpired``).
-
-    Returns
-    -------
-    subprocess.CompletedProcess
-        With text ``stdout``/``stderr``; not checked: exit status 2 means bad arguments or
-        input files, 1 a runtime failure.
-    """
-    binary = Path(pkg_dir) / "bin" / "infer"
-    if not binary.is_file():
-        raise ConfigError(f"{binary} does not exist; is {pkg_dir} a package folder?")
-    cmd = [str(binary)]
-    if isinstance(input_npy, Mapping):
-        for name, path in sorted(input_npy.items()):
-            cmd += ["--input", f"{name}={path}"]
-    else:
-        cmd += ["--input", str(input_npy)]
-    options = {"--output": output_npy, "--warmup": warmup, "--repeat": repeat,
-               "--threads": threads, "--json": json_path, "--model": model,
-               "--device-timing": device_timing}
-    for flag, value in options.items():
-        if value is not None:
-            cmd += [flag, str(value)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

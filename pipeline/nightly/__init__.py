@@ -41,9 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PipelineError
-from .hashing import jsonable
-from .stages import REPO, doit_action
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.hashing import jsonable
+from pipeline.core.project import REPO
+from pipeline.tasks.actions import doit_action
 
 STAGES = ("source", "quantize", "import", "tune", "compile", "package", "smoke", "validate",
           "bench")
@@ -97,7 +98,7 @@ class NightlyOptions:
 
         Returns the options and the targets asked for (empty: every buildable target).
         """
-        from .targets import TARGETS
+        from pipeline.core.targets import TARGETS
 
         problems = []
         raw_targets = values.get("targets") or values.get("target") or ""
@@ -144,7 +145,7 @@ def buildable_targets(asked: Sequence[str] = ()) -> tuple[list[str], dict[str, s
 
     CPU always builds; a CUDA target needs ``nvcc`` (cross-compiling needs no GPU).
     """
-    from .targets import TARGETS
+    from pipeline.core.targets import TARGETS
 
     nvcc = _find_nvcc()
     chosen, skipped = [], {}
@@ -389,7 +390,7 @@ def _finite(value: Any) -> float | None:
 def artifact_result(project, spec, variant, target: str, rows: dict[str, dict],
                     machine_class: str) -> dict:
     """What this run knows of one artifact: build status, validation, latency."""
-    from .tasks import artifact_paths
+    from pipeline.core.project import artifact_paths
 
     name = f"{spec.name}_{variant.name}"
     p = artifact_paths(project, spec, variant, target)
@@ -476,7 +477,7 @@ def check(results: Sequence[dict], baseline: dict, threshold: float, sqnr_drop_d
     Each result also gets its own ``failures`` list (what a baseline refresh skips), and
     ``baseline_ratio``/``ratio_limit`` where the baseline has an entry for it.
     """
-    from .validate import failure_lines
+    from pipeline.stages.validate import failure_lines
 
     entries = {_key(e): e for e in baseline["entries"]}
     failures, warnings = [], []
@@ -551,7 +552,7 @@ def append_history(path: Path, record: dict) -> None:
 
 def history_chart(history: Sequence[dict], png: Path) -> Path:
     """Latency ratio (C++/onnxruntime) per artifact over the nightly runs; baseline refreshes
-    drawn as dotted vertical lines. Agg canvas directly, like :func:`pipeline.bench.chart`."""
+    drawn as dotted vertical lines. Agg canvas, like :func:`pipeline.stages.bench.chart`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -701,7 +702,7 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
     project_dir : Path
         The project (``models/`` specs, ``artifacts/``).
     targets : sequence of str, optional
-        Targets to build; default every target in :data:`pipeline.targets.TARGETS` this
+        Targets to build; default every target in :data:`pipeline.core.targets.TARGETS` this
         machine can build.
     options : NightlyOptions, optional
         Baseline mode, thresholds, bench settings.
@@ -718,9 +719,9 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
         ``skipped_targets``, ``stage_counts`` and the report paths. Also written as
         ``artifacts/reports/nightly/nightly.json``.
     """
-    from .bench import chart as latency_chart
-    from .targets import host_machine_class
-    from .tasks import Project
+    from pipeline.core.project import Project
+    from pipeline.core.targets import host_machine_class
+    from pipeline.stages.bench import chart as latency_chart
 
     options = options or NightlyOptions()
     root = Path(project_dir).resolve()

@@ -10,7 +10,8 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from pipeline import __version__
+from pipeline.core.code_digest import code_digest
 
 # Distributions whose version changes what a stage produces. Part of every recipe, so an
 # upgrade of TVM (say) rebuilds exactly the stages that use TVM.
@@ -25,36 +26,6 @@ TOOLS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "validate": ("onnxruntime", "apache-tvm"),
     "bench": ("onnxruntime", "apache-tvm"),
 }
-
-
-# The pipeline's own source files each stage's output depends on (paths under pipeline/).
-# Their digest is part of the recipe: a changed pass re-imports, a changed template does
-# not re-tune; a change that leaves the output bytes alone stops the rebuild right there.
-CODE_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "source": ("source.py",),
-    "quantize": ("quantize.py",),
-    "import": ("importer.py", "lowering.py", "passes"),
-    "tune": ("tune.py", "tuning_log.py", "lowering.py", "passes", "intrinsics.py", "build.py"),
-    "compile": ("build.py", "lowering.py", "passes", "intrinsics.py"),
-    "package": ("package.py",),
-    "smoke": ("smoke.py",),
-    "validate": ("validate.py",),
-    "bench": ("bench.py",),
-}
-_PIPELINE_DIR = Path(__file__).resolve().parent
-
-
-@cache
-def code_digest(stage: str) -> str:
-    """sha256 (16 hex) of the pipeline source files ``stage`` runs."""
-    h = hashlib.sha256()
-    for entry in CODE_BY_STAGE.get(stage, ()):
-        path = _PIPELINE_DIR / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(f.relative_to(_PIPELINE_DIR).as_posix().encode() + b"\0")
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def canonical_json(obj: object) -> str:

@@ -12,10 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PipelineError
-from .store import run_stage
-
-REPO = Path(__file__).resolve().parent.parent  # templates/, runtime_cpp/ live here
+from pipeline.core.errors import PipelineError
+from pipeline.core.store import run_stage
 
 
 def doit_action(fn):
@@ -41,7 +39,7 @@ def _inputs(cfg: dict) -> tuple:
 
 @doit_action
 def source(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import source as stage
+    from pipeline.stages import source as stage
 
     config = stage.SourceConfig(model=cfg["model"], generator=str(upstream.get("generator", "")),
                                 path=str(upstream.get("onnx", "")), seed=cfg["seed"],
@@ -51,7 +49,7 @@ def source(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> No
 
 @doit_action
 def quantize(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import quantize as stage
+    from pipeline.stages import quantize as stage
 
     config = stage.QuantizeConfig(
         method=cfg["method"], samples=cfg["samples"], seed=cfg["seed"],
@@ -63,7 +61,7 @@ def quantize(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> 
 
 @doit_action
 def import_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import importer as stage
+    from pipeline.stages import import_model as stage
 
     config = stage.ImportConfig(inputs=_inputs(cfg), integer=cfg["integer"])
     run_stage(root, "import", cfg, upstream, stable,
@@ -73,7 +71,7 @@ def import_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> N
 @doit_action
 def tune(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path,
          seed_logs: Path, cache_dir: Path) -> None:
-    from . import tune as stage
+    from pipeline.stages import tune as stage
 
     run_stage(root, "tune", cfg, upstream, stable,
               lambda out: stage.run(upstream["module"], seed_logs, cache_dir, cfg, out))
@@ -81,7 +79,7 @@ def tune(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path,
 
 @doit_action
 def compile_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import build as stage
+    from pipeline.stages import compile_model as stage
 
     config = stage.CompileConfig(target=cfg["target"]["name"], integer=cfg["integer"],
                                  layout=cfg.get("layout", ""))
@@ -92,7 +90,7 @@ def compile_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> 
 
 @doit_action
 def package(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import package as stage
+    from pipeline.stages import package as stage
 
     io = json.loads(upstream["io"].read_text(encoding="utf-8"))
     config = stage.PackageConfig(
@@ -105,7 +103,7 @@ def package(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> N
 
 @doit_action
 def smoke(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
-    from . import smoke as stage
+    from pipeline.stages import smoke as stage
 
     run_stage(root, "smoke", cfg, upstream, stable,
               lambda out: stage.run(upstream["binary"].parent.parent, upstream["io"], cfg, out))
@@ -122,7 +120,7 @@ def unlink_deliverables(artifact_dir: Path) -> None:
 
 def link_deliverables(artifact_dir: Path) -> None:
     """Top-level convenience links: ``model.so``, ``bin``, ``src``, the bundle."""
-    from .store import link
+    from pipeline.core.store import link
 
     package_dir = (artifact_dir / "package").resolve()
     for name in DELIVERABLES:
@@ -133,7 +131,7 @@ def link_deliverables(artifact_dir: Path) -> None:
 
 
 def _artifact(spec, variant, target, paths):
-    from .validate import ArtifactUnderTest
+    from pipeline.runtime.artifact import ArtifactUnderTest
 
     return ArtifactUnderTest.from_spec(spec, variant, target, paths)
 
@@ -143,8 +141,8 @@ def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spe
              target, paths) -> None:
     """Validate one artifact; the report is published even when a gate fails, then the
     task fails naming model, target, comparison, metric, value and threshold."""
-    from . import validate as stage
-    from .errors import ValidationFailed
+    from pipeline.core.errors import ValidationFailed
+    from pipeline.stages import validate as stage
 
     art = _artifact(spec, variant, target, paths)
     result = run_stage(root, "validate", cfg, upstream, stable,
@@ -161,7 +159,7 @@ def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spe
 @doit_action
 def bench(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spec, variant,
           target, paths) -> None:
-    from . import bench as stage
+    from pipeline.stages import bench as stage
 
     art = _artifact(spec, variant, target, paths)
     run_stage(root, "bench", cfg, upstream, stable,
@@ -174,16 +172,16 @@ def summarize(kind: str, reports: list[Path], out_dir: Path) -> None:
     results = [json.loads(p.read_text(encoding="utf-8")) for p in reports if p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "validate":
-        from .validate import summarize as write
+        from pipeline.stages.validate import summarize as write
     else:
-        from .bench import report as write
+        from pipeline.stages.bench import report as write
     write(results, out_dir)
     print(f"{kind}: report in {out_dir}", flush=True)
 
 
 @doit_action
 def save_tuning_logs(cache: Path, logs: Path) -> None:
-    from . import tuning_log
+    from pipeline.tuning import logs as tuning_log
 
     report = tuning_log.export_compressed([cache], logs)
     for problem in report.skipped:
@@ -194,7 +192,7 @@ def save_tuning_logs(cache: Path, logs: Path) -> None:
 
 @doit_action
 def gc(root: Path) -> None:
-    from .store import gc as collect
+    from pipeline.core.store import gc as collect
 
     removed = collect(root)
     print(f"gc: removed {len(removed)} unreferenced store entries", flush=True)

@@ -354,7 +354,7 @@ def open_database(db_dir: Path | str):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from . import intrinsics
+    from pipeline.compiler import intrinsics
 
     intrinsics.register()  # records of tensorized schedules name the project's intrinsic
     try:
@@ -374,7 +374,7 @@ def drop_unreplayable(db_dir: Path | str) -> list[str]:
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from . import intrinsics
+    from pipeline.compiler import intrinsics
 
     intrinsics.register()  # or every VNNI record would "fail" and be dropped
     contents = load(db_dir)

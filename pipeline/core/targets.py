@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

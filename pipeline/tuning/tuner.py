@@ -1,17 +1,17 @@
-"""Stage ``tune``: MetaSchedule tuning that reuses what it already learned.
+"""The tuning search: MetaSchedule over a lowered module, reusing what the database holds.
 
-MetaSchedule alone re-tunes every task even when its database holds records, so this stage
+MetaSchedule alone re-tunes every task even when its database holds records, so this module
 decides per workload what still needs work: in ``missing`` mode only workloads with no valid
 record are tuned (a fully cached model tunes nothing); in ``extend`` mode every workload is
 tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in order of their
 estimated share of model latency, so a small budget buys most of the gain first. A task that
 ends with no valid measurement is retried once, then reported: compile would otherwise use
-its naive schedule without any error (FACTS.md).
+its naive schedule without any error (FACTS.md). Used by the tune stage and by the layout
+search (both tune, neither owns the search).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tuning_log
-from .errors import ConfigError, StageFailed, collect
+from pipeline.compiler.workloads import TaskPlan, plan_tasks
+from pipeline.core.errors import ConfigError, StageFailed, collect
+from pipeline.core.project import REPO
+from pipeline.tuning import logs as tuning_log
 
 log = logging.getLogger(__name__)
+
 
 RETRY_SEED_OFFSET = 1000  # a retry searches from another seed, so it samples other candidates
 
@@ -37,20 +40,6 @@ class TuneBudget:
     mode: str = "missing"  # "missing": tune unseen workloads only; "extend": top up to budget
     seed: int = 0
     builder_timeout: float = 120.0
-
-
-@dataclass
-class TaskPlan:
-    """One tuning task with its estimated share of model latency."""
-
-    name: str
-    task: object  # ms.ExtractedTask
-    weight: int
-    flops: float
-    share: float = 0.0
-    records: int = 0
-    best_us: float | None = None
-    attempts: int = 0  # tuning runs of this task in this call (2 after a retry)
 
 
 class TuningFailed(StageFailed):
@@ -75,7 +64,7 @@ class TuningFailed(StageFailed):
 def _workers_can_import_pipeline() -> None:
     """Builder workers are fresh interpreters started in the current directory; the
     initializer below is pickled by reference, so they must find this package too."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(REPO)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
@@ -89,7 +78,7 @@ def _import_intrinsics() -> None:
     """
     import tvm.s_tir.tensor_intrin  # noqa: F401
 
-    from . import intrinsics
+    from pipeline.compiler import intrinsics
 
     intrinsics.register()
 
@@ -149,25 +138,6 @@ def make_runner(rpc: dict | None):
         tracker_key=rpc["device_key"], session_timeout_sec=rpc["timeout"]))
 
 
-def plan_tasks(mod, target) -> list[TaskPlan]:
-    """Extract tuning tasks and order them by estimated share (weight x FLOPs)."""
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.analysis import estimate_tir_flops
-
-    plans = []
-    for task in ms.relax_integration.extract_tasks(mod, target):
-        try:
-            flops = float(estimate_tir_flops(task.dispatched[0]))
-        except Exception:  # some kernels (pure copies) have no FLOP estimate
-            flops = 0.0
-        plans.append(TaskPlan(task.task_name, task, int(task.weight), max(flops, 1.0)))
-    total = sum(p.weight * p.flops for p in plans) or 1.0
-    for p in plans:
-        p.share = p.weight * p.flops / total
-    plans.sort(key=lambda p: (-p.share, p.name))
-    return plans
-
-
 def rank_by_measured_share(plans: list[TaskPlan]) -> list[TaskPlan]:
     """Re-order ``plans`` by measured time (weight x best latency) once records exist.
 
@@ -197,7 +167,7 @@ def valid_records(database, workload_mod, limit: int) -> list:
             if r.run_secs and max(float(s) for s in r.run_secs) < tuning_log.FAILED_RUN_SECS]
 
 
-def _workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
+def workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
     """(valid records, best latency in us) of a task's workload in ``database``."""
     valid = valid_records(database, plan.task.dispatched[0], limit=100000)
     if not valid:
@@ -218,7 +188,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
     Parameters
     ----------
     mod : tvm.IRModule
-        Lowered Relax module (see :func:`pipeline.lowering.lower_for_target`).
+        Lowered Relax module (see :func:`pipeline.compiler.lowering.lower_for_target`).
     target : tvm.target.Target
         Target to tune for; keep one ``db_dir`` per target.
     db_dir : Path
@@ -248,7 +218,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
     database = tuning_log.open_database(db_dir)
     plans = plan_tasks(mod, target)
     for p in plans:
-        p.records, p.best_us = _workload_stats(database, p)
+        p.records, p.best_us = workload_stats(database, p)
     rank_by_measured_share(plans)
 
     def wanted(p: TaskPlan) -> int:
@@ -266,7 +236,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
     if not todo:
         return plans
 
-    from . import intrinsics
+    from pipeline.compiler import intrinsics
 
     # The stock VNNI intrinsic is broken with the wheel's LLVM 22: register ours here too,
     # or every tensorized candidate fails to build and the task silently stays untuned.
@@ -302,7 +272,7 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
                 runner=runner, database=database)
             p.attempts += 1
             before = p.records
-            p.records, p.best_us = _workload_stats(database, p)
+            p.records, p.best_us = workload_stats(database, p)
             trials_done += n
             best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
             progress(f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
@@ -348,140 +318,3 @@ def estimated_latency_us(plans: list[TaskPlan]) -> float:
     if any(p.best_us is None for p in plans):
         return math.nan
     return sum(p.weight * p.best_us for p in plans)
-
-
-def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
-                     verify: bool) -> list:
-    """Write one record per workload of this model into a fresh database in ``out_dir``.
-
-    With ``verify`` (a CPU target built on this host) it is the fastest record whose kernel
-    computes what the naive kernel computes (:mod:`pipeline.kernel_check`); otherwise the
-    fastest. The stage output holds only what compile needs, in task order, so equal inputs
-    give equal bytes (the cache itself keeps every record for later tuning). Returns the
-    kernel verdicts (empty without ``verify``).
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    from . import kernel_check
-
-    candidates = {p.name: (p.task.dispatched[0], valid_records(
-        cache_db, p.task.dispatched[0], kernel_check.MAX_CANDIDATES if verify else 1))
-        for p in plans}
-    verdicts = []
-    if verify:
-        chosen, verdicts = kernel_check.check_records(
-            candidates, target, progress=lambda s: print(s, flush=True))
-    else:
-        chosen = {n: recs[0] for n, (_, recs) in candidates.items() if recs}
-    out_db = ms.database.JSONDatabase(work_dir=str(out_dir))
-    for name in sorted(chosen):
-        r = chosen[name]
-        # Commit the workload the record was tuned on, not the task's module: they are
-        # structurally equal, but a trace finds blocks by name, and some block names
-        # (a reduction's "lv224_red") follow the importer's variable numbering.
-        out_db.commit_tuning_record(ms.database.TuningRecord(
-            r.trace, out_db.commit_workload(r.workload.mod), r.run_secs, r.target,
-            r.args_info))
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        (out_dir / name).touch()  # present even when nothing is tuned: compile's file_dep
-    return verdicts
-
-
-def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
-    """Stage entry: seed from the committed logs and the local cache, tune what is missing,
-    publish the best record of each of this model's workloads into ``out_dir``.
-
-    Tuning writes straight into the persistent cache (``artifacts/tuning_cache/<key>``), not
-    into the stage's temp dir, so a killed run keeps every record it measured. Without
-    tuning, the cache is only read (through the tolerant loader, into a scratch copy), so a
-    build never waits for, nor disturbs, a long tuning run of another artifact.
-    """
-    import tempfile
-
-    from . import intrinsics
-    from .build import load_module
-    from .lowering import lower_for_target
-    from .store import file_lock
-    from .targets import get_target, tvm_target
-
-    # Records of tensorized schedules name their intrinsic: it must be registered before
-    # any database holding them is opened (or JSONDatabase fails to load).
-    intrinsics.register()
-    spec = get_target(cfg["target"]["name"])
-    target = tvm_target(spec)
-    mod = lower_for_target(load_module(module_json), target,
-                           "int8" if cfg["integer"] else "float32", cfg.get("layout", ""))
-    budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
-                        wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
-    can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
-    # Kernels are checked where they can run: a CPU target is this host (unless an RPC
-    # tracker measures on another machine, whose CPU may differ).
-    verify = not spec.is_gpu and not cfg["rpc"]
-    if budget.mode == "off" or not can_measure:
-        if budget.mode != "off":
-            print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
-                  "untuned kernels get DLight schedules", flush=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-            db_dir = Path(scratch) / "db"
-            _merge_logs([seed_logs, cache_dir], db_dir)
-            database = tuning_log.open_database(db_dir)
-            plans = plan_tasks(mod, target)
-            for p in plans:
-                p.records, p.best_us = _workload_stats(database, p)
-            verdicts = _publish_records(database, plans, out_dir, target, verify)
-    else:
-        # One tuner per cache at a time: the database is appended to line by line, and
-        # merging rewrites it; a second artifact's tuning waits here.
-        with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
-                       f"tuning cache {cache_dir}"):
-            _merge_logs([seed_logs, cache_dir], cache_dir)
-            plans = tune_module(mod, target, cache_dir, budget,
-                                runner=make_runner(_rpc(cfg["rpc"])),
-                                progress=lambda s: print(s, flush=True))
-            verdicts = _publish_records(tuning_log.open_database(cache_dir), plans, out_dir,
-                                        target, verify)
-    verdict = {v.name: v for v in verdicts}
-    summary = {
-        "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
-                   "records": p.records, "best_us": p.best_us,
-                   **_verdict_fields(verdict.get(p.name), p)} for p in plans],
-        "kernels_checked": bool(verify),
-        "wrong_records_skipped": sum(len(v.rejected) for v in verdicts),
-        "untuned": sorted(p.name for p in plans if p.best_us is None or (
-            p.name in verdict and not verdict[p.name].ok)),
-        "estimated_latency_us": estimated_latency_us(plans),
-    }
-    if verify:
-        wrong = [v for v in verdicts if v.rejected]
-        print(f"tune: checked the published kernel of {len(plans) - len(summary['untuned'])} "
-              f"workloads against the naive kernel: "
-              + (f"{summary['wrong_records_skipped']} wrong record(s) skipped in "
-                 f"{', '.join(v.name for v in wrong)}" if wrong else "all agree"), flush=True)
-    (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"tasks": len(plans), "untuned": len(summary["untuned"])}
-
-
-def _verdict_fields(verdict, plan: TaskPlan) -> dict:
-    """tune_report.json fields of one task's kernel check (none when not checked)."""
-    if verdict is None or plan.records == 0:
-        return {}
-    return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
-
-
-def _merge_logs(sources: list[Path], dest: Path) -> None:
-    report = tuning_log.merge(sources, dest)
-    for problem in [*report.skipped, *report.warnings]:
-        print(f"tune: WARNING {problem}", flush=True)
-
-
-def _rpc(spec: str) -> dict | None:
-    if not spec:
-        return None
-    host, port, key = spec.split(":")
-    return {"tracker_host": host, "tracker_port": int(port), "device_key": key}
-
-
-def _has_cuda() -> bool:
-    from .smoke import cuda_available
-
-    return cuda_available()

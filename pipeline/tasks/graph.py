@@ -7,100 +7,20 @@ is plain JSON-able data, used both as doit's ``config_changed`` and as the stage
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import stages
-from .errors import ConfigError
-from .hashing import tool_versions
-from .spec import CPU_FP32_LAYOUTS, ModelSpec, VariantSpec, load_specs
-from .store import intact
-from .targets import TargetSpec, target_config, target_key
+from pipeline.core.hashing import tool_versions
+from pipeline.core.project import REPO, Project, artifact_paths
+from pipeline.core.spec import ModelSpec, VariantSpec
+from pipeline.core.store import intact
+from pipeline.core.targets import TargetSpec, target_config, target_key
+from pipeline.tasks import actions as stages
+from pipeline.tasks.options import Options
 
 TEMPLATE_FILES = ("templates", "runtime_cpp")
-TUNE_MODES = ("off", "missing", "extend")
-
-
-@dataclass(frozen=True)
-class Options:
-    """Command-line choices (``doit build:x target=cpu tune=missing trials=32``)."""
-
-    target: str = "cpu"
-    tune: str = "missing"  # off | missing | extend
-    trials: int | None = None  # overrides the spec's trials_per_task
-    tune_minutes: float | None = None  # overrides the spec's wall_seconds
-    rpc: str = ""  # host:port:device_key of a TVM RPC tracker for measurement
-    layout: str = ""  # overrides the spec's fp32 conv layout on CPUs (NHWC | NCHW16c)
-    threads: int | None = None  # bench threads (default: every core of this machine)
-    warmup: int = 5
-    repeat: int = 30
-
-    def validate(self) -> None:
-        """Collect every bad option into one ConfigError."""
-        from .targets import TARGETS
-
-        problems = []
-        if self.target not in TARGETS:
-            problems.append(f"target={self.target}: known targets are {', '.join(TARGETS)}")
-        if self.tune not in TUNE_MODES:
-            problems.append(f"tune={self.tune}: use one of {', '.join(TUNE_MODES)}")
-        if self.trials is not None and self.trials < 1:
-            problems.append(f"trials={self.trials}: must be >= 1")
-        if self.layout and self.layout not in CPU_FP32_LAYOUTS:
-            problems.append(f"layout={self.layout}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
-        if self.rpc and len(self.rpc.split(":")) != 3:
-            problems.append(f"rpc={self.rpc}: use host:port:device_key")
-        if problems:
-            raise ConfigError("bad command-line option(s):\n  - " + "\n  - ".join(problems))
-
-
-@dataclass(frozen=True)
-class Project:
-    """Where a build reads specs and writes artifacts (the directory doit runs in)."""
-
-    root: Path
-    specs: dict[str, ModelSpec]
-
-    @classmethod
-    def load(cls, root: Path) -> Project:
-        return cls(root, load_specs(root / "models"))
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def tuning_logs(self) -> Path:
-        return self.root / "models" / "tuning_logs"
-
-
-@dataclass(frozen=True)
-class ArtifactPaths:
-    """The stable (symlinked) paths of one artifact's stage outputs."""
-
-    source: Path
-    quantize: Path | None
-    import_: Path
-    tune: Path
-    compile: Path
-    package: Path
-    smoke: Path
-    artifact_dir: Path  # artifacts/<model>_<variant>/<target>
-
-
-def artifact_paths(project: Project, spec: ModelSpec, variant: VariantSpec,
-                   target: str) -> ArtifactPaths:
-    art = project.artifacts
-    name = f"{spec.name}_{variant.name}"
-    out = art / name / target
-    return ArtifactPaths(
-        source=art / spec.name / "source",
-        quantize=art / name / "quantize" if variant.quantize else None,
-        import_=art / name / "import",
-        tune=out / "tune", compile=out / "compile", package=out / "package",
-        smoke=out / "smoke", artifact_dir=out)
 
 
 def _inputs(spec: ModelSpec) -> list[dict]:
@@ -207,8 +127,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                              p.compile, "model.so")
     upstream = {"model": p.compile / "model.so", "io": p.compile / "io.json"}
     for folder in TEMPLATE_FILES:
-        for f in _files(stages.REPO / folder):
-            upstream[f"{folder}/{f.relative_to(stages.REPO / folder).as_posix()}"] = f
+        for f in _files(REPO / folder):
+            upstream[f"{folder}/{f.relative_to(REPO / folder).as_posix()}"] = f
     tasks["package"] = _task(project, at,
                              f"C++ app, bin/infer and bundle of {name} for {target.name}",
                              stages.package, {"artifact": name, "target": tcfg}, upstream,

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UnsupportedModelError
+from pipeline.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
     """Write ``module.json`` and ``import_report.json`` into ``out_dir``."""
     import tvm
 
-    from .lowering import graph_cleanup
+    from pipeline.compiler.lowering import graph_cleanup
 
     mod = import_onnx(model_path, config)
     mod = graph_cleanup()(mod)
     report: dict = {"integer_pass": False}
     if config.integer:
-        from .passes.qdq_to_integer import quantize_to_integer
+        from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
 
         mod, integer_report = quantize_to_integer(mod)
         report = {"integer_pass": True, "summary": integer_report.summary(),

@@ -1,0 +1,93 @@
+"""TVM in Python: run an exported Relax executable on the CPU or a CUDA device.
+
+The reference the C++ app is compared with (smoke, validate) and a bench runner.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import StageFailed
+
+
+def python_vm_outputs(model_so: Path, feeds: list[np.ndarray], device: str = "cpu"):
+    """Run ``main`` of an exported Relax executable in Python; returns numpy outputs."""
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    module = _load_cuda_module(model_so, dev) if device == "cuda" else \
+        tvm.runtime.load_module(str(model_so))
+    vm = relax.VirtualMachine(module, dev)
+    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
+    outs = [out] if hasattr(out, "numpy") else list(out)  # one tensor, or a tuple of them
+    return [o.numpy() for o in outs]
+
+
+def cuda_compile_mode() -> str:
+    """How the Python VM compiles a CUDA model's kernels when it loads it.
+
+    TVM's ``tvm_callback_cuda_compile`` uses NVRTC unless ``TVM_CUDA_COMPILE_MODE=nvcc``,
+    and NVRTC needs the ``cuda-bindings`` package. Where that is missing and ``nvcc`` is on
+    PATH (a machine that packages CUDA artifacts has it), nvcc is chosen, as the app's build
+    does; an explicit ``TVM_CUDA_COMPILE_MODE`` is always kept.
+    """
+    mode = os.environ.get("TVM_CUDA_COMPILE_MODE")
+    if mode:
+        return mode
+    if importlib.util.find_spec("cuda") is not None and \
+            importlib.util.find_spec("cuda.bindings") is not None:
+        return "nvrtc"
+    if shutil.which("nvcc"):
+        os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"  # read by TVM's callback at call time
+        return "nvcc"
+    raise StageFailed("smoke", "the Python VM cannot compile CUDA kernels: neither the "
+                      "cuda-bindings package (NVRTC) nor nvcc is available; "
+                      "`pip install cuda-bindings` or put the CUDA toolkit's nvcc on PATH")
+
+
+_CUDA_MODULES: dict[tuple[str, int, int, str], object] = {}
+
+
+def _load_cuda_module(model_so: Path, dev):
+    """Load a CUDA ``model.so`` in Python, compiling its kernels for this GPU's own SM.
+
+    The kernels are compiled inside a CUDA target scope naming the device's ``sm_XY``: TVM's
+    callback reads the arch from it, so the flags match the app's fatbins (without it, an
+    sm_90 device would get ``sm_90a``). The loaded module is kept per file version: validate
+    loads the same model once per input, and each load would compile every kernel again.
+    """
+    import tvm
+
+    mode = cuda_compile_mode()
+    st = os.stat(model_so)
+    key = (os.path.realpath(model_so), st.st_size, st.st_mtime_ns, mode)
+    if key not in _CUDA_MODULES:
+        major, minor = str(dev.compute_version).split(".")[:2]
+        with tvm.target.Target({"kind": "cuda", "arch": f"sm_{major}{minor}"}):
+            _CUDA_MODULES[key] = tvm.runtime.load_module(str(model_so))
+    return _CUDA_MODULES[key]
+
+
+def cuda_device_name() -> str:
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        return f"{dev.device_name} (sm_{str(dev.compute_version).replace('.', '')})"
+    except Exception:  # only a label
+        return "cuda:0"
+
+
+def cuda_available() -> bool:
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:
+        return False

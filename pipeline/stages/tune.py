@@ -1,0 +1,166 @@
+"""Stage ``tune``: MetaSchedule tuning that reuses what it already learned.
+
+MetaSchedule alone re-tunes every task even when its database holds records, so this stage
+decides per workload what still needs work: in ``missing`` mode only workloads with no valid
+record are tuned (a fully cached model tunes nothing); in ``extend`` mode every workload is
+tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in order of their
+estimated share of model latency, so a small budget buys most of the gain first. A task that
+ends with no valid measurement is retried once, then reported: compile would otherwise use
+its naive schedule without any error (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.compiler.workloads import TaskPlan, plan_tasks
+from pipeline.tuning import logs as tuning_log
+from pipeline.tuning.tuner import (
+    TuneBudget,
+    estimated_latency_us,
+    make_runner,
+    tune_module,
+    valid_records,
+    workload_stats,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
+                     verify: bool) -> list:
+    """Write one record per workload of this model into a fresh database in ``out_dir``.
+
+    With ``verify`` (a CPU target built on this host) it is the fastest record whose kernel
+    computes what the naive kernel computes (:mod:`pipeline.tuning.kernel_check`); otherwise the
+    fastest. The stage output holds only what compile needs, in task order, so equal inputs
+    give equal bytes (the cache itself keeps every record for later tuning). Returns the
+    kernel verdicts (empty without ``verify``).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tuning import kernel_check
+
+    candidates = {p.name: (p.task.dispatched[0], valid_records(
+        cache_db, p.task.dispatched[0], kernel_check.MAX_CANDIDATES if verify else 1))
+        for p in plans}
+    verdicts = []
+    if verify:
+        chosen, verdicts = kernel_check.check_records(
+            candidates, target, progress=lambda s: print(s, flush=True))
+    else:
+        chosen = {n: recs[0] for n, (_, recs) in candidates.items() if recs}
+    out_db = ms.database.JSONDatabase(work_dir=str(out_dir))
+    for name in sorted(chosen):
+        r = chosen[name]
+        # Commit the workload the record was tuned on, not the task's module: they are
+        # structurally equal, but a trace finds blocks by name, and some block names
+        # (a reduction's "lv224_red") follow the importer's variable numbering.
+        out_db.commit_tuning_record(ms.database.TuningRecord(
+            r.trace, out_db.commit_workload(r.workload.mod), r.run_secs, r.target,
+            r.args_info))
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (out_dir / name).touch()  # present even when nothing is tuned: compile's file_dep
+    return verdicts
+
+
+def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
+    """Stage entry: seed from the committed logs and the local cache, tune what is missing,
+    publish the best record of each of this model's workloads into ``out_dir``.
+
+    Tuning writes straight into the persistent cache (``artifacts/tuning_cache/<key>``), not
+    into the stage's temp dir, so a killed run keeps every record it measured. Without
+    tuning, the cache is only read (through the tolerant loader, into a scratch copy), so a
+    build never waits for, nor disturbs, a long tuning run of another artifact.
+    """
+    import tempfile
+
+    from pipeline.compiler import intrinsics
+    from pipeline.compiler.lowering import lower_for_target
+    from pipeline.compiler.workloads import load_module
+    from pipeline.core.store import file_lock
+    from pipeline.core.targets import get_target, tvm_target
+
+    # Records of tensorized schedules name their intrinsic: it must be registered before
+    # any database holding them is opened (or JSONDatabase fails to load).
+    intrinsics.register()
+    spec = get_target(cfg["target"]["name"])
+    target = tvm_target(spec)
+    mod = lower_for_target(load_module(module_json), target,
+                           "int8" if cfg["integer"] else "float32", cfg.get("layout", ""))
+    budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
+                        wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
+    can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
+    # Kernels are checked where they can run: a CPU target is this host (unless an RPC
+    # tracker measures on another machine, whose CPU may differ).
+    verify = not spec.is_gpu and not cfg["rpc"]
+    if budget.mode == "off" or not can_measure:
+        if budget.mode != "off":
+            print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
+                  "untuned kernels get DLight schedules", flush=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+            db_dir = Path(scratch) / "db"
+            _merge_logs([seed_logs, cache_dir], db_dir)
+            database = tuning_log.open_database(db_dir)
+            plans = plan_tasks(mod, target)
+            for p in plans:
+                p.records, p.best_us = workload_stats(database, p)
+            verdicts = _publish_records(database, plans, out_dir, target, verify)
+    else:
+        # One tuner per cache at a time: the database is appended to line by line, and
+        # merging rewrites it; a second artifact's tuning waits here.
+        with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
+                       f"tuning cache {cache_dir}"):
+            _merge_logs([seed_logs, cache_dir], cache_dir)
+            plans = tune_module(mod, target, cache_dir, budget,
+                                runner=make_runner(_rpc(cfg["rpc"])),
+                                progress=lambda s: print(s, flush=True))
+            verdicts = _publish_records(tuning_log.open_database(cache_dir), plans, out_dir,
+                                        target, verify)
+    verdict = {v.name: v for v in verdicts}
+    summary = {
+        "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
+                   "records": p.records, "best_us": p.best_us,
+                   **_verdict_fields(verdict.get(p.name), p)} for p in plans],
+        "kernels_checked": bool(verify),
+        "wrong_records_skipped": sum(len(v.rejected) for v in verdicts),
+        "untuned": sorted(p.name for p in plans if p.best_us is None or (
+            p.name in verdict and not verdict[p.name].ok)),
+        "estimated_latency_us": estimated_latency_us(plans),
+    }
+    if verify:
+        wrong = [v for v in verdicts if v.rejected]
+        print(f"tune: checked the published kernel of {len(plans) - len(summary['untuned'])} "
+              f"workloads against the naive kernel: "
+              + (f"{summary['wrong_records_skipped']} wrong record(s) skipped in "
+                 f"{', '.join(v.name for v in wrong)}" if wrong else "all agree"), flush=True)
+    (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"tasks": len(plans), "untuned": len(summary["untuned"])}
+
+
+def _verdict_fields(verdict, plan: TaskPlan) -> dict:
+    """tune_report.json fields of one task's kernel check (none when not checked)."""
+    if verdict is None or plan.records == 0:
+        return {}
+    return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
+
+
+def _merge_logs(sources: list[Path], dest: Path) -> None:
+    report = tuning_log.merge(sources, dest)
+    for problem in [*report.skipped, *report.warnings]:
+        print(f"tune: WARNING {problem}", flush=True)
+
+
+def _rpc(spec: str) -> dict | None:
+    if not spec:
+        return None
+    host, port, key = spec.split(":")
+    return {"tracker_host": host, "tracker_port": int(port), "device_key": key}
+
+
+def _has_cuda() -> bool:
+    from pipeline.runtime.vm import cuda_available
+
+    return cuda_available()
