@@ -319,6 +319,36 @@ def test_npy_errors_name_the_file_and_the_problem(driver, tmp_path):
         assert name in proc.stderr and expected in proc.stderr, (name, proc.stderr)
 
 
+def _npy_v2(header: bytes, declared_len: int | None = None) -> bytes:
+    """A v2.0 .npy prefix + header, its length field possibly lying."""
+    length = len(header) if declared_len is None else declared_len
+    return b"\x93NUMPY\x02\x00" + struct.pack("<I", length) + header
+
+
+def test_npy_refuses_what_is_no_regular_file_or_claims_more_than_it_holds(driver, tmp_path):
+    """Nothing is read from a device, and nothing allocated for a size only the header claims."""
+    os.mkfifo(tmp_path / "fifo")  # opening it must not wait for a writer
+    (tmp_path / "folder.npy").mkdir()
+    huge_shape = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }\n"
+    (tmp_path / "huge_shape.npy").write_bytes(_npy_v2(huge_shape) + b"\0" * 16)
+    (tmp_path / "huge_header.npy").write_bytes(_npy_v2(b"{", declared_len=0xFFFFFFF0))
+    (tmp_path / "header_over_limit.npy").write_bytes(_npy_v2(b" " * 70000))
+    cases = [
+        (tmp_path / "folder.npy", "is a directory"),
+        (Path("/dev/zero"), "is not a regular file"),
+        (tmp_path / "fifo", "is not a regular file"),
+        (tmp_path / "huge_shape.npy",
+         "truncated data: shape (1099511627776,) float32 needs 4398046511104 bytes, file has 16"),
+        (tmp_path / "huge_header.npy", "header length 4294967280 bytes is over the limit"),
+        (tmp_path / "header_over_limit.npy", "header length 70000 bytes is over the limit"),
+    ]
+    for path, expected in cases:
+        proc = subprocess.run([driver, "copy", path, tmp_path / "out.npy"], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 1, (path, proc.stderr)
+        assert f"npy file '{path}': {expected}" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("samples", [[3.0], [4.0, 1.0], [5.0, 1.0, 4.0, 2.0, 3.0],
                                      list(np.random.default_rng(3).exponential(2.0, 101))])
 def test_latency_stats_agree_with_numpy(driver, samples):
