@@ -407,17 +407,26 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
     np.save(tmp_path / "ints.npy", np.zeros((1, 3, 8, 8), np.int64))
     (tmp_path / "notes.npy").write_text("this is not an array")
     (tmp_path / "cut.npy").write_bytes(tiny["x_npy"].read_bytes()[:-7])
+    (tmp_path / "cut_header.npy").write_bytes(tiny["x_npy"].read_bytes()[:40])
+    (tmp_path / "folder").mkdir()
     cases = [
         (tmp_path / "small.npy", "shape (1,3,8,8) expected, got (1,3,32,32)"),
         (tmp_path / "ints.npy", "dtype float32 expected, got int64"),
         (tmp_path / "notes.npy", "not a .npy file"),
         (tmp_path / "cut.npy", "truncated data"),
+        (tmp_path / "cut_header.npy", "truncated header"),
         (tmp_path / "absent.npy", "cannot open"),
+        # Once an uncaught exception (SIGABRT, exit 134) and a read that never ended.
+        (tmp_path / "folder", "is a directory; pass the path of a .npy file"),
+        (Path("/dev/zero"), "is not a regular file"),
+        ({"x": Path("/dev/zero")}, "is not a regular file"),  # the NAME=PATH form
     ]
     for path, expected in cases:
-        proc = package.run_binary(out, path)
-        assert proc.returncode == 2, (path, proc.stdout, proc.stderr)
-        assert expected in proc.stderr and str(path) in proc.stderr, proc.stderr
+        proc = package.run_binary(out, path, timeout=60)
+        assert proc.returncode == 2, (path, proc.returncode, proc.stdout, proc.stderr)
+        shown = str(path["x"] if isinstance(path, dict) else path)
+        assert proc.stderr.startswith("infer: input ") and proc.stderr.count("\n") == 2
+        assert shown in proc.stderr and expected in proc.stderr, proc.stderr
         assert proc.stdout == ""
 
     binary = str(out / "bin" / "infer")
@@ -431,10 +440,20 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
         (["--input", x, "--model", str(tmp_path / "nope.so")], "model file"),
         (["--input", x, "--input", x], "--input given twice"),
         (["--input"], "--input needs a value"),
+        (["--input", x, "--model", str(tmp_path)], "is a directory; pass --model"),
+        (["--input", x, "--model", "/dev/zero"], "is not a regular file; pass --model"),
+        # Output paths are checked before the model runs.
+        (["--input", x, "--output", str(tmp_path)], "is a directory; pass a file path"),
+        (["--input", x, "--output", str(tmp_path / "no" / "y.npy")], "does not exist; create it"),
+        # The .npy writer renames a temporary file into place: never over a device.
+        (["--input", x, "--output", "/dev/null"], "exists and is not a regular file"),
+        (["--input", x, "--json", str(tmp_path)], "is a directory; pass a file path"),
     ]
     for args, expected in bad_args:
-        proc = subprocess.run([binary, *args], capture_output=True, text=True)
+        proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == "", args
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
 
     # A file that exists but is no model: a runtime failure (1), one line, no crash.
     proc = subprocess.run([binary, "--input", x, "--model", x], capture_output=True, text=True)

@@ -60,8 +60,8 @@ const char kUsage[] =
     "usage: infer --input PATH [--output PATH] [--model PATH] [--warmup N] [--repeat N]\n"
     "             [--threads N] [--json PATH] [--device-timing include-copies|exclude-copies]\n"
     "\n"
-    "  --input PATH     input .npy file; for a model with several inputs, repeat\n"
-    "                   --input NAME=PATH once per input\n"
+    "  --input PATH     input .npy file (a regular file); for a model with several inputs,\n"
+    "                   repeat --input NAME=PATH once per input\n"
     "  --output PATH    write the output as .npy (NAME=PATH per output if several)\n"
     "  --model PATH     compiled model (default: model.so in the folder above bin/)\n"
     "  --warmup N       untimed runs first (default 0)\n"
@@ -224,9 +224,43 @@ npy::Array load_input(const std::string& path, const TensorSpec& spec) {
   return array;
 }
 
-bool is_file(const std::string& path) {
+/*! \brief UsageError unless `path` is a regular file this process may read. */
+void check_readable_file(const std::string& what, const std::string& path, const std::string& hint) {
   struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (::stat(path.c_str(), &st) != 0) {
+    throw UsageError(what + " '" + path + "' not found (" + std::strerror(errno) + "); " + hint);
+  }
+  if (S_ISDIR(st.st_mode)) throw UsageError(what + " '" + path + "' is a directory; " + hint);
+  if (!S_ISREG(st.st_mode)) throw UsageError(what + " '" + path + "' is not a regular file; " + hint);
+  if (::access(path.c_str(), R_OK) != 0) {
+    throw UsageError(what + " '" + path + "' is not readable (" + std::strerror(errno) + "); " + hint);
+  }
+}
+
+/*!
+ * \brief UsageError unless a file can be written at `path`: checked before the model runs,
+ * so a typo costs no run.
+ *
+ * `replace_only_files`: the .npy writer renames a temporary file over `path`, which must not
+ * replace a device such as /dev/null; the JSON writer writes in place, so /dev/stdout is fine.
+ */
+void check_writable_path(const std::string& flag, const std::string& path, bool replace_only_files) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) throw UsageError(flag + " '" + path + "' is a directory; pass a file path");
+    if (replace_only_files && !S_ISREG(st.st_mode)) {
+      throw UsageError(flag + " '" + path + "' exists and is not a regular file; pass a file path");
+    }
+    return;
+  }
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw UsageError(flag + " '" + path + "': folder '" + dir + "' does not exist; create it first");
+  }
+  if (::access(dir.c_str(), W_OK) != 0) {
+    throw UsageError(flag + " '" + path + "': folder '" + dir + "' is not writable (" + std::strerror(errno) + ")");
+  }
 }
 
 /*! \brief Real directory of this executable (the bundle's bin/), via /proc/self/exe. */
@@ -440,7 +474,7 @@ int main(int argc, char** argv) {
     if (opt.threads > 0) ::setenv("TVM_NUM_THREADS", std::to_string(opt.threads).c_str(), 1);
 
     model_path = opt.model.empty() ? bin_dir + "/../model.so" : opt.model;
-    if (!is_file(model_path)) throw UsageError("model file '" + model_path + "' not found (pass --model PATH)");
+    check_readable_file("model file", model_path, "pass --model with the path of a compiled model.so");
     // An absolute path: Module::LoadFromFile would search for a name without a '/', and the
     // model's folder is where its CUDA kernels live.
     if (char* real = ::realpath(model_path.c_str(), nullptr)) {
@@ -456,9 +490,16 @@ int main(int argc, char** argv) {
       host_inputs.push_back(load_input(input_paths[k], kInputs[k]));
     }
     output_paths = bind_paths(opt.outputs, kOutputs, "--output");
+    for (const std::string& path : output_paths) {
+      if (!path.empty()) check_writable_path("--output", path, true);
+    }
+    if (!opt.json.empty()) check_writable_path("--json", opt.json, false);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "infer: %s\n(run infer --help for usage)\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // out of memory, say: one line, not an abort
+    std::fprintf(stderr, "infer: %s\n", e.what());
+    return 1;
   }
 
   try {
@@ -471,6 +512,9 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "infer: %s\n", e.what());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "infer: unexpected error of unknown type\n");
     return 1;
   }
 }
