@@ -373,7 +373,8 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert package.cuda_kernel_sources(result["model"]) == []
 
     y_path, stats_path = tmp_path / "y.npy", tmp_path / "stats.json"
-    proc = package.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=2,
+    threads = min(2, os.cpu_count())  # --threads may not exceed the cores
+    proc = package.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=threads,
                               json_path=stats_path)
     assert proc.returncode == 0, proc.stderr
     y = np.load(y_path)
@@ -382,13 +383,13 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert y.tobytes() == tiny["vm"].tobytes()
     np.testing.assert_allclose(y, tiny["ort"], rtol=1e-5, atol=1e-5)
 
-    assert "threads: 2" in proc.stdout
+    assert f"threads: {threads} of {os.cpu_count()} cores" in proc.stdout
     assert re.search(r"latency \(exclude-copies\): median [\d.]+ ms, p90 [\d.]+ ms, min [\d.]+ ms, "
                      r"mean [\d.]+ ms", proc.stdout)
     top = re.search(r"top-5 of output 'y' row 0: (.*)", proc.stdout).group(1).split()
     assert [int(item.split("=")[0]) for item in top] == list(np.argsort(-y[0], kind="stable"))
     stats = json.loads(stats_path.read_text())
-    assert stats["repeat"] == 5 and stats["device"] == "cpu" and stats["threads"] == 2
+    assert stats["repeat"] == 5 and stats["device"] == "cpu" and stats["threads"] == threads
     assert stats["latency_ms"] == stats["exclude_copies_ms"]
     for key in ("min", "median", "p90", "mean"):  # each run's compute time is part of its total
         assert 0 < stats["exclude_copies_ms"][key] <= stats["include_copies_ms"][key]
@@ -396,8 +397,24 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert stats["latency_ms"]["min"] <= stats["latency_ms"]["median"] <= stats["latency_ms"]["p90"]
 
     proc = package.run_binary(out, tiny["x_npy"], device_timing="include-copies", threads=1)
-    assert proc.returncode == 0 and "threads: 1" in proc.stdout
+    assert proc.returncode == 0 and "threads: 1 of" in proc.stdout
     assert proc.stdout.index("(include-copies)") < proc.stdout.index("(exclude-copies)")
+
+
+@pytest.mark.slow
+def test_app_uses_all_cores_by_default(cpu_package, tiny):
+    """The default is every core, whatever TVM_NUM_THREADS the caller's environment holds."""
+    _, out, _ = cpu_package
+    cores = os.cpu_count()
+    env = {**os.environ, "TVM_NUM_THREADS": "1" if cores > 1 else "2"}
+    proc = subprocess.run([out / "bin" / "infer", "--input", tiny["x_npy"]], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"threads: (\d+) of (\d+) cores", proc.stdout).groups() == (str(cores),) * 2
+    assert "warning" not in proc.stderr
+    help_text = subprocess.run([out / "bin" / "infer", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "1 to the number of CPU cores" in help_text and "(default: all of them" in help_text
 
 
 @pytest.mark.slow
@@ -431,6 +448,7 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
 
     binary = str(out / "bin" / "infer")
     x = str(tiny["x_npy"])
+    cores = os.cpu_count()
     bad_args = [
         ([], "--input is required"),
         (["--input", x, "--repeat", "0"], "--repeat needs an integer >= 1"),
@@ -440,6 +458,9 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
         (["--input", x, "--model", str(tmp_path / "nope.so")], "model file"),
         (["--input", x, "--input", x], "--input given twice"),
         (["--input"], "--input needs a value"),
+        (["--input", x, "--threads", "256"], "--threads 256 is more than the"),
+        (["--input", x, "--threads", str(cores + 1)],
+         f"is more than the {cores} CPU cores of this machine; pass 1 to {cores}"),
         (["--input", x, "--model", str(tmp_path)], "is a directory; pass --model"),
         (["--input", x, "--model", "/dev/zero"], "is not a regular file; pass --model"),
         # Output paths are checked before the model runs.
