@@ -1,17 +1,22 @@
 // Minimal .npy reader/writer: format v1.0/v2.0, little-endian, C order, six dtypes.
 //
 // Header-only on purpose: the generated inference app ships its sources in the bundle and
-// should rebuild from them with nothing but the TVM wheel. Every read error throws
-// npy::Error (a std::runtime_error) naming the file and what is wrong with it.
+// should rebuild from them with nothing but the TVM wheel. POSIX (open/fstat/pread), to tell a
+// regular file from a folder or a device before reading. Every read error throws npy::Error
+// (a std::runtime_error) naming the file and what is wrong with it.
 #ifndef ONNX2DEPLOY_NPY_H_
 #define ONNX2DEPLOY_NPY_H_
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -198,34 +203,67 @@ inline uint32_t read_le(const unsigned char* p, size_t n) {
 
 }  // namespace detail
 
-/*! \brief Parse an in-memory .npy image; `path` only names it in error messages. */
-inline Array parse(const std::vector<char>& bytes, const std::string& path) {
-  const std::string where = "npy file '" + path + "': ";
-  if (bytes.size() < detail::kMagicLen + 2 ||
-      std::memcmp(bytes.data(), detail::kMagic, detail::kMagicLen) != 0) {
+namespace detail {
+
+/*!
+ * \brief Where the data starts and how it is laid out, from the first bytes of a file.
+ *
+ * `bytes` holds the start of the file (`available` bytes of it, all of it or at least the
+ * whole header) and `file_size` the length of the whole file, so a header that promises more
+ * data than the file holds is caught before anything is allocated for it.
+ */
+struct Layout {
+  Array array;  // dtype and shape; data left empty
+  size_t data_offset = 0, data_bytes = 0;
+};
+
+// numpy writes headers of a few hundred bytes and refuses to read ones over 10000 by default;
+// anything larger is corrupt, and must not make us allocate the length it claims.
+constexpr size_t kMaxHeaderLen = 65536;
+// magic, version, and the header length (2 bytes in v1.0, 4 in v2.0 and v3.0)
+constexpr size_t kMaxPrefix = kMagicLen + 2 + 4;
+
+/*! \brief Offsets of the header text: [prefix, end); checks magic, version and length. */
+struct HeaderSpan {
+  size_t prefix, end;
+};
+
+inline HeaderSpan header_span(const unsigned char* u, size_t available, size_t file_size, const std::string& where) {
+  if (file_size < kMagicLen + 2 || available < kMagicLen + 2 || std::memcmp(u, kMagic, kMagicLen) != 0) {
     throw Error(where + "not a .npy file (missing the \\x93NUMPY magic)");
   }
-  const auto* u = reinterpret_cast<const unsigned char*>(bytes.data());
   const int major = u[6], minor = u[7];
-  // v3.0 differs from v2.0 only in allowing a UTF-8 header, which the parser below accepts.
+  // v3.0 differs from v2.0 only in allowing a UTF-8 header, which the parser accepts.
   if (major < 1 || major > 3) {
     throw Error(where + "unsupported format version " + std::to_string(major) + "." +
                 std::to_string(minor) + " (supported: 1.0, 2.0, 3.0)");
   }
   const size_t len_size = major == 1 ? 2 : 4;
-  const size_t prefix = detail::kMagicLen + 2 + len_size;
-  if (bytes.size() < prefix) throw Error(where + "truncated header");
-  const size_t header_len = detail::read_le(u + detail::kMagicLen + 2, len_size);
-  if (bytes.size() < prefix + header_len) {
-    throw Error(where + "truncated header: " + std::to_string(header_len) + " bytes declared, " +
-                std::to_string(bytes.size() - prefix) + " present");
+  const size_t prefix = kMagicLen + 2 + len_size;
+  if (file_size < prefix || available < prefix) throw Error(where + "truncated header");
+  const size_t header_len = read_le(u + kMagicLen + 2, len_size);
+  if (header_len > kMaxHeaderLen) {
+    throw Error(where + "header length " + std::to_string(header_len) + " bytes is over the limit of " +
+                std::to_string(kMaxHeaderLen) + " (numpy writes a few hundred); the file is corrupt, save it again");
   }
-  const std::string header(bytes.data() + prefix, header_len);
+  if (file_size < prefix + header_len) {
+    throw Error(where + "truncated header: " + std::to_string(header_len) + " bytes declared, " +
+                std::to_string(file_size - prefix) + " present");
+  }
+  return {prefix, prefix + header_len};
+}
+
+/*! \brief Parse the header text bytes[span) and check it against the file's size. */
+inline Layout parse_layout(const char* bytes, HeaderSpan span, size_t file_size, const std::string& path,
+                           const std::string& where) {
+  const std::string header(bytes + span.prefix, span.end - span.prefix);
+  const size_t end = span.end;
 
   std::string descr;
   bool fortran_order = false;
-  Array array;
-  detail::HeaderParser(header, path).parse(&descr, &fortran_order, &array.shape);
+  Layout layout;
+  Array& array = layout.array;
+  HeaderParser(header, path).parse(&descr, &fortran_order, &array.shape);
 
   bool known = false;
   for (const DTypeInfo& row : dtype_table()) {
@@ -257,7 +295,7 @@ inline Array parse(const std::vector<char>& bytes, const std::string& path) {
     }
     expected *= static_cast<size_t>(d);
   }
-  const size_t present = bytes.size() - prefix - header_len;
+  const size_t present = file_size - end;
   if (present < expected) {
     throw Error(where + "truncated data: shape " + shape_str(array.shape) + " " +
                 dtype_name(array.dtype) + " needs " + std::to_string(expected) + " bytes, file has " +
@@ -267,17 +305,85 @@ inline Array parse(const std::vector<char>& bytes, const std::string& path) {
     throw Error(where + std::to_string(present - expected) +
                 " unexpected bytes after the data (several arrays in one file?)");
   }
-  array.data.assign(bytes.begin() + static_cast<std::ptrdiff_t>(prefix + header_len), bytes.end());
-  return array;
+  layout.data_offset = end;
+  layout.data_bytes = expected;
+  return layout;
 }
 
-/*! \brief Read a .npy file; throws npy::Error naming the file on any problem. */
+/*! \brief Read exactly n bytes at `offset`; false (and errno in *err, 0 at end of file) if short. */
+inline bool read_at(int fd, size_t offset, char* out, size_t n, int* err) {
+  while (n > 0) {
+    const ssize_t got = ::pread(fd, out, n, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      *err = got < 0 ? errno : 0;
+      return false;
+    }
+    out += got;
+    offset += static_cast<size_t>(got);
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+/*! \brief Closes a file descriptor when it goes out of scope. */
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace detail
+
+/*! \brief Parse an in-memory .npy image; `path` only names it in error messages. */
+inline Array parse(const std::vector<char>& bytes, const std::string& path) {
+  const std::string where = "npy file '" + path + "': ";
+  const detail::HeaderSpan span = detail::header_span(reinterpret_cast<const unsigned char*>(bytes.data()),
+                                                      bytes.size(), bytes.size(), where);
+  detail::Layout layout = detail::parse_layout(bytes.data(), span, bytes.size(), path, where);
+  layout.array.data.assign(bytes.begin() + static_cast<std::ptrdiff_t>(span.end), bytes.end());
+  return layout.array;
+}
+
+/*!
+ * \brief Read a .npy file; throws npy::Error naming the file on any problem.
+ *
+ * Only a regular file is read: a folder, a pipe or a device such as /dev/zero is refused
+ * before reading, and the header is checked against the file's size before the data is
+ * read, so a corrupt or hostile file costs no more memory than its own size.
+ */
 inline Array load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("npy file '" + path + "': cannot open (" + std::strerror(errno) + ")");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) throw Error("npy file '" + path + "': read error");
-  return parse(bytes, path);
+  const std::string where = "npy file '" + path + "': ";
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer before fstat could refuse it.
+  detail::Fd file{::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC)};
+  if (file.fd < 0) throw Error(where + "cannot open (" + std::strerror(errno) + ")");
+  struct stat st;
+  if (::fstat(file.fd, &st) != 0) throw Error(where + "cannot stat (" + std::strerror(errno) + ")");
+  if (S_ISDIR(st.st_mode)) throw Error(where + "is a directory; pass the path of a .npy file");
+  if (!S_ISREG(st.st_mode)) {
+    throw Error(where + "is not a regular file (a device, pipe or socket); save the array to a .npy file "
+                "and pass its path");
+  }
+  const size_t file_size = static_cast<size_t>(st.st_size);
+  int err = 0;
+  auto short_read = [&]() {
+    return Error(where + (err ? std::string("read error (") + std::strerror(err) + ")"
+                              : std::string("file shrank while being read")));
+  };
+  std::vector<char> head(std::min(file_size, detail::kMaxPrefix));
+  if (!detail::read_at(file.fd, 0, head.data(), head.size(), &err)) throw short_read();
+  const detail::HeaderSpan span = detail::header_span(reinterpret_cast<const unsigned char*>(head.data()),
+                                                      head.size(), file_size, where);
+  head.resize(span.end);
+  if (!detail::read_at(file.fd, 0, head.data(), span.end, &err)) throw short_read();
+  detail::Layout layout = detail::parse_layout(head.data(), span, file_size, path, where);
+  layout.array.data.resize(layout.data_bytes);
+  if (!detail::read_at(file.fd, span.end, layout.array.data.data(), layout.data_bytes, &err)) throw short_read();
+  return layout.array;
 }
 
 /*! \brief Serialize to .npy bytes (v1.0, or v2.0 when the header needs it), numpy's layout. */

@@ -320,6 +320,36 @@ def test_npy_errors_name_the_file_and_the_problem(driver, tmp_path):
         assert name in proc.stderr and expected in proc.stderr, (name, proc.stderr)
 
 
+def _npy_v2(header: bytes, declared_len: int | None = None) -> bytes:
+    """A v2.0 .npy prefix + header, its length field possibly lying."""
+    length = len(header) if declared_len is None else declared_len
+    return b"\x93NUMPY\x02\x00" + struct.pack("<I", length) + header
+
+
+def test_npy_refuses_what_is_no_regular_file_or_claims_more_than_it_holds(driver, tmp_path):
+    """Nothing is read from a device, and nothing allocated for a size only the header claims."""
+    os.mkfifo(tmp_path / "fifo")  # opening it must not wait for a writer
+    (tmp_path / "folder.npy").mkdir()
+    huge_shape = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }\n"
+    (tmp_path / "huge_shape.npy").write_bytes(_npy_v2(huge_shape) + b"\0" * 16)
+    (tmp_path / "huge_header.npy").write_bytes(_npy_v2(b"{", declared_len=0xFFFFFFF0))
+    (tmp_path / "header_over_limit.npy").write_bytes(_npy_v2(b" " * 70000))
+    cases = [
+        (tmp_path / "folder.npy", "is a directory"),
+        (Path("/dev/zero"), "is not a regular file"),
+        (tmp_path / "fifo", "is not a regular file"),
+        (tmp_path / "huge_shape.npy",
+         "truncated data: shape (1099511627776,) float32 needs 4398046511104 bytes, file has 16"),
+        (tmp_path / "huge_header.npy", "header length 4294967280 bytes is over the limit"),
+        (tmp_path / "header_over_limit.npy", "header length 70000 bytes is over the limit"),
+    ]
+    for path, expected in cases:
+        proc = subprocess.run([driver, "copy", path, tmp_path / "out.npy"], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 1, (path, proc.stderr)
+        assert f"npy file '{path}': {expected}" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("samples", [[3.0], [4.0, 1.0], [5.0, 1.0, 4.0, 2.0, 3.0],
                                      list(np.random.default_rng(3).exponential(2.0, 101))])
 def test_latency_stats_agree_with_numpy(driver, samples):
@@ -344,7 +374,8 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert package.cuda_kernel_sources(result["model"]) == []
 
     y_path, stats_path = tmp_path / "y.npy", tmp_path / "stats.json"
-    proc = app.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=2,
+    threads = min(2, os.cpu_count())  # --threads may not exceed the cores
+    proc = app.run_binary(out, tiny["x_npy"], y_path, warmup=1, repeat=5, threads=threads,
                               json_path=stats_path)
     assert proc.returncode == 0, proc.stderr
     y = np.load(y_path)
@@ -353,13 +384,13 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert y.tobytes() == tiny["vm"].tobytes()
     np.testing.assert_allclose(y, tiny["ort"], rtol=1e-5, atol=1e-5)
 
-    assert "threads: 2" in proc.stdout
+    assert f"threads: {threads} of {os.cpu_count()} cores" in proc.stdout
     assert re.search(r"latency \(exclude-copies\): median [\d.]+ ms, p90 [\d.]+ ms, min [\d.]+ ms, "
                      r"mean [\d.]+ ms", proc.stdout)
     top = re.search(r"top-5 of output 'y' row 0: (.*)", proc.stdout).group(1).split()
     assert [int(item.split("=")[0]) for item in top] == list(np.argsort(-y[0], kind="stable"))
     stats = json.loads(stats_path.read_text())
-    assert stats["repeat"] == 5 and stats["device"] == "cpu" and stats["threads"] == 2
+    assert stats["repeat"] == 5 and stats["device"] == "cpu" and stats["threads"] == threads
     assert stats["latency_ms"] == stats["exclude_copies_ms"]
     for key in ("min", "median", "p90", "mean"):  # each run's compute time is part of its total
         assert 0 < stats["exclude_copies_ms"][key] <= stats["include_copies_ms"][key]
@@ -367,8 +398,24 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
     assert stats["latency_ms"]["min"] <= stats["latency_ms"]["median"] <= stats["latency_ms"]["p90"]
 
     proc = app.run_binary(out, tiny["x_npy"], device_timing="include-copies", threads=1)
-    assert proc.returncode == 0 and "threads: 1" in proc.stdout
+    assert proc.returncode == 0 and "threads: 1 of" in proc.stdout
     assert proc.stdout.index("(include-copies)") < proc.stdout.index("(exclude-copies)")
+
+
+@pytest.mark.slow
+def test_app_uses_all_cores_by_default(cpu_package, tiny):
+    """The default is every core, whatever TVM_NUM_THREADS the caller's environment holds."""
+    _, out, _ = cpu_package
+    cores = os.cpu_count()
+    env = {**os.environ, "TVM_NUM_THREADS": "1" if cores > 1 else "2"}
+    proc = subprocess.run([out / "bin" / "infer", "--input", tiny["x_npy"]], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"threads: (\d+) of (\d+) cores", proc.stdout).groups() == (str(cores),) * 2
+    assert "warning" not in proc.stderr
+    help_text = subprocess.run([out / "bin" / "infer", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "1 to the number of CPU cores" in help_text and "(default: all of them" in help_text
 
 
 @pytest.mark.slow
@@ -378,21 +425,31 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
     np.save(tmp_path / "ints.npy", np.zeros((1, 3, 8, 8), np.int64))
     (tmp_path / "notes.npy").write_text("this is not an array")
     (tmp_path / "cut.npy").write_bytes(tiny["x_npy"].read_bytes()[:-7])
+    (tmp_path / "cut_header.npy").write_bytes(tiny["x_npy"].read_bytes()[:40])
+    (tmp_path / "folder").mkdir()
     cases = [
         (tmp_path / "small.npy", "shape (1,3,8,8) expected, got (1,3,32,32)"),
         (tmp_path / "ints.npy", "dtype float32 expected, got int64"),
         (tmp_path / "notes.npy", "not a .npy file"),
         (tmp_path / "cut.npy", "truncated data"),
+        (tmp_path / "cut_header.npy", "truncated header"),
         (tmp_path / "absent.npy", "cannot open"),
+        # Once an uncaught exception (SIGABRT, exit 134) and a read that never ended.
+        (tmp_path / "folder", "is a directory; pass the path of a .npy file"),
+        (Path("/dev/zero"), "is not a regular file"),
+        ({"x": Path("/dev/zero")}, "is not a regular file"),  # the NAME=PATH form
     ]
     for path, expected in cases:
-        proc = app.run_binary(out, path)
-        assert proc.returncode == 2, (path, proc.stdout, proc.stderr)
-        assert expected in proc.stderr and str(path) in proc.stderr, proc.stderr
+        proc = app.run_binary(out, path, timeout=60)
+        assert proc.returncode == 2, (path, proc.returncode, proc.stdout, proc.stderr)
+        shown = str(path["x"] if isinstance(path, dict) else path)
+        assert proc.stderr.startswith("infer: input ") and proc.stderr.count("\n") == 2
+        assert shown in proc.stderr and expected in proc.stderr, proc.stderr
         assert proc.stdout == ""
 
     binary = str(out / "bin" / "infer")
     x = str(tiny["x_npy"])
+    cores = os.cpu_count()
     bad_args = [
         ([], "--input is required"),
         (["--input", x, "--repeat", "0"], "--repeat needs an integer >= 1"),
@@ -402,10 +459,23 @@ def test_app_rejects_bad_input_files_and_arguments(cpu_package, tiny, tmp_path):
         (["--input", x, "--model", str(tmp_path / "nope.so")], "model file"),
         (["--input", x, "--input", x], "--input given twice"),
         (["--input"], "--input needs a value"),
+        (["--input", x, "--threads", "256"], "--threads 256 is more than the"),
+        (["--input", x, "--threads", str(cores + 1)],
+         f"is more than the {cores} CPU cores of this machine; pass 1 to {cores}"),
+        (["--input", x, "--model", str(tmp_path)], "is a directory; pass --model"),
+        (["--input", x, "--model", "/dev/zero"], "is not a regular file; pass --model"),
+        # Output paths are checked before the model runs.
+        (["--input", x, "--output", str(tmp_path)], "is a directory; pass a file path"),
+        (["--input", x, "--output", str(tmp_path / "no" / "y.npy")], "does not exist; create it"),
+        # The .npy writer renames a temporary file into place: never over a device.
+        (["--input", x, "--output", "/dev/null"], "exists and is not a regular file"),
+        (["--input", x, "--json", str(tmp_path)], "is a directory; pass a file path"),
     ]
     for args, expected in bad_args:
-        proc = subprocess.run([binary, *args], capture_output=True, text=True)
+        proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == "", args
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
 
     # A file that exists but is no model: a runtime failure (1), one line, no crash.
     proc = subprocess.run([binary, "--input", x, "--model", x], capture_output=True, text=True)

@@ -32,6 +32,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -67,13 +68,14 @@ const char kUsage[] =
     "usage: infer --input PATH [--output PATH] [--model PATH] [--warmup N] [--repeat N]\n"
     "             [--threads N] [--json PATH] [--device-timing include-copies|exclude-copies]\n"
     "\n"
-    "  --input PATH     input .npy file; for a model with several inputs, repeat\n"
-    "                   --input NAME=PATH once per input\n"
+    "  --input PATH     input .npy file (a regular file); for a model with several inputs,\n"
+    "                   repeat --input NAME=PATH once per input\n"
     "  --output PATH    write the output as .npy (NAME=PATH per output if several)\n"
     "  --model PATH     compiled model (default: model.so in the folder above bin/)\n"
     "  --warmup N       untimed runs first (default 0)\n"
     "  --repeat N       timed runs (default 1)\n"
-    "  --threads N      TVM thread pool size (default: the runtime's choice)\n"
+    "  --threads N      TVM thread pool size, 1 to the number of CPU cores of this machine\n"
+    "                   (default: all of them; TVM_NUM_THREADS in the environment is ignored)\n"
     "  --json PATH      write the latency statistics as JSON\n"
     "  --device-timing  which latency to report first: with or without the host<->device\n"
     "                   copies of inputs and outputs (default exclude-copies)\n";
@@ -91,6 +93,12 @@ struct Options {
   bool include_copies = false;
   bool help = false;
 };
+
+/*! \brief Logical CPUs of this machine: the default and the largest --threads. */
+int64_t cpu_cores() {
+  // 0 means "unknown"; one thread is then the only count known to be safe.
+  return std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+}
 
 int64_t parse_count(const std::string& flag, const std::string& value, int64_t min) {
   size_t used = 0;
@@ -154,6 +162,14 @@ Options parse_args(int argc, char** argv) {
     }
   }
   if (!opt.help && opt.inputs.empty()) throw UsageError("--input is required");
+  // More workers than cores never help: TVM's pool uses at most one per core and the rest
+  // spin (on 2 cores, 200 runs of the tiny test model took 0.1 s at 2 threads, 21 s at 64).
+  if (opt.threads > cpu_cores()) {
+    throw UsageError("--threads " + std::to_string(opt.threads) + " is more than the " + std::to_string(cpu_cores()) +
+                     " CPU cores of this machine; pass 1 to " + std::to_string(cpu_cores()) +
+                     " (or leave it out to use all of them)");
+  }
+  if (opt.threads == 0) opt.threads = cpu_cores();
   return opt;
 }
 
@@ -231,9 +247,43 @@ npy::Array load_input(const std::string& path, const TensorSpec& spec) {
   return array;
 }
 
-bool is_file(const std::string& path) {
+/*! \brief UsageError unless `path` is a regular file this process may read. */
+void check_readable_file(const std::string& what, const std::string& path, const std::string& hint) {
   struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (::stat(path.c_str(), &st) != 0) {
+    throw UsageError(what + " '" + path + "' not found (" + std::strerror(errno) + "); " + hint);
+  }
+  if (S_ISDIR(st.st_mode)) throw UsageError(what + " '" + path + "' is a directory; " + hint);
+  if (!S_ISREG(st.st_mode)) throw UsageError(what + " '" + path + "' is not a regular file; " + hint);
+  if (::access(path.c_str(), R_OK) != 0) {
+    throw UsageError(what + " '" + path + "' is not readable (" + std::strerror(errno) + "); " + hint);
+  }
+}
+
+/*!
+ * \brief UsageError unless a file can be written at `path`: checked before the model runs,
+ * so a typo costs no run.
+ *
+ * `replace_only_files`: the .npy writer renames a temporary file over `path`, which must not
+ * replace a device such as /dev/null; the JSON writer writes in place, so /dev/stdout is fine.
+ */
+void check_writable_path(const std::string& flag, const std::string& path, bool replace_only_files) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) throw UsageError(flag + " '" + path + "' is a directory; pass a file path");
+    if (replace_only_files && !S_ISREG(st.st_mode)) {
+      throw UsageError(flag + " '" + path + "' exists and is not a regular file; pass a file path");
+    }
+    return;
+  }
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw UsageError(flag + " '" + path + "': folder '" + dir + "' does not exist; create it first");
+  }
+  if (::access(dir.c_str(), W_OK) != 0) {
+    throw UsageError(flag + " '" + path + "': folder '" + dir + "' is not writable (" + std::strerror(errno) + ")");
+  }
 }
 
 /*! \brief Real directory of this executable (the bundle's bin/), via /proc/self/exe. */
@@ -506,9 +556,13 @@ int run(const Options& opt, const std::string& bin_dir, const std::string& model
   const int64_t threads = ffi::Function::GetGlobalRequired("runtime.NumThreads")().cast<int64_t>();
 
   std::printf("model: %s (%s, target %s)\n", model_path.c_str(), kModelName, kTargetName);
-  std::printf("device: %s, threads: %lld, warmup: %lld, repeat: %lld\n", device::name(dev).c_str(),
-              static_cast<long long>(threads), static_cast<long long>(opt.warmup),
-              static_cast<long long>(opt.repeat));
+  std::printf("device: %s, threads: %lld of %lld cores, warmup: %lld, repeat: %lld\n", device::name(dev).c_str(),
+              static_cast<long long>(threads), static_cast<long long>(cpu_cores()),
+              static_cast<long long>(opt.warmup), static_cast<long long>(opt.repeat));
+  if (threads != opt.threads) {
+    std::fprintf(stderr, "infer: warning: the TVM runtime used %lld threads, not the %lld asked for\n",
+                 static_cast<long long>(threads), static_cast<long long>(opt.threads));
+  }
   const char* first = opt.include_copies ? "include-copies" : "exclude-copies";
   const char* second = opt.include_copies ? "exclude-copies" : "include-copies";
   std::printf("latency (%s): %s\n", first, timing::format(opt.include_copies ? with_copies : without_copies).c_str());
@@ -539,11 +593,12 @@ int main(int argc, char** argv) {
       return 0;
     }
     // The runtime reads TVM_NUM_THREADS when it creates its thread pool, which happens at
-    // the first parallel kernel: setting it before the model is loaded is early enough.
-    if (opt.threads > 0) ::setenv("TVM_NUM_THREADS", std::to_string(opt.threads).c_str(), 1);
+    // the first parallel kernel: setting it before the model is loaded is early enough. Set
+    // always: left alone, the runtime would pick half the cores, or an inherited value.
+    ::setenv("TVM_NUM_THREADS", std::to_string(opt.threads).c_str(), 1);
 
     model_path = opt.model.empty() ? bin_dir + "/../model.so" : opt.model;
-    if (!is_file(model_path)) throw UsageError("model file '" + model_path + "' not found (pass --model PATH)");
+    check_readable_file("model file", model_path, "pass --model with the path of a compiled model.so");
     // An absolute path: Module::LoadFromFile would search for a name without a '/', and the
     // model's folder is where its CUDA kernels live.
     if (char* real = ::realpath(model_path.c_str(), nullptr)) {
@@ -559,9 +614,16 @@ int main(int argc, char** argv) {
       host_inputs.push_back(load_input(input_paths[k], kInputs[k]));
     }
     output_paths = bind_paths(opt.outputs, kOutputs, "--output");
+    for (const std::string& path : output_paths) {
+      if (!path.empty()) check_writable_path("--output", path, true);
+    }
+    if (!opt.json.empty()) check_writable_path("--json", opt.json, false);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "infer: %s\n(run infer --help for usage)\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // out of memory, say: one line, not an abort
+    std::fprintf(stderr, "infer: %s\n", e.what());
+    return 1;
   }
 
   try {
@@ -574,6 +636,9 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "infer: %s\n", e.what());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "infer: unexpected error of unknown type\n");
     return 1;
   }
 }
