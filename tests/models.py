@@ -72,10 +72,10 @@ dtype = "float32"
 samples = 4
 
 [variants.fp32]
-quantize = false
+scheme = "fp32"
 
 [variants.int8]
-quantize = true
+scheme = "int8"
 
 [tuning]
 trials_per_task = 4

@@ -11,6 +11,7 @@ import pytest
 from oracle import assert_close_fp32, ort_run
 
 from models import tiny_convnet
+from pipeline.core.targets import get_target, target_config
 from pipeline.stages import compile_model as build
 from pipeline.stages import import_model as importer
 
@@ -19,14 +20,15 @@ from pipeline.stages import import_model as importer
 def module_json(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("imp")
     onnx.save(tiny_convnet(), str(tmp / "m.onnx"))
-    importer.run(tmp / "m.onnx", importer.ImportConfig((("x", (1, 3, 8, 8), "float32"),), False),
+    importer.run(tmp / "m.onnx", importer.ImportConfig((("x", (1, 3, 8, 8), "float32"),)),
                  tmp)
     return tmp / "module.json"
 
 
 def _compile(module_json: Path, out: Path, target="cpu", database=None) -> dict:
     out.mkdir(parents=True)
-    build.run(module_json, database, build.CompileConfig(target, False), out)
+    build.run(module_json, database,
+              build.CompileConfig(target_config(get_target(target))), out)
     return json.loads((out / "compile_report.json").read_text())
 
 

@@ -133,7 +133,7 @@ def test_cuda_smoke_passes_within_gpu_rel_tol_and_records_bit_identity(monkeypat
     near = ref + np.float32(0.05)  # 0.05 <= 0.01 * max(1, 10) = 0.1
     io, out = _fake_smoke_env(monkeypatch, tmp_path, near, ref)
     cfg = {"seed": 0, "target": {"name": target}, "gpu_rel_tol": 0.01}
-    result = smoke.run(tmp_path / "pkg", io, cfg, out)
+    result = smoke.run(tmp_path / "pkg", io, smoke.SmokeConfig(**cfg), out)
     assert result["status"] == "pass" and result["bit_identical"] is False
     assert result["gpu_rel_tol"] == 0.01 and "0.1" in result["gate"]
     assert json.loads((out / "smoke.json").read_text())["bit_identical"] is False
@@ -141,15 +141,15 @@ def test_cuda_smoke_passes_within_gpu_rel_tol_and_records_bit_identity(monkeypat
     same = tmp_path / "same"
     same.mkdir()
     io, out = _fake_smoke_env(monkeypatch, same, ref, ref.copy())
-    assert smoke.run(tmp_path / "pkg", io, cfg, out)["bit_identical"] is True
+    assert smoke.run(tmp_path / "pkg", io, smoke.SmokeConfig(**cfg), out)["bit_identical"] is True
 
 
 def test_cuda_smoke_fails_beyond_gpu_rel_tol(monkeypatch, tmp_path):
     ref = np.array([[10.0, -3.0, 0.5, 2.0]], np.float32)
     io, out = _fake_smoke_env(monkeypatch, tmp_path, ref + np.float32(0.5), ref)
     with pytest.raises(StageFailed, match="disagree on CUDA"):
-        smoke.run(tmp_path / "pkg", io, {"seed": 0, "target": {"name": "h100"},
-                                         "gpu_rel_tol": 0.01}, out)
+        smoke.run(tmp_path / "pkg", io,
+                  smoke.SmokeConfig(seed=0, target={"name": "h100"}, gpu_rel_tol=0.01), out)
     assert json.loads((out / "smoke.json").read_text())["status"] == "fail"
 
 
@@ -157,14 +157,15 @@ def test_cpu_smoke_stays_bit_identical(monkeypatch, tmp_path):
     ref = np.array([[10.0, -3.0, 0.5, 2.0]], np.float32)
     io, out = _fake_smoke_env(monkeypatch, tmp_path, ref + np.float32(1e-6), ref, gpu=False)
     with pytest.raises(StageFailed, match="disagree"):
-        smoke.run(tmp_path / "pkg", io, {"seed": 0, "target": {"name": "cpu"}}, out)
+        smoke.run(tmp_path / "pkg", io, smoke.SmokeConfig(seed=0, target={"name": "cpu"}), out)
 
 
 def test_cuda_smoke_without_a_device_is_not_run(monkeypatch, tmp_path):
     io, out = _fake_smoke_env(monkeypatch, tmp_path, np.zeros((1, 4), np.float32),
                               np.zeros((1, 4), np.float32), gpu=False)
     monkeypatch.setattr(smoke, "run_binary", lambda *a, **k: pytest.fail("ran the app"))
-    result = smoke.run(tmp_path / "pkg", io, {"seed": 0, "target": {"name": "rtx4090"}}, out)
+    result = smoke.run(tmp_path / "pkg", io, smoke.SmokeConfig(seed=0, target={"name": "rtx4090"}),
+                       out)
     assert result["status"] == NO_CUDA_SMOKE
 
 

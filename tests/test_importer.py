@@ -12,7 +12,7 @@ from models import tiny_convnet
 from pipeline.core.errors import UnsupportedModelError
 from pipeline.stages import import_model as importer
 
-CFG = importer.ImportConfig(inputs=(("x", (1, 3, 8, 8), "float32"),), integer=False)
+CFG = importer.ImportConfig(inputs=(("x", (1, 3, 8, 8), "float32"),))
 
 
 def _import(tmp_path: Path, model) -> Path:

@@ -15,14 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(path="", generator="", inputs=INPUTS):
-    return source.SourceConfig(model="tiny", generator=generator, path=str(path), seed=0,
-                               inputs=inputs)
+    """(config, the file it names) for source.run."""
+    config = source.SourceConfig(model="tiny", seed=0, inputs=inputs,
+                                 kind="generator" if generator else "file")
+    return config, Path(generator or path)
 
 
 def test_local_file_is_checked_and_copied(tmp_path):
     onnx.save(tiny_convnet(), str(tmp_path / "in.onnx"))
     (tmp_path / "out").mkdir()
-    info = source.run(_cfg(tmp_path / "in.onnx"), tmp_path / "out")
+    info = source.run(*_cfg(tmp_path / "in.onnx"), tmp_path / "out")
     assert "Conv" in info["op_types"] and info["upgraded_from"] is None
     onnx.checker.check_model(onnx.load(str(tmp_path / "out" / "model.onnx")))
 
@@ -30,7 +32,7 @@ def test_local_file_is_checked_and_copied(tmp_path):
 def test_old_opset_is_upgraded(tmp_path):
     onnx.save(tiny_convnet(opset=9), str(tmp_path / "old.onnx"))
     (tmp_path / "out").mkdir()
-    info = source.run(_cfg(tmp_path / "old.onnx"), tmp_path / "out")
+    info = source.run(*_cfg(tmp_path / "old.onnx"), tmp_path / "out")
     assert info["upgraded_from"] == 9
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert model.opset_import[0].version == source.MIN_OPSET
@@ -41,19 +43,19 @@ def test_truncated_file_gets_a_clear_error(tmp_path):
     data = (tmp_path / "m.onnx").read_bytes()
     (tmp_path / "m.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptInputError, match="corrupt or truncated; re-export"):
-        source.run(_cfg(tmp_path / "m.onnx"), tmp_path)
+        source.run(*_cfg(tmp_path / "m.onnx"), tmp_path)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        source.run(_cfg(tmp_path / "nope.onnx"), tmp_path)
+        source.run(*_cfg(tmp_path / "nope.onnx"), tmp_path)
 
 
 def test_inputs_must_match_the_model(tmp_path):
     onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"))
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError) as e:
-        source.run(_cfg(tmp_path / "m.onnx", inputs=(("x", (1, 3, 9, 9), "float32"),
+        source.run(*_cfg(tmp_path / "m.onnx", inputs=(("x", (1, 3, 9, 9), "float32"),
                                                      ("z", (1,), "float32"))), tmp_path / "out")
     assert "spec shape (1, 3, 9, 9) does not fit" in str(e.value)
     assert "input 'z' is not a graph input" in str(e.value)

@@ -45,3 +45,69 @@ def test_unknown_artifact_lists_known():
     specs = load_specs(REPO / "models")
     with pytest.raises(ConfigError, match="known: resnet50_fp32, resnet50_int8"):
         find_artifact(specs, "resnet51_int8")
+
+
+MINIMAL = {"name": "m", "source": {"path": "a.onnx"}, "inputs": [{"name": "x", "shape": [1]}]}
+
+
+def _with_variants(variants: dict, **extra) -> dict:
+    return {**MINIMAL, "variants": variants, **extra}
+
+
+def test_unknown_scheme_lists_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        parse_spec(_with_variants({"q": {"scheme": "nope"}}), "m.toml")
+    msg = str(e.value)
+    assert "variants.q.scheme: unknown scheme 'nope'" in msg
+    assert "known schemes: fp32, int8" in msg
+
+
+def test_scheme_names_the_variant_and_quantize_is_a_deprecated_alias():
+    spec = parse_spec(_with_variants({"a": {"scheme": "int8"}, "b": {"quantize": True},
+                                      "c": {}}), "m.toml")
+    assert [spec.variants[v].scheme for v in "abc"] == ["int8", "int8", "fp32"]
+    assert spec.variants["b"].quantize and not spec.variants["c"].quantize
+    assert spec.warnings == ('m.toml: variants.b: `quantize = true` is deprecated; '
+                             'write `scheme = "int8"`',)
+
+
+def test_quantize_contradicting_scheme_and_foreign_options_are_errors():
+    with pytest.raises(ConfigError) as e:
+        parse_spec(_with_variants({"a": {"scheme": "fp32", "quantize": True},
+                                   "b": {"scheme": "fp32", "weight_type": "int8"}}))
+    msg = str(e.value)
+    assert "contradicts scheme = 'fp32'" in msg
+    assert "variants.b.weight_type: does not apply to scheme 'fp32'" in msg
+
+
+def test_gates_come_from_scheme_then_model_then_variant():
+    from pipeline.core.spec import variant_validation
+
+    spec = parse_spec(_with_variants(
+        {"int8": {"scheme": "int8"},
+         "int8_loose": {"scheme": "int8", "validation": {"int8_cosine_min": 0.95}},
+         "fp32": {"scheme": "fp32"}},
+        validation={"int8_max_steps": 2, "samples": 3}))
+    strict = variant_validation(spec, spec.variants["int8"])
+    loose = variant_validation(spec, spec.variants["int8_loose"])
+    assert strict.int8_cosine_min == 0.999  # the int8 scheme's default
+    assert loose.int8_cosine_min == 0.95  # the variant's own
+    assert strict.int8_max_steps == loose.int8_max_steps == 2.0  # the model's
+    assert loose.samples == 3
+    assert variant_validation(spec, spec.variants["fp32"]).fp32_rel_tol == 1e-4
+
+
+def test_a_variant_gate_that_does_not_exist_is_named():
+    with pytest.raises(ConfigError, match=r"variants.a.validation: unknown gate 'cosine'"):
+        parse_spec(_with_variants({"a": {"scheme": "int8", "validation": {"cosine": 1}}}))
+
+
+def test_every_scheme_names_known_comparisons_and_passes():
+    from pipeline.compiler.passes import IMPORT_PASSES
+    from pipeline.schemes import SCHEMES
+    from pipeline.stages import quantize, validate
+
+    for scheme in SCHEMES.values():
+        assert set(scheme.comparisons) <= set(validate._TITLES) - {validate.CPP}, scheme.name
+        assert set(scheme.import_passes) <= set(IMPORT_PASSES), scheme.name
+        assert scheme.quantize is None or scheme.quantize in quantize.RECIPES, scheme.name

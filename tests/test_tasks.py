@@ -98,3 +98,47 @@ def test_tool_upgrade_reruns_only_the_stages_using_it(tmp_path, monkeypatch):
     assert {"import:tiny_int8", "tune:tiny_int8@cpu", "compile:tiny_int8@cpu",
             "package:tiny_int8@cpu", "validate:tiny_int8@cpu"} <= changed
     assert "source:tiny" not in changed and "quantize:tiny_int8" not in changed
+
+
+VALIDATION_DATA_SPEC = """
+name = "tiny"
+[source]
+path = "models/tiny.onnx"
+[[inputs]]
+name = "x"
+shape = [1, 3, 8, 8]
+[validation]
+data_dir = "data/val"
+[variants.fp32]
+scheme = "fp32"
+[variants.int8]
+scheme = "int8"
+[variants.int8.validation]
+int8_cosine_min = 0.9
+"""
+
+
+def test_validation_data_files_are_inputs_of_validate_only(tmp_path):
+    import numpy as np
+
+    root = make_project(tmp_path, spec_text=VALIDATION_DATA_SPEC)
+    (root / "data" / "val" / "sub").mkdir(parents=True)
+    for name in ("a.npy", "sub/a.npy"):  # same file name in two folders: both tracked
+        np.save(root / "data" / "val" / name, np.zeros((1, 3, 8, 8), np.float32))
+    tasks = _by_name(all_tasks(Project.load(root), get_target("cpu"), Options()))
+    reading = sorted(name for name, t in tasks.items()
+                     if any("data/val" in d for d in t.get("file_dep", [])))
+    assert reading == ["validate:tiny_fp32@cpu", "validate:tiny_int8@cpu"]
+    deps = [d for d in tasks["validate:tiny_int8@cpu"]["file_dep"] if "data/val" in d]
+    assert len(deps) == 2
+
+
+def test_per_variant_gates_reach_the_validate_recipe(tmp_path):
+    root = make_project(tmp_path, spec_text=VALIDATION_DATA_SPEC)
+    tasks = _by_name(all_tasks(Project.load(root), get_target("cpu"), Options()))
+
+    def gates(name):
+        return tasks[name]["uptodate"][0].config["config"]["gates"]
+
+    assert gates("validate:tiny_int8@cpu")["int8_cosine_min"] == 0.9
+    assert gates("validate:tiny_fp32@cpu")["int8_cosine_min"] == 0.999

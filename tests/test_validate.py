@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from models import TINY_SHAPE, tiny_convnet
 from pipeline.core.errors import ConfigError, ValidationFailed
-from pipeline.core.targets import get_target
+from pipeline.core.targets import get_target, target_config
 from pipeline.runtime.artifact import ArtifactUnderTest
 from pipeline.runtime.vm import cuda_available
 from pipeline.stages import compile_model as build
@@ -43,11 +43,13 @@ def build_artifact(tmp: Path, name: str, model: onnx.ModelProto, quantized: bool
     dirs = {d: tmp / d for d in ("source", "quantize", "import", "compile", "package")}
     for d in ("source", "import", "compile"):
         dirs[d].mkdir()
-    source.run(source.SourceConfig(name, "", str(tmp / "given.onnx"), 0, INPUTS), dirs["source"])
+    source.run(source.SourceConfig(name, 0, INPUTS), tmp / "given.onnx",
+               dirs["source"])
     fp32 = dirs["source"] / "model.onnx"
     qdq = _quantize(fp32, dirs["quantize"]) if quantized else None
-    importer.run(qdq or fp32, importer.ImportConfig(INPUTS, integer=False), dirs["import"])
-    build.run(dirs["import"] / "module.json", None, build.CompileConfig("cpu", False),
+    importer.run(qdq or fp32, importer.ImportConfig(INPUTS), dirs["import"])
+    build.run(dirs["import"] / "module.json", None,
+              build.CompileConfig(target_config(get_target("cpu"))),
               dirs["compile"])
     if app_from is None:
         io = json.loads((dirs["compile"] / "io.json").read_text())

@@ -38,6 +38,37 @@ def graph_cleanup():
     ], name="graph_cleanup")
 
 
+def _cpu_float32_layout(target, layout: str):
+    from tvm import relax
+
+    from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc
+
+    if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
+    return PackFloat32NCHWc()
+
+
+def _cpu_int8_layout(target, layout: str):
+    # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
+    # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
+    from tvm import transform
+    from tvm.target import codegen
+
+    from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI
+
+    if codegen.target_has_features("avx512vnni", target):
+        return PackInt8ForVNNI()
+    return transform.Sequential([])
+
+
+# Phase 2 per (target kind, compute dtype): the layout pass. Missing entries keep the
+# imported layout (GPU targets keep NCHW: DLight schedules it as it is).
+LAYOUT_RULES = {
+    ("llvm", "float32"): _cpu_float32_layout,
+    ("llvm", "int8"): _cpu_int8_layout,
+}
+
+
 def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = ""):
     """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels.
 
@@ -45,25 +76,11 @@ def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = 
     :data:`DEFAULT_CPU_FP32_LAYOUT`); other targets and int8 ignore it.
     """
     from tvm import relax, transform
-    from tvm.target import codegen
 
-    from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI
-    from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc
-
-    on_cpu = target.kind.name == "llvm"
     if layout and layout not in CPU_FP32_LAYOUTS:
         raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
-    layout_pass = transform.Sequential([])
-    if on_cpu and compute_dtype == "float32":
-        if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
-            layout_pass = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
-        else:
-            layout_pass = PackFloat32NCHWc()
-    # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
-    # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
-    elif (on_cpu and compute_dtype == "int8"
-          and codegen.target_has_features("avx512vnni", target)):
-        layout_pass = PackInt8ForVNNI()
+    rule = LAYOUT_RULES.get((target.kind.name, compute_dtype))
+    layout_pass = rule(target, layout) if rule else transform.Sequential([])
     seq = transform.Sequential([
         # Phase 2: layout (converted once at the network's edges, weights folded at compile time)
         layout_pass,

@@ -33,6 +33,13 @@ def canonical_json(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def recipe_of(config) -> dict:
+    """A stage's typed config as the plain data its recipe hashes (tuples become lists)."""
+    from dataclasses import asdict
+
+    return json.loads(canonical_json(asdict(config)))
+
+
 def jsonable(value):
     """Plain data for strict JSON: infinities and NaN become "inf"/"-inf"/"nan", paths str."""
     if isinstance(value, float) and not math.isfinite(value):

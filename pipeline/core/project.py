@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.spec import ModelSpec, VariantSpec, load_specs
+from pipeline.schemes import get_scheme
 
 # The checkout this package runs from: templates/ and runtime_cpp/ (what the package stage
 # renders and compiles) live here, and tuning workers put it on their PYTHONPATH.
@@ -55,7 +56,7 @@ def artifact_paths(project: Project, spec: ModelSpec, variant: VariantSpec,
     out = art / name / target
     return ArtifactPaths(
         source=art / spec.name / "source",
-        quantize=art / name / "quantize" if variant.quantize else None,
+        quantize=art / name / "quantize" if get_scheme(variant.scheme).quantized else None,
         import_=art / name / "import",
         tune=out / "tune", compile=out / "compile", package=out / "package",
         smoke=out / "smoke", artifact_dir=out)

@@ -7,6 +7,7 @@ collected and reported at once, with the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -44,11 +45,14 @@ class CalibrationSpec:
 @dataclass(frozen=True)
 class VariantSpec:
     name: str
-    quantize: bool = False
+    scheme: str = ""  # a name in pipeline.schemes.SCHEMES; parse_spec always fills it in
+    quantize: bool = False  # deprecated alias: true means scheme = "int8"
     activation_type: str = "uint8"  # u8 x s8 is what VNNI multiplies
     weight_type: str = "int8"
     per_channel: bool = True
     layout: str = ""  # fp32 convs on CPUs: "NHWC" or "NCHW16c"; empty: the pipeline's default
+    # [variants.<name>.validation]: gate thresholds for this variant only (see GATE_KEYS)
+    validation: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,12 @@ class ValidationSpec:
     gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
 
 
+# The thresholds of ValidationSpec (the rest says which inputs to run): a scheme's defaults,
+# a model's [validation] and a variant's [variants.<v>.validation] set them, in that order.
+GATE_KEYS = ("fp32_rel_tol", "int8_cosine_min", "int8_top1_min", "int8_max_steps",
+             "gpu_rel_tol")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -82,6 +92,8 @@ class ModelSpec:
     tuning: TuningSpec = field(default_factory=TuningSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     spec_path: str = ""
+    validation_set: tuple[str, ...] = ()  # keys the spec's [validation] table gave
+    warnings: tuple[str, ...] = ()  # deprecated spellings, said once per load
 
     def artifact_names(self) -> list[str]:
         return [f"{self.name}_{v}" for v in self.variants]
@@ -155,16 +167,10 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
     if calibration and calibration.samples < 1:
         problems.append("calibration.samples: must be >= 1")
     variants = {}
+    warnings: list[str] = []
     raw_variants = data.get("variants", {"fp32": {}})
     for vname, table in raw_variants.items():
-        variant = _typed(VariantSpec, table, f"variants.{vname}", problems, name=vname)
-        if variant and (variant.activation_type not in QUANT_TYPES or
-                        variant.weight_type not in QUANT_TYPES):
-            problems.append(f"variants.{vname}: activation_type/weight_type must be one of "
-                            f"{', '.join(QUANT_TYPES)}")
-        if variant and variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
-            problems.append(f"variants.{vname}.layout: {variant.layout!r} not one of "
-                            f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")
+        variant = _parse_variant(vname, table, problems, warnings)
         if variant:
             variants[vname] = variant
     tuning = _typed(TuningSpec, data.get("tuning", {}), "tuning", problems)
@@ -174,7 +180,79 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
                           + "\nFix the spec (see models/resnet50.toml and the README).")
     return ModelSpec(name=name, description=data.get("description", ""), source=source,
                      inputs=tuple(inputs), calibration=calibration, variants=variants,
-                     tuning=tuning, validation=validation, spec_path=spec_path)
+                     tuning=tuning, validation=validation, spec_path=spec_path,
+                     validation_set=tuple(sorted(data.get("validation", {}))),
+                     warnings=tuple(f"{spec_path}: {w}" for w in warnings))
+
+
+def _parse_variant(vname: str, table, problems: list[str],
+                   warnings: list[str]) -> VariantSpec | None:
+    """One ``[variants.<name>]`` table: its scheme, the scheme's options, its own gates."""
+    from dataclasses import replace
+
+    from pipeline.schemes import COMMON_OPTIONS, SCHEMES
+
+    where = f"variants.{vname}"
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table, e.g. [variants.{vname}] scheme = \"fp32\"")
+        return None
+    gates = table.get("validation", {})
+    variant = _typed(VariantSpec, {k: v for k, v in table.items() if k != "validation"},
+                     where, problems, name=vname)
+    if variant is None:
+        return None
+    scheme_name = variant.scheme
+    if "quantize" in table:
+        alias = "int8" if variant.quantize else "fp32"
+        if scheme_name and scheme_name != alias:
+            problems.append(f"{where}: quantize = {str(variant.quantize).lower()} contradicts "
+                            f"scheme = {scheme_name!r}; drop quantize (it is deprecated)")
+        elif not scheme_name:
+            warnings.append(f"{where}: `quantize = {str(variant.quantize).lower()}` is "
+                            f"deprecated; write `scheme = \"{alias}\"`")
+        scheme_name = scheme_name or alias
+    scheme_name = scheme_name or "fp32"
+    scheme = SCHEMES.get(scheme_name)
+    if scheme is None:
+        problems.append(f"{where}.scheme: unknown scheme {scheme_name!r}; known schemes: "
+                        f"{', '.join(SCHEMES)}")
+        return None
+    allowed = set(COMMON_OPTIONS) | set(scheme.options)
+    for key in sorted(set(table) - allowed):
+        problems.append(f"{where}.{key}: does not apply to scheme {scheme_name!r} (its "
+                        f"options: {', '.join(scheme.options) or 'none'}; every scheme: "
+                        f"{', '.join(COMMON_OPTIONS)})")
+    if variant.activation_type not in QUANT_TYPES or variant.weight_type not in QUANT_TYPES:
+        problems.append(f"{where}: activation_type/weight_type must be one of "
+                        f"{', '.join(QUANT_TYPES)}")
+    if variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
+        problems.append(f"{where}.layout: {variant.layout!r} not one of "
+                        f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")
+    if not isinstance(gates, dict):
+        problems.append(f"{where}.validation: must be a table of gate thresholds")
+        gates = {}
+    for key, value in sorted(gates.items()):
+        if key not in GATE_KEYS:
+            problems.append(f"{where}.validation: unknown gate {key!r} (gates: "
+                            f"{', '.join(GATE_KEYS)})")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}.validation.{key}: {value!r} is not a number")
+    return replace(variant, scheme=scheme_name, quantize=scheme.quantized,
+                   validation={k: float(v) for k, v in gates.items() if k in GATE_KEYS})
+
+
+def variant_validation(spec: ModelSpec, variant: VariantSpec) -> ValidationSpec:
+    """The validation settings of one variant: its scheme's default gates, overridden by the
+    model's ``[validation]`` table, overridden by the variant's own."""
+    from dataclasses import replace
+
+    from pipeline.schemes import get_scheme
+
+    gates = dict(get_scheme(variant.scheme).default_gates)
+    gates.update({k: getattr(spec.validation, k) for k in spec.validation_set
+                  if k in GATE_KEYS})
+    gates.update(variant.validation)
+    return replace(spec.validation, **gates)
 
 
 def load_spec(path: Path) -> ModelSpec:
@@ -190,6 +268,8 @@ def load_specs(models_dir: Path) -> dict[str, ModelSpec]:
     specs = {}
     for path in sorted(models_dir.glob("*.toml")):
         spec = load_spec(path)
+        for warning in spec.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
         if spec.name in specs:
             raise ConfigError(f"model name {spec.name!r} is used by two specs: "
                               f"{specs[spec.name].spec_path} and {path}")

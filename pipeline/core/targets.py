@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,17 +17,42 @@ from pipeline.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Backend:
+    """What differs between kinds of target, in one place (looked up, never if-chained).
+
+    Cheap plain data and small functions only; what needs TVM (layout passes, DLight) is
+    chosen in the compiler from these names (:data:`pipeline.compiler.lowering.LAYOUT_RULES`,
+    :data:`pipeline.stages.compile_model.UNTUNED_SCHEDULERS`).
+    """
+
+    kind: str  # TVM target kind
+    device: str  # where the app and the Python VM run: "cpu" or "cuda"
+    runs_on_build_host: bool  # the machine that builds can run (and tune, check) it
+    kernel_check: bool  # published kernels checked against naive ones on the build host
+    untuned_scheduler: str  # schedule of kernels without a record (compile_model's table)
+    bit_exact_app: bool  # C++ app vs Python VM: bitwise, or within gpu_rel_tol
+    toolchain: str  # what compiles the app's kernels (the package stage's README says it)
+    log_key: Callable[[TargetSpec], str]  # tuning logs are kept per this key
+    recipe: Callable[[TargetSpec], dict]  # plain-data target, part of every recipe
+    tvm_target: Callable[[TargetSpec], dict]  # the tvm.target.Target config (+ "host")
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     """One build target. ``kind`` is the TVM target kind; ``arch`` the CUDA SM, if any."""
 
     name: str
-    kind: str  # "llvm" or "cuda"
+    kind: str  # "llvm" or "cuda": a key of BACKENDS
     description: str
     arch: str = ""
 
     @property
+    def backend(self) -> Backend:
+        return BACKENDS[self.kind]
+
+    @property
     def is_gpu(self) -> bool:
-        return self.kind == "cuda"
+        return self.backend.device != "cpu"
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -117,31 +143,61 @@ def num_threads() -> int:
     return os.cpu_count() or 1
 
 
-def target_key(spec: TargetSpec) -> str:
-    """The key tuning logs are stored under: per ISA class on CPU, per SM on CUDA."""
-    return f"cpu-{host_cpu_class()}" if spec.kind == "llvm" else f"cuda-{spec.arch}"
+def _cpu_recipe(spec: TargetSpec) -> dict:
+    # The CPU model stands in for LLVM's detected mcpu, which would need TVM to read.
+    # With family/model numbers (cpu_identity): tuned kernels are checked per CPU.
+    return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
+            "cpu": cpu_identity(), "num_cores": num_threads()}
 
 
-def target_config(spec: TargetSpec) -> dict:
-    """Plain-data description of the target, part of every target-dependent recipe."""
-    if spec.kind == "llvm":
-        # The CPU model stands in for LLVM's detected mcpu, which would need TVM to read.
-        # With family/model numbers (cpu_identity): tuned kernels are checked per CPU.
-        return {"name": spec.name, "kind": "llvm", "class": host_cpu_class(),
-                "cpu": cpu_identity(), "num_cores": num_threads()}
+def _cuda_recipe(spec: TargetSpec) -> dict:
     # Whether this machine can run the artifact is part of the recipe of what runs it: a
     # "not run: no CUDA device" result must not be reused on a machine with a GPU.
     return {"name": spec.name, "kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS,
             "device_present": shutil.which("nvidia-smi") is not None}
 
 
+def _cpu_tvm_target(spec: TargetSpec) -> dict:
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": num_threads()}
+
+
+def _cuda_tvm_target(spec: TargetSpec) -> dict:
+    return {"kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS, "host": {"kind": "llvm"}}
+
+
+BACKENDS: dict[str, Backend] = {
+    "llvm": Backend(
+        kind="llvm", device="cpu", runs_on_build_host=True, kernel_check=True,
+        untuned_scheduler="none", bit_exact_app=True, toolchain="host C++ compiler (CMake)",
+        # Logs are shared per ISA class, not per CPU model (see host_cpu_class).
+        log_key=lambda spec: f"cpu-{host_cpu_class()}",
+        recipe=_cpu_recipe, tvm_target=_cpu_tvm_target),
+    "cuda": Backend(
+        kind="cuda", device="cuda", runs_on_build_host=False, kernel_check=False,
+        untuned_scheduler="dlight",
+        # CUDA kernels are compiled with fast-math (FACTS.md): not bitwise between builds.
+        bit_exact_app=False, toolchain="nvcc: cubin + PTX fatbins for the target's SM",
+        log_key=lambda spec: f"cuda-{spec.arch}", recipe=_cuda_recipe,
+        tvm_target=_cuda_tvm_target),
+}
+
+
+def target_key(spec: TargetSpec) -> str:
+    """The key tuning logs are stored under: per ISA class on CPU, per SM on CUDA."""
+    return spec.backend.log_key(spec)
+
+
+def target_config(spec: TargetSpec) -> dict:
+    """Plain-data description of the target, part of every target-dependent recipe."""
+    return spec.backend.recipe(spec)
+
+
 def tvm_target(spec: TargetSpec):
     """The ``tvm.target.Target`` for a target spec (imports TVM: call inside stages only)."""
     import tvm
-    from tvm.target import codegen
 
-    if spec.kind == "llvm":
-        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                                  "num-cores": num_threads()})
-    return tvm.target.Target({"kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS},
-                             host={"kind": "llvm"})
+    config = dict(spec.backend.tvm_target(spec))
+    host = config.pop("host", None)
+    return tvm.target.Target(config, host=host) if host else tvm.target.Target(config)

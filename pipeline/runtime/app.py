@@ -27,7 +27,7 @@ def run_binary(pkg_dir: Path, input_npy: Path | Mapping[str, Path], output_npy: 
     warmup, repeat : int
         Untimed and timed runs.
     threads : int, optional
-        TVM thread pool size; default: the runtime's choice.
+        TVM thread pool size (1 to the core count); default: every core.
     json_path : Path, optional
         Where the app writes its latency statistics as JSON.
     model : Path, optional

@@ -1,0 +1,81 @@
+"""Number formats ("schemes"): what a variant computes in, and everything that follows from it.
+
+A variant in a model spec names a scheme (``scheme = "int8"``). The scheme owns what differs
+between formats, so no stage branches on a format's name:
+
+- ``quantize``: the quantize stage's recipe for the ONNX model (a key of
+  :data:`pipeline.stages.quantize.RECIPES`), or None to compile the fp32 model as it is;
+- ``import_passes``: the project's import passes, by name
+  (:data:`pipeline.compiler.passes.IMPORT_PASSES`), that turn the quantized graph into real
+  low-precision compute;
+- ``compute_dtype``: what the kernels compute in (the lowering's layout rules and the
+  tuning workloads are chosen from it);
+- ``comparisons``: the validation comparisons (:mod:`pipeline.stages.validate`);
+- ``default_gates``: the thresholds of those comparisons (a model's ``[validation]`` and a
+  variant's ``[variants.<v>.validation]`` override them, in that order);
+- ``options``: the variant keys the scheme reads (anything else in the variant is an error);
+- ``summary``: what the reports say the artifact computes.
+
+Adding a format is one entry here plus what it needs below (a quantize recipe, import
+passes, a codec): see ``pipeline/README.md``. The registry is plain data, cheap to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from pipeline.core.errors import ConfigError
+
+# Variant keys every scheme accepts (the spec reads them itself).
+COMMON_OPTIONS = ("scheme", "quantize", "layout", "validation")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One number format, as a registry entry (see the module docstring)."""
+
+    name: str
+    description: str
+    quantize: str | None
+    import_passes: tuple[str, ...]
+    compute_dtype: str
+    comparisons: tuple[str, ...]
+    default_gates: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    options: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize is not None
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp32": Scheme(
+        name="fp32", description="the model as exported: float32 weights and compute",
+        quantize=None, import_passes=(), compute_dtype="float32",
+        comparisons=("tvm_fp32_vs_ort_fp32",),
+        # max abs err <= fp32_rel_tol * max(1, max abs ref), top-1 equal (DESIGN.md)
+        default_gates=MappingProxyType({"fp32_rel_tol": 1e-4}),
+        summary="float32 compute"),
+    "int8": Scheme(
+        name="int8",
+        description="static INT8: onnxruntime QDQ (u8 activations x s8 per-channel weights), "
+                    "rewritten to integer compute with int32 accumulation",
+        quantize="static_qdq", import_passes=("qdq_to_integer",), compute_dtype="int8",
+        comparisons=("tvm_int8_vs_ort_int8", "tvm_int8_vs_ort_fp32", "ort_int8_vs_ort_fp32"),
+        default_gates=MappingProxyType({"int8_cosine_min": 0.999, "int8_top1_min": 0.99,
+                                        "int8_max_steps": 1.0}),
+        options=("activation_type", "weight_type", "per_channel"),
+        summary="integer compute: 8-bit activations and weights, int32 accumulation, "
+                "requantized with onnxruntime's rounding"),
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    """Look a scheme up by name; an unknown name fails listing the known ones."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        known = ", ".join(f"{s.name} ({s.description})" for s in SCHEMES.values())
+        raise ConfigError(f"unknown scheme {name!r}; known schemes: {known}") from None

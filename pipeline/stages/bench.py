@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,16 @@ threads = int(tvm.get_global_func("runtime.NumThreads")())
 with open(args["result"], "w") as f:
     json.dump({"times_ms": times, "threads": threads}, f)
 """
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How one artifact is timed (its recipe, as data)."""
+
+    threads: int  # for every runner: TVM's pool, onnxruntime's intra-op pool
+    warmup: int
+    repeat: int
+    target: dict  # core.targets.target_config()
 
 
 def stats(times_ms: list[float]) -> dict[str, float]:

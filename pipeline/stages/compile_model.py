@@ -17,12 +17,12 @@ from pipeline.core.targets import get_target, tvm_target
 
 @dataclass(frozen=True)
 class CompileConfig:
-    target: str  # name in the targets table
-    integer: bool  # the module computes in int8 (selects the lowering's layout choices)
+    target: dict  # core.targets.target_config(): the target's name, kind and machine
+    compute_dtype: str = "float32"  # the scheme's (selects the lowering's layout rules)
     layout: str = ""  # fp32 conv layout on CPUs (see pipeline.compiler.lowering)
 
 
-def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | None,
+def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: Path | None,
                        layout: str = ""):
     """Lower for the target and apply tuning records (and DLight on GPUs). Returns
     ``(scheduled_mod, target, report)``."""
@@ -33,9 +33,9 @@ def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | 
     from pipeline.compiler.lowering import lower_for_target
 
     intrinsics.register()  # tuning records may name the project's VNNI intrinsic
-    spec = get_target(spec_name)
+    spec = get_target(target_name)
     target = tvm_target(spec)
-    mod = lower_for_target(mod, target, "int8" if integer else "float32", layout)
+    mod = lower_for_target(mod, target, compute_dtype, layout)
     database = None
     if database_dir is not None and (database_dir / "database_workload.json").exists():
         database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
@@ -43,16 +43,16 @@ def lower_and_schedule(mod, spec_name: str, integer: bool, database_dir: Path | 
     if database is not None:
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    gpu_report = {}
-    if spec.is_gpu:
-        mod, gpu_report = _dlight_schedule(mod, target, integer)
+    label, schedule_untuned = UNTUNED_SCHEDULERS[spec.backend.untuned_scheduler]
+    extra = {}
+    if schedule_untuned is not None:
+        mod, extra = schedule_untuned(mod, target, compute_dtype)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
-              "untuned_scheduler": "dlight" if spec.is_gpu else "none (naive loops)",
-              **gpu_report}
+              "untuned_scheduler": label, **extra}
     return mod, target, report
 
 
-def _dlight_schedule(mod, target, integer: bool):
+def _dlight_schedule(mod, target, compute_dtype: str):
     """DLight default schedules for every GPU kernel that has none yet (no tuning record).
 
     The rules run in DLight's usual order, in two passes so that the report can name the
@@ -82,7 +82,7 @@ def _dlight_schedule(mod, target, integer: bool):
                           f"{', '.join(left)}; tune them on a GPU (`doit build:<artifact> "
                           "target=... tune=missing`) or report the operator")
     report = {"dlight_fallback": [k for k in fallback if k not in left]}
-    if integer:
+    if compute_dtype == "int8":
         # Stated in the report: the int8 CUDA artifact computes in integers, it is no
         # fake-quant (QDQ around float) model.
         report["int8_compute"] = ("integer: 8-bit activations and weights, int32 "
@@ -99,16 +99,25 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
 
     mod = load_module(module_json)
     io = io_signature(mod)
-    mod, target, report = lower_and_schedule(mod, config.target, config.integer, database_dir,
-                                             config.layout)
+    mod, target, report = lower_and_schedule(mod, config.target["name"], config.compute_dtype,
+                                             database_dir, config.layout)
     if report["untuned"]:
         print(f"compile: WARNING {len(report['untuned'])} of "
               f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record "
               f"and use {report['untuned_scheduler']} schedules: {', '.join(report['untuned'])}."
-              " Tune them with `doit tune:<artifact>` (see README, Tuning).", flush=True)
+              " Tune them with `doit build:<artifact> tune=missing` (see README, Tuning).",
+              flush=True)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_dir / "model.so"))
     (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
     (out_dir / "compile_report.json").write_text(json.dumps(report, indent=2) + "\n",
                                                  encoding="utf-8")
     return {"untuned": len(report["untuned"]), "tuned": len(report["tuned"])}
+
+
+# How kernels without a tuning record are scheduled, per a backend's ``untuned_scheduler``
+# (core.targets.BACKENDS): (report label, function(mod, target, compute_dtype) or None).
+UNTUNED_SCHEDULERS = {
+    "none": ("none (naive loops)", None),
+    "dlight": ("dlight", _dlight_schedule),
+}

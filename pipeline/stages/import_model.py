@@ -17,7 +17,8 @@ from pipeline.core.errors import UnsupportedModelError
 @dataclass(frozen=True)
 class ImportConfig:
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
-    integer: bool  # run the QDQ -> integer passes (quantized variants)
+    # the scheme's import passes, by name in pipeline.compiler.passes.IMPORT_PASSES
+    passes: tuple[str, ...] = ()
 
 
 def unsupported_ops(model) -> dict[str, list[str]]:
@@ -120,17 +121,12 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
 
     mod = import_onnx(model_path, config)
     mod = graph_cleanup()(mod)
-    report: dict = {"integer_pass": False}
-    if config.integer:
-        from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
+    from pipeline.compiler.passes import IMPORT_PASSES
 
-        mod, integer_report = quantize_to_integer(mod)
-        report = {"integer_pass": True, "summary": integer_report.summary(),
-                  "matched": list(integer_report.matched),
-                  "unmatched": list(integer_report.unmatched)}
-        print(f"import: {integer_report.summary()}", flush=True)
-        for entry in integer_report.unmatched:
-            print(f"import:   stays in fake-quant form: {entry}", flush=True)
+    report: dict = {"integer_pass": False, "passes": list(config.passes)}
+    for name in config.passes:
+        mod, fields = IMPORT_PASSES[name](mod)
+        report.update(fields)
     (out_dir / "module.json").write_text(tvm.ir.save_json(mod), encoding="utf-8")
     (out_dir / "import_report.json").write_text(json.dumps(report, indent=2, sort_keys=True)
                                                 + "\n", encoding="utf-8")

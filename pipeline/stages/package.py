@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.core.errors import ConfigError, CorruptInputError, StageFailed, collect
 from pipeline.core.project import REPO
-from pipeline.core.targets import TARGETS, TargetSpec
+from pipeline.core.targets import TARGETS, TargetSpec, get_target
 
 STAGE = "package"
 
@@ -182,6 +182,20 @@ class PackageConfig:
                 "build_type": self.build_type,
                 "inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs]}
+
+
+@dataclass(frozen=True)
+class PackageStageConfig:
+    """The package stage's recipe: which artifact for which target (known before anything
+    runs); the app's tensors come from the compile stage's ``io.json`` (see :meth:`app`)."""
+
+    artifact: str  # names the bundle
+    target: dict  # core.targets.target_config()
+
+    def app(self, io: Mapping[str, Any]) -> PackageConfig:
+        """The app to generate for a model with the tensors of ``io`` (compile's io.json)."""
+        return PackageConfig.for_target(self.artifact, get_target(self.target["name"]),
+                                        io["inputs"], io["outputs"])
 
 
 def _c_string(value: str) -> str:
@@ -616,3 +630,10 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     return result
 
 
+def package_artifact(model_so: Path, io_json: Path, config: PackageStageConfig,
+                     out_dir: Path) -> dict[str, Path]:
+    """Stage entry: :func:`run` for the app that the compiled model's ``io.json`` describes."""
+    import json
+
+    io = json.loads(Path(io_json).read_text(encoding="utf-8"))
+    return run(model_so, config.app(io), out_dir)

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.errors import ConfigError
 from pipeline.runtime.data import calibration_samples
 
 
@@ -24,10 +25,21 @@ class QuantizeConfig:
     weight_type: str
     per_channel: bool
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    recipe: str = "static_qdq"  # a key of RECIPES: the variant's scheme names it
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
-    """Write ``out_dir/model.onnx``, the QDQ model."""
+    """Write ``out_dir/model.onnx``, quantized by the config's recipe (see :data:`RECIPES`)."""
+    try:
+        recipe = RECIPES[config.recipe]
+    except KeyError:
+        raise ConfigError(f"unknown quantize recipe {config.recipe!r}; known: "
+                          f"{', '.join(RECIPES)}") from None
+    return recipe(model_path, config, out_dir)
+
+
+def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """onnxruntime ``quantize_static`` to QDQ, calibrated on the config's samples."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -66,3 +78,9 @@ def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"calibration_samples": len(feeds), "op_counts": dict(sorted(counts.items()))}
+
+
+# How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
+RECIPES = {
+    "static_qdq": _static_qdq,
+}

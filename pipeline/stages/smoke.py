@@ -15,35 +15,52 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.errors import StageFailed
+from pipeline.core.spec import ValidationSpec
 from pipeline.core.targets import get_target
 from pipeline.runtime.app import run_binary
 from pipeline.runtime.data import seeded_input
 from pipeline.runtime.vm import cuda_available, cuda_device_name, python_vm_outputs
 
 
-def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class SmokeConfig:
+    target: dict  # core.targets.target_config()
+    seed: int = 0  # of the one input
+    # CUDA: C++ vs Python VM within this (the spec's validation.gpu_rel_tol); CPU: bitwise
+    gpu_rel_tol: float = ValidationSpec().gpu_rel_tol
+
+
+def run(package_dir: Path, io_json: Path, config: SmokeConfig, out_dir: Path) -> dict:
     """Write ``input.npy``, ``output_cpp.npy`` and ``smoke.json``; fail on any mismatch."""
     io = json.loads(io_json.read_text(encoding="utf-8"))
-    target = get_target(cfg["target"]["name"])
-    inp = io["inputs"][0]
-    x = seeded_input(tuple(inp["shape"]), inp["dtype"], cfg["seed"])
-    np.save(out_dir / "input.npy", x)
+    target = get_target(config.target["name"])
+    # Every input of the model, in main's order; one input keeps the name input.npy.
+    feeds = [seeded_input(tuple(t["shape"]), t["dtype"], config.seed + i)
+             for i, t in enumerate(io["inputs"])]
+    if len(feeds) == 1:
+        inputs: Path | dict = out_dir / "input.npy"
+        np.save(inputs, feeds[0])
+    else:
+        inputs = {t["name"]: out_dir / f"input_{t['name']}.npy" for t in io["inputs"]}
+        for t, x in zip(io["inputs"], feeds, strict=True):
+            np.save(inputs[t["name"]], x)
     if target.is_gpu and not cuda_available():
         result = {"status": "not run: no CUDA device", "target": target.name}
         (out_dir / "smoke.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"smoke: {target.name} artifact built; not run here: no CUDA device", flush=True)
         return result
-    proc = run_binary(package_dir, out_dir / "input.npy", out_dir / "output_cpp.npy")
+    proc = run_binary(package_dir, inputs, out_dir / "output_cpp.npy")
     if proc.returncode != 0:
         raise StageFailed("smoke", f"bin/infer exited {proc.returncode}: "
                           f"{(proc.stderr or proc.stdout)[-2000:]}")
     y_cpp = np.load(out_dir / "output_cpp.npy")
-    y_py = python_vm_outputs(package_dir / "model.so", [x], "cuda" if target.is_gpu else "cpu")[0]
+    y_py = python_vm_outputs(package_dir / "model.so", feeds, target.backend.device)[0]
     identical = y_cpp.shape == y_py.shape and y_cpp.dtype == y_py.dtype and \
         np.array_equal(y_cpp, y_py)
     result = {"status": "pass" if identical else "fail", "target": target.name,
@@ -51,8 +68,8 @@ def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
               "max_abs_diff": float(np.max(np.abs(y_cpp.astype(np.float64) -
                                                   y_py.astype(np.float64))))
               if y_cpp.shape == y_py.shape else None}
-    if target.is_gpu:
-        return _judge_cuda(result, identical, y_py, cfg, out_dir)
+    if not target.backend.bit_exact_app:
+        return _judge_cuda(result, identical, y_py, config, out_dir)
     (out_dir / "smoke.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not identical:
         raise StageFailed("smoke", f"C++ binary and Python VM disagree: {result}")
@@ -60,12 +77,10 @@ def run(package_dir: Path, io_json: Path, cfg: dict, out_dir: Path) -> dict:
     return result
 
 
-def _judge_cuda(result: dict, identical: bool, y_py: np.ndarray, cfg: dict,
+def _judge_cuda(result: dict, identical: bool, y_py: np.ndarray, config: SmokeConfig,
                 out_dir: Path) -> dict:
     """CUDA: pass within ``gpu_rel_tol`` (see the module docstring); record bit-identity."""
-    from pipeline.core.spec import ValidationSpec
-
-    tol = float(cfg.get("gpu_rel_tol", ValidationSpec().gpu_rel_tol))
+    tol = float(config.gpu_rel_tol)
     diff = result["max_abs_diff"]
     ref_max = float(np.max(np.abs(y_py.astype(np.float64)))) if y_py.size else 0.0
     limit = tol * max(1.0, ref_max)

@@ -20,10 +20,9 @@ ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7
 @dataclass(frozen=True)
 class SourceConfig:
     model: str
-    generator: str  # path of the generator module, or ""
-    path: str  # path of a local ONNX file, or ""
-    seed: int
+    seed: int  # of a generator's weights
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    kind: str = "file"  # "generator" (a module in models/) or "file" (a local ONNX file)
 
 
 def load_onnx(path: Path):
@@ -83,17 +82,17 @@ def check_inputs(model, declared, where: str) -> None:
                           + "\n  - ".join(problems))
 
 
-def run(config: SourceConfig, out_dir: Path) -> dict:
+def run(config: SourceConfig, given: Path, out_dir: Path) -> dict:
     """Write ``out_dir/model.onnx`` (checked, opset >= 13, inputs as declared)."""
     import onnx
     from onnx import version_converter
 
     out = out_dir / "model.onnx"
-    if config.generator:
-        _generate(Path(config.generator), config.seed, out)
+    if config.kind == "generator":
+        _generate(Path(given), config.seed, out)
         model = load_onnx(out)
     else:
-        model = load_onnx(Path(config.path))
+        model = load_onnx(Path(given))
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                 default=0)
     upgraded_from = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.compiler.workloads import TaskPlan, plan_tasks
@@ -27,6 +28,22 @@ from pipeline.tuning.tuner import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """What the tune stage does for one artifact on one target (its recipe, as data)."""
+
+    target: dict  # core.targets.target_config()
+    compute_dtype: str  # the scheme's: the tasks are those of the lowered module
+    layout: str  # fp32 conv layout on CPUs: tune and compile must lower identically
+    mode: str  # off | missing | extend (tasks.options.TUNE_MODES)
+    trials_per_task: int
+    max_trials: int
+    wall_seconds: float
+    seed: int = 0
+    rpc: str = ""  # host:port:device_key of a TVM RPC tracker, or "" to measure here
+    log_key: str = ""  # the committed logs' folder (models/tuning_logs/<log_key>)
 
 
 def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
@@ -66,7 +83,8 @@ def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
     return verdicts
 
 
-def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir: Path) -> dict:
+def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
+        out_dir: Path) -> dict:
     """Stage entry: seed from the committed logs and the local cache, tune what is missing,
     publish the best record of each of this model's workloads into ``out_dir``.
 
@@ -86,16 +104,16 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
     # Records of tensorized schedules name their intrinsic: it must be registered before
     # any database holding them is opened (or JSONDatabase fails to load).
     intrinsics.register()
-    spec = get_target(cfg["target"]["name"])
+    spec = get_target(config.target["name"])
     target = tvm_target(spec)
-    mod = lower_for_target(load_module(module_json), target,
-                           "int8" if cfg["integer"] else "float32", cfg.get("layout", ""))
-    budget = TuneBudget(trials_per_task=cfg["trials_per_task"], max_trials=cfg["max_trials"],
-                        wall_seconds=cfg["wall_seconds"], mode=cfg["mode"], seed=cfg["seed"])
-    can_measure = not spec.is_gpu or cfg["rpc"] or _has_cuda()
+    mod = lower_for_target(load_module(module_json), target, config.compute_dtype,
+                           config.layout)
+    budget = TuneBudget(trials_per_task=config.trials_per_task, max_trials=config.max_trials,
+                        wall_seconds=config.wall_seconds, mode=config.mode, seed=config.seed)
+    can_measure = spec.backend.runs_on_build_host or config.rpc or _has_cuda()
     # Kernels are checked where they can run: a CPU target is this host (unless an RPC
     # tracker measures on another machine, whose CPU may differ).
-    verify = not spec.is_gpu and not cfg["rpc"]
+    verify = spec.backend.kernel_check and not config.rpc
     if budget.mode == "off" or not can_measure:
         if budget.mode != "off":
             print(f"tune: no {spec.name} device here and no rpc= tracker: not tuning; "
@@ -115,7 +133,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, cfg: dict, out_dir:
                        f"tuning cache {cache_dir}"):
             _merge_logs([seed_logs, cache_dir], cache_dir)
             plans = tune_module(mod, target, cache_dir, budget,
-                                runner=make_runner(_rpc(cfg["rpc"])),
+                                runner=make_runner(_rpc(config.rpc)),
                                 progress=lambda s: print(s, flush=True))
             verdicts = _publish_records(tuning_log.open_database(cache_dir), plans, out_dir,
                                         target, verify)

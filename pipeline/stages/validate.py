@@ -442,8 +442,18 @@ def _write(out_dir: Path, payload: dict, results: Sequence[dict], title: str) ->
 
 # ----------------------------------------------------------------------------- entry points
 
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What validate checks for one artifact (its recipe, as data)."""
+
+    gates: dict  # ValidationSpec fields: inputs (samples, seed, data_dir) and thresholds
+    comparisons: tuple[str, ...]  # the scheme's (pipeline.schemes), all keys of _TITLES
+    target: dict  # core.targets.target_config()
+
+
 def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None,
-        out_dir: Path, *, check: bool = True) -> dict:
+        out_dir: Path, *, check: bool = True,
+        comparisons: Sequence[str] | None = None) -> dict:
     """Validate one artifact; write ``validation.json`` and ``validation.md`` into ``out_dir``.
 
     Parameters
@@ -458,6 +468,9 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
         Receives the reports, the inputs (``inputs/``) and the C++ outputs (``cpp/``).
     check : bool
         Raise :class:`ValidationFailed` when a gate fails (after writing the reports).
+    comparisons : sequence of str, optional
+        The comparisons to make besides C++ vs Python (the variant's scheme names them);
+        default: the int8 ones for an artifact with a QDQ model, else the fp32 one.
 
     Returns
     -------
@@ -480,7 +493,16 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"Validation of {art.name} on {art.target}"
     result: dict[str, Any] = {**art.header(), "is_gpu": art.is_gpu, "gates": g}
-    comparisons = [INT8, INT8_QUALITY, ORT_QUALITY] if art.quantized else [FP32]
+    if comparisons is None:
+        comparisons = [INT8, INT8_QUALITY, ORT_QUALITY] if art.quantized else [FP32]
+    unknown = [c for c in comparisons if c not in _TITLES or c == CPP]
+    if unknown:
+        raise ConfigError(f"unknown validation comparison(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(c for c in _TITLES if c != CPP)}")
+    needs_qdq = {INT8, INT8_QUALITY, ORT_QUALITY} & set(comparisons)
+    if needs_qdq and art.qdq_onnx is None:
+        raise ConfigError(f"{art.name}: comparison(s) {', '.join(sorted(needs_qdq))} need the "
+                          "quantized ONNX model, and this artifact has none")
     if art.is_gpu and not cuda_available():
         # Checked first: a CUDA artifact cannot even be loaded here, and must not pass.
         records = [{**art.header(), "comparison": c, "title": _TITLES[c], "status": NO_CUDA,
@@ -516,13 +538,15 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
             cpp_errors.append((i, why))
 
     records = []
-    if art.quantized:
-        ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds)
-        records.append(_record(art, INT8, tvm_py, ort_int8, g, output_steps(Path(art.qdq_onnx))))
-        records.append(_record(art, INT8_QUALITY, tvm_py, ort_fp32, g))
-        records.append(_record(art, ORT_QUALITY, ort_int8, ort_fp32, g))
-    else:
-        records.append(_record(art, FP32, tvm_py, ort_fp32, g))
+    ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds) if needs_qdq else None
+    # comparison -> (actual, reference, output steps)
+    pairs = {FP32: lambda: (tvm_py, ort_fp32, None),
+             INT8: lambda: (tvm_py, ort_int8, output_steps(Path(art.qdq_onnx))),
+             INT8_QUALITY: lambda: (tvm_py, ort_fp32, None),
+             ORT_QUALITY: lambda: (ort_int8, ort_fp32, None)}
+    for comparison in comparisons:
+        actual, reference, steps = pairs[comparison]()
+        records.append(_record(art, comparison, actual, reference, g, steps))
     if cpp_errors:
         index, why = cpp_errors[0]
         records.append({**art.header(), "comparison": CPP, "title": _TITLES[CPP],

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.hashing import recipe_of
 from pipeline.core.store import run_stage
 
 
@@ -33,80 +34,69 @@ def doit_action(fn):
     return wrapper
 
 
-def _inputs(cfg: dict) -> tuple:
-    return tuple((i["name"], tuple(i["shape"]), i["dtype"]) for i in cfg["inputs"])
+def _recipe(config) -> dict:
+    return recipe_of(config)
 
 
 @doit_action
-def source(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def source(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import source as stage
 
-    config = stage.SourceConfig(model=cfg["model"], generator=str(upstream.get("generator", "")),
-                                path=str(upstream.get("onnx", "")), seed=cfg["seed"],
-                                inputs=_inputs(cfg))
-    run_stage(root, "source", cfg, upstream, stable, lambda out: stage.run(config, out))
+    given = upstream.get("generator") or upstream["onnx"]
+    run_stage(root, "source", _recipe(config), upstream, stable,
+              lambda out: stage.run(config, given, out))
 
 
 @doit_action
-def quantize(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def quantize(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import quantize as stage
 
-    config = stage.QuantizeConfig(
-        method=cfg["method"], samples=cfg["samples"], seed=cfg["seed"],
-        data_dir=cfg["data_dir"], activation_type=cfg["activation_type"],
-        weight_type=cfg["weight_type"], per_channel=cfg["per_channel"], inputs=_inputs(cfg))
-    run_stage(root, "quantize", cfg, upstream, stable,
+    run_stage(root, "quantize", _recipe(config), upstream, stable,
               lambda out: stage.run(upstream["model"], config, out))
 
 
 @doit_action
-def import_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def import_(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import import_model as stage
 
-    config = stage.ImportConfig(inputs=_inputs(cfg), integer=cfg["integer"])
-    run_stage(root, "import", cfg, upstream, stable,
+    run_stage(root, "import", _recipe(config), upstream, stable,
               lambda out: stage.run(upstream["model"], config, out))
 
 
 @doit_action
-def tune(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path,
+def tune(root: Path, config, upstream: dict[str, Path], stable: Path,
          seed_logs: Path, cache_dir: Path) -> None:
     from pipeline.stages import tune as stage
 
-    run_stage(root, "tune", cfg, upstream, stable,
-              lambda out: stage.run(upstream["module"], seed_logs, cache_dir, cfg, out))
+    run_stage(root, "tune", _recipe(config), upstream, stable,
+              lambda out: stage.run(upstream["module"], seed_logs, cache_dir, config, out))
 
 
 @doit_action
-def compile_(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def compile_(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import compile_model as stage
 
-    config = stage.CompileConfig(target=cfg["target"]["name"], integer=cfg["integer"],
-                                 layout=cfg.get("layout", ""))
-    run_stage(root, "compile", cfg, upstream, stable,
+    run_stage(root, "compile", _recipe(config), upstream, stable,
               lambda out: stage.run(upstream["module"], upstream["database"].parent,
                                     config, out))
 
 
 @doit_action
-def package(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def package(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import package as stage
 
-    io = json.loads(upstream["io"].read_text(encoding="utf-8"))
-    config = stage.PackageConfig(
-        model=cfg["artifact"], target=cfg["target"]["name"], target_kind=cfg["target"]["kind"],
-        inputs=tuple(stage.TensorSpec(**t) for t in io["inputs"]),
-        outputs=tuple(stage.TensorSpec(**t) for t in io["outputs"]))
-    run_stage(root, "package", cfg, upstream, stable,
-              lambda out: stage.run(upstream["model"], config, out))
+    run_stage(root, "package", _recipe(config), upstream, stable,
+              lambda out: stage.package_artifact(upstream["model"], upstream["io"], config,
+                                                 out))
 
 
 @doit_action
-def smoke(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path) -> None:
+def smoke(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import smoke as stage
 
-    run_stage(root, "smoke", cfg, upstream, stable,
-              lambda out: stage.run(upstream["binary"].parent.parent, upstream["io"], cfg, out))
+    run_stage(root, "smoke", _recipe(config), upstream, stable,
+              lambda out: stage.run(upstream["binary"].parent.parent, upstream["io"], config,
+                                    out))
 
 
 DELIVERABLES = ("model.so", "bin", "src")
@@ -118,16 +108,38 @@ def unlink_deliverables(artifact_dir: Path) -> None:
             path.unlink()
 
 
+def _wanted_links(artifact_dir: Path) -> dict[Path, Path]:
+    """Deliverable link -> what it must point at, in the package the stable link names."""
+    package_dir = (artifact_dir / "package").resolve()
+    wanted = {artifact_dir / n: package_dir / n for n in DELIVERABLES
+              if (package_dir / n).exists()}
+    wanted.update({artifact_dir / b.name: b for b in package_dir.glob("*.tar.gz")})
+    return wanted
+
+
+def deliverables_current(artifact_dir: Path) -> bool:
+    """Every deliverable link exists and points into the current package; no stale bundle."""
+    wanted = _wanted_links(artifact_dir)
+    if not wanted:
+        return False
+    for link_path, dest in wanted.items():
+        if not link_path.is_symlink() or link_path.resolve() != dest:
+            return False
+    stale = [b for b in artifact_dir.glob("*.tar.gz") if b not in wanted]
+    return not stale
+
+
 def link_deliverables(artifact_dir: Path) -> None:
-    """Top-level convenience links: ``model.so``, ``bin``, ``src``, the bundle."""
+    """Top-level convenience links: ``model.so``, ``bin``, ``src``, the bundle, all into
+    the package the stable ``package`` link names (a bundle of an older package goes)."""
     from pipeline.core.store import link
 
-    package_dir = (artifact_dir / "package").resolve()
-    for name in DELIVERABLES:
-        if (package_dir / name).exists():
-            link(artifact_dir / name, package_dir / name)
-    for bundle in package_dir.glob("*.tar.gz"):
-        link(artifact_dir / bundle.name, bundle)
+    wanted = _wanted_links(artifact_dir)
+    for link_path, dest in wanted.items():
+        link(link_path, dest)
+    for bundle in artifact_dir.glob("*.tar.gz"):
+        if bundle not in wanted and bundle.is_symlink():
+            bundle.unlink()
 
 
 def _artifact(spec, variant, target, paths):
@@ -137,7 +149,7 @@ def _artifact(spec, variant, target, paths):
 
 
 @doit_action
-def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spec, variant,
+def validate(root: Path, config, upstream: dict[str, Path], stable: Path, spec, variant,
              target, paths) -> None:
     """Validate one artifact; the report is published even when a gate fails, then the
     task fails naming model, target, comparison, metric, value and threshold."""
@@ -145,8 +157,9 @@ def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spe
     from pipeline.stages import validate as stage
 
     art = _artifact(spec, variant, target, paths)
-    result = run_stage(root, "validate", cfg, upstream, stable,
-                       lambda out: stage.run(art, cfg["gates"], out, check=False))
+    result = run_stage(root, "validate", _recipe(config), upstream, stable,
+                       lambda out: stage.run(art, config.gates, out, check=False,
+                                             comparisons=config.comparisons))
     report = json.loads((result.path / "validation.json").read_text(encoding="utf-8"))
     # (the stage itself ran in a temp dir: the report's lasting address is the stable one)
     print(f"validate: report {stable / 'validation.md'}", flush=True)
@@ -157,13 +170,13 @@ def validate(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spe
 
 
 @doit_action
-def bench(root: Path, cfg: dict, upstream: dict[str, Path], stable: Path, spec, variant,
+def bench(root: Path, config, upstream: dict[str, Path], stable: Path, spec, variant,
           target, paths) -> None:
     from pipeline.stages import bench as stage
 
     art = _artifact(spec, variant, target, paths)
-    run_stage(root, "bench", cfg, upstream, stable,
-              lambda out: stage.run(art, cfg["threads"], cfg["warmup"], cfg["repeat"], out))
+    run_stage(root, "bench", _recipe(config), upstream, stable,
+              lambda out: stage.run(art, config.threads, config.warmup, config.repeat, out))
 
 
 @doit_action

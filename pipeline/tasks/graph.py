@@ -1,7 +1,9 @@
-"""doit task dicts for every model x variant x stage, built from plain data only.
+"""doit task dicts for every model x variant x stage.
 
-Nothing heavy is imported here (dodo.py loads this for ``doit list``): each stage's config
-is plain JSON-able data, used both as doit's ``config_changed`` and as the stage's recipe.
+Each stage's config is its own typed dataclass (``XConfig`` in ``pipeline.stages.x``), made
+once here: its plain-data form is doit's ``config_changed`` and the stage's recipe, and the
+same object is what the stage runs with. Nothing heavy is imported (dodo.py loads this for
+``doit list``): stage modules import TVM and onnxruntime inside their functions only.
 """
 
 from __future__ import annotations
@@ -12,19 +14,27 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from pipeline.core.hashing import tool_versions
+from pipeline.core.hashing import recipe_of, tool_versions
 from pipeline.core.project import REPO, Project, artifact_paths
-from pipeline.core.spec import ModelSpec, VariantSpec
-from pipeline.core.store import intact
+from pipeline.core.spec import ModelSpec, VariantSpec, variant_validation
+from pipeline.core.store import MANIFEST, intact
 from pipeline.core.targets import TargetSpec, target_config, target_key
+from pipeline.schemes import get_scheme
 from pipeline.tasks import actions as stages
 from pipeline.tasks.options import Options
 
 TEMPLATE_FILES = ("templates", "runtime_cpp")
 
 
-def _inputs(spec: ModelSpec) -> list[dict]:
-    return [asdict(i) for i in spec.inputs]
+def _inputs(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    return tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs)
+
+
+def _data_files(upstream: dict[str, Path], prefix: str, folder: Path) -> None:
+    """Every ``.npy`` file under ``folder`` as an input, keyed by its path inside it (inputs
+    in subfolders may share file names)."""
+    for f in _files(folder, "*.npy"):
+        upstream[f"{prefix}/{f.relative_to(folder).as_posix()}"] = f
 
 
 def _files(folder: Path, pattern: str = "*") -> list[Path]:
@@ -37,17 +47,17 @@ def _clean_link(stable: Path) -> None:
         stable.unlink()
 
 
-def _task(project: Project, name: str, doc: str, action, cfg: dict, upstream: dict[str, Path],
+def _task(project: Project, name: str, doc: str, action, config, upstream: dict[str, Path],
           stable: Path, target_file: str, extra_args: tuple = ()) -> dict:
     """One stage task: its upstream files are its file_dep, its config (with the versions of
-    the tools the stage uses) its uptodate check, and an output that no longer matches its
-    manifest makes it run again."""
-    stage = action.__name__.rstrip("_")  # stages.import_ is the "import" stage
-    checked = {"config": cfg, "tools": tool_versions(stage)}
+    the tools the stage uses and the digest of the code it runs) its uptodate check, and an
+    output that no longer matches its manifest makes it run again."""
+    stage = action.__name__.rstrip("_")  # actions.import_ is the "import" stage
+    checked = {"config": recipe_of(config), "tools": tool_versions(stage)}
     return {
         "name": name,
         "doc": doc,
-        "actions": [(action, [project.artifacts, cfg, upstream, stable, *extra_args])],
+        "actions": [(action, [project.artifacts, config, upstream, stable, *extra_args])],
         "file_dep": [str(p) for p in upstream.values()],
         "targets": [str(stable / target_file)],
         "uptodate": [config_changed(checked), functools.partial(_intact_check, stable)],
@@ -61,66 +71,78 @@ def _intact_check(stable: Path, task, values) -> bool:
 
 
 def source_task(project: Project, spec: ModelSpec) -> dict:
+    from pipeline.stages.source import SourceConfig
+
     stable = project.artifacts / spec.name / "source"
-    cfg = {"model": spec.name, "seed": spec.source.seed, "inputs": _inputs(spec),
-           "kind": "generator" if spec.source.generator else "file"}
     if spec.source.generator:
         upstream = {"generator": project.root / "models" / f"{spec.source.generator}.py"}
     else:
         upstream = {"onnx": project.root / spec.source.path}
-    return _task(project, spec.name, f"fp32 ONNX of {spec.name}", stages.source, cfg, upstream,
-                 stable, "model.onnx")
+    config = SourceConfig(model=spec.name, seed=spec.source.seed, inputs=_inputs(spec),
+                          kind="generator" if spec.source.generator else "file")
+    return _task(project, spec.name, f"fp32 ONNX of {spec.name}", stages.source, config,
+                 upstream, stable, "model.onnx")
 
 
 def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
                 options: Options) -> dict[str, dict]:
     """The per-artifact tasks (quantize, import, tune, compile, package, smoke) by stage."""
+    from pipeline.stages.compile_model import CompileConfig
+    from pipeline.stages.import_model import ImportConfig
+    from pipeline.stages.package import PackageStageConfig
+    from pipeline.stages.quantize import QuantizeConfig
+    from pipeline.stages.smoke import SmokeConfig
+    from pipeline.stages.tune import TuneConfig
+
     name = f"{spec.name}_{variant.name}"
     at = f"{name}@{target.name}"
+    scheme = get_scheme(variant.scheme)
     p = artifact_paths(project, spec, variant, target.name)
     tcfg = target_config(target)
     tasks: dict[str, dict] = {}
     model = p.source / "model.onnx"
-    if variant.quantize:
+    if scheme.quantized:
         cal = spec.calibration
-        cfg = {"method": cal.method, "samples": cal.samples, "seed": cal.seed,
-               "data_dir": str(project.root / cal.data_dir) if cal.data_dir else "",
-               "activation_type": variant.activation_type,
-               "weight_type": variant.weight_type, "per_channel": variant.per_channel,
-               "inputs": _inputs(spec)}
+        config = QuantizeConfig(
+            method=cal.method, samples=cal.samples, seed=cal.seed,
+            data_dir=str(project.root / cal.data_dir) if cal.data_dir else "",
+            activation_type=variant.activation_type, weight_type=variant.weight_type,
+            per_channel=variant.per_channel, inputs=_inputs(spec), recipe=scheme.quantize)
         upstream = {"model": model}
         if cal.data_dir:
-            for f in _files(project.root / cal.data_dir, "*.npy"):
-                upstream[f"calibration/{f.name}"] = f
+            _data_files(upstream, "calibration", project.root / cal.data_dir)
         tasks["quantize"] = _task(project, name,
-                                  f"QDQ ONNX of {name} (onnxruntime quantize_static)",
-                                  stages.quantize, cfg, upstream, p.quantize, "model.onnx")
+                                  f"{scheme.name} ONNX of {name} (onnxruntime, "
+                                  f"{scheme.quantize})", stages.quantize, config, upstream,
+                                  p.quantize, "model.onnx")
         model = p.quantize / "model.onnx"
-    integer = variant.quantize
     # in the tune and compile recipes both: they must lower identically
     layout = options.layout or variant.layout
     tasks["import"] = _task(project, name, f"Relax IRModule of {name}", stages.import_,
-                            {"inputs": _inputs(spec), "integer": integer},
+                            ImportConfig(inputs=_inputs(spec), passes=scheme.import_passes),
                             {"model": model}, p.import_, "module.json")
     module = p.import_ / "module.json"
     key = target_key(target)
     seed_logs = project.tuning_logs / key
     budget = spec.tuning
-    tune_cfg = {"target": tcfg, "integer": integer, "layout": layout, "mode": options.tune,
-                "trials_per_task": options.trials or budget.trials_per_task,
-                "max_trials": budget.max_trials,
-                "wall_seconds": (options.tune_minutes * 60 if options.tune_minutes is not None
-                                 else budget.wall_seconds),
-                "seed": budget.seed, "rpc": options.rpc, "log_key": key}
+    tune_config = TuneConfig(
+        target=tcfg, compute_dtype=scheme.compute_dtype, layout=layout, mode=options.tune,
+        trials_per_task=options.trials or budget.trials_per_task,
+        max_trials=budget.max_trials,
+        wall_seconds=(options.tune_minutes * 60 if options.tune_minutes is not None
+                      else budget.wall_seconds),
+        seed=budget.seed, rpc=options.rpc, log_key=key)
     upstream = {"module": module}
     for f in _files(seed_logs, "database_*"):  # plain or gzipped
         upstream[f"logs/{f.name}"] = f
     tasks["tune"] = _task(project, at, f"MetaSchedule database for {name} on {target.name} "
-                          "(cached logs reused)", stages.tune, tune_cfg, upstream, p.tune,
+                          "(cached logs reused)", stages.tune, tune_config, upstream, p.tune,
                           "database_tuning_record.json",
                           extra_args=(seed_logs, project.artifacts / "tuning_cache" / key))
-    tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}", stages.compile_,
-                             {"target": tcfg, "integer": integer, "layout": layout},
+    tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}",
+                             stages.compile_,
+                             CompileConfig(target=tcfg, compute_dtype=scheme.compute_dtype,
+                                           layout=layout),
                              {"module": module,
                               "database": p.tune / "database_tuning_record.json",
                               "workloads": p.tune / "database_workload.json"},
@@ -131,13 +153,12 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
             upstream[f"{folder}/{f.relative_to(REPO / folder).as_posix()}"] = f
     tasks["package"] = _task(project, at,
                              f"C++ app, bin/infer and bundle of {name} for {target.name}",
-                             stages.package, {"artifact": name, "target": tcfg}, upstream,
-                             p.package, "bin/infer")
+                             stages.package, PackageStageConfig(artifact=name, target=tcfg),
+                             upstream, p.package, "bin/infer")
+    gates = variant_validation(spec, variant)
     tasks["smoke"] = _task(project, at, f"smoke check of {name} on {target.name}: C++ == Python VM",
-                           stages.smoke, {"seed": 0, "target": tcfg,
-                                          # CUDA: C++ vs Python VM within the spec's tolerance
-                                          **({"gpu_rel_tol": spec.validation.gpu_rel_tol}
-                                             if target.is_gpu else {})},
+                           stages.smoke,
+                           SmokeConfig(target=tcfg, seed=0, gpu_rel_tol=gates.gpu_rel_tol),
                            {"binary": p.package / "bin" / "infer",
                             "model": p.package / "model.so", "io": p.compile / "io.json"},
                            p.smoke, "smoke.json")
@@ -146,9 +167,14 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
 
 def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target: TargetSpec,
                 options: Options) -> dict[str, dict]:
-    """validate and bench for one artifact: they run when the artifact or the gates change."""
+    """validate and bench for one artifact: they run when the artifact, the gates or the
+    validation data change."""
+    from pipeline.stages.bench import BenchConfig
+    from pipeline.stages.validate import ValidateConfig
+
     name = f"{spec.name}_{variant.name}"
     at = f"{name}@{target.name}"
+    scheme = get_scheme(variant.scheme)
     p = artifact_paths(project, spec, variant, target.name)
     upstream = {"binary": p.package / "bin" / "infer", "model": p.package / "model.so",
                 "io": p.compile / "io.json", "fp32_onnx": p.source / "model.onnx"}
@@ -156,13 +182,20 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
         upstream["qdq_onnx"] = p.quantize / "model.onnx"
     extra = (spec, variant, target, p)
     tcfg = target_config(target)
+    gates = variant_validation(spec, variant)
+    validate_upstream = dict(upstream)
+    if gates.data_dir:
+        _data_files(validate_upstream, "validation", project.root / gates.data_dir)
     validate = _task(project, at, f"validate {name} on {target.name} against onnxruntime",
-                     stages.validate, {"gates": asdict(spec.validation), "target": tcfg},
-                     upstream, p.artifact_dir / "validate", "validation.json", extra_args=extra)
-    bench_cfg = {"threads": options.threads or tcfg.get("num_cores", 1),
-                 "warmup": options.warmup, "repeat": options.repeat, "target": tcfg}
+                     stages.validate,
+                     ValidateConfig(gates=asdict(gates), comparisons=scheme.comparisons,
+                                    target=tcfg),
+                     validate_upstream, p.artifact_dir / "validate", "validation.json",
+                     extra_args=extra)
+    bench_config = BenchConfig(threads=options.threads or tcfg.get("num_cores", 1),
+                               warmup=options.warmup, repeat=options.repeat, target=tcfg)
     bench = _task(project, at, f"latency of {name} on {target.name} vs onnxruntime",
-                  stages.bench, bench_cfg, upstream, p.artifact_dir / "bench", "bench.json",
+                  stages.bench, bench_config, upstream, p.artifact_dir / "bench", "bench.json",
                   extra_args=extra)
     return {"validate": validate, "bench": bench}
 
@@ -196,6 +229,35 @@ def maintenance_tasks(project: Project, target: TargetSpec) -> dict[str, dict]:
     }
 
 
+def build_task(project: Project, spec: ModelSpec, variant: VariantSpec,
+               target: TargetSpec) -> dict:
+    """The artifact end to end, and its deliverables (``model.so``, ``bin``, ``src``, the
+    bundle) linked to the package that passed the smoke check.
+
+    The links are a function of the package's store entry: the package manifest (whose
+    recipe id changes with any upstream change: a template, a re-tuned model) is a
+    file_dep, and every build checks that each link is there and points into the current
+    package (a deleted or stale link is restored; the check costs a few ``readlink``s).
+    """
+    name = f"{spec.name}_{variant.name}"
+    p = artifact_paths(project, spec, variant, target.name)
+    return {
+        "name": name,
+        "doc": f"{name} for {target.name}: every stage, up to the smoke check",
+        "actions": [(stages.link_deliverables, [p.artifact_dir])],
+        "file_dep": [str(p.smoke / "smoke.json"), str(p.package / MANIFEST)],
+        "targets": [str(p.artifact_dir / "model.so")],
+        "uptodate": [config_changed({"deliverables": list(stages.DELIVERABLES)}),
+                     functools.partial(_deliverables_current, p.artifact_dir)],
+        "clean": [(stages.unlink_deliverables, [p.artifact_dir])],
+        "verbosity": 2,
+    }
+
+
+def _deliverables_current(artifact_dir: Path, task, values) -> bool:
+    return stages.deliverables_current(artifact_dir)
+
+
 def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[str, list[dict]]:
     """Every task of the project, grouped by doit task group (stage name)."""
     groups: dict[str, list[dict]] = {g: [] for g in
@@ -204,21 +266,11 @@ def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[st
     for spec in project.specs.values():
         groups["source"].append(source_task(project, spec))
         for variant in spec.variants.values():
-            name = f"{spec.name}_{variant.name}"
             per_stage = stage_tasks(project, spec, variant, target, options)
             per_stage.update(check_tasks(project, spec, variant, target, options))
             for stage, task in per_stage.items():
                 groups[stage].append(task)
-            p = artifact_paths(project, spec, variant, target.name)
-            groups["build"].append({
-                "name": name,
-                "doc": f"{name} for {target.name}: every stage, up to the smoke check",
-                "actions": [(stages.link_deliverables, [p.artifact_dir])],
-                "file_dep": [str(p.smoke / "smoke.json")],
-                "targets": [str(p.artifact_dir / "model.so")],
-                "clean": [(stages.unlink_deliverables, [p.artifact_dir])],
-                "verbosity": 2,
-            })
+            groups["build"].append(build_task(project, spec, variant, target))
     for kind in ("validate", "bench"):
         groups[kind].append(summary_task(project, kind, groups[kind]))
     return groups
