@@ -1,8 +1,10 @@
 """Stage ``source``: the fp32 ONNX model, from a generator in models/ or a local file.
 
-Old opsets are upgraded (onnxruntime's quantizer and TVM's importer want >= 13), the model
-is checked, and the declared inputs must match the graph's: a bad file fails here with a
-message saying what to do, before any expensive stage runs.
+The model is checked, the declared inputs must match the graph's, and it is normalised
+(:mod:`pipeline.onnx_normalize`): weights listed as inputs dropped, IR version and opset
+raised (onnxruntime's quantizer and TVM's importer want opset >= 13), declared input shapes
+fixed, constant and shape subgraphs folded. A bad file fails here with a message saying
+what to do, before any expensive stage runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import onnx_normalize
 from .errors import ConfigError, CorruptInputError
 
 MIN_OPSET = 13
@@ -39,7 +42,7 @@ def load_onnx(path: Path):
             f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
             "truncated; re-export the model (or re-copy the file) and build again.") from None
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: external data and > 2 GiB work
     except Exception as e:
         raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Re-export it with "
                                 "a current exporter.") from None
@@ -77,16 +80,22 @@ def check_inputs(model, declared, where: str) -> None:
                             f"model's {shown}")
     missing = sorted(set(graph_inputs) - {n for n, _, _ in declared})
     if missing:
-        problems.append(f"graph inputs not declared in the spec: {', '.join(missing)}")
+        used = {i for n in model.graph.node for i in n.input}
+        shown = ", ".join(m if m in used else f"{m} (not used by any node)" for m in missing)
+        problems.append(
+            f"graph inputs not declared in the spec: {shown}. They are not weights "
+            "(no initializer): give each an [[inputs]] entry with its name, shape and dtype "
+            "(and calibration data for it: one data_dir subfolder per input), or, if it is "
+            "a constant, store it in the model as an initializer (or remove it if unused) "
+            "and re-export")
     if problems:
         raise ConfigError(f"{where}: the spec's [[inputs]] do not match the model:\n  - "
                           + "\n  - ".join(problems))
 
 
 def run(config: SourceConfig, out_dir: Path) -> dict:
-    """Write ``out_dir/model.onnx`` (checked, opset >= 13, inputs as declared)."""
+    """Write ``out_dir/model.onnx``: checked, normalised, inputs exactly as declared."""
     import onnx
-    from onnx import version_converter
 
     out = out_dir / "model.onnx"
     if config.generator:
@@ -94,15 +103,14 @@ def run(config: SourceConfig, out_dir: Path) -> dict:
         model = load_onnx(out)
     else:
         model = load_onnx(Path(config.path))
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                default=0)
-    upgraded_from = None
-    if opset < MIN_OPSET:
-        upgraded_from = opset
-        model = version_converter.convert_version(model, MIN_OPSET)
-        onnx.checker.check_model(model)
+    declared = {name for name, _, _ in config.inputs}
+    dropped = onnx_normalize.drop_weight_inputs(model, declared)
     check_inputs(model, config.inputs, config.model)
+    model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir)
+    norm = {**dropped, **norm}
+    norm["summary"] = onnx_normalize.summary(norm)
     onnx.save_model(model, str(out))
     ops = sorted({n.op_type for n in model.graph.node})
-    return {"opset": max(opset, MIN_OPSET), "upgraded_from": upgraded_from,
-            "nodes": len(model.graph.node), "op_types": ops}
+    opset_before, opset = norm["opset"]
+    return {"opset": opset, "upgraded_from": opset_before if opset_before < opset else None,
+            "nodes": len(model.graph.node), "op_types": ops, "normalisation": norm}
