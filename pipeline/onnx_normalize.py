@@ -44,6 +44,58 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _tensors(graph):
+    """Every TensorProto of ``graph``: initializers and attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else []:
+                yield from _tensors(sub)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_size(model, base_dir: Path, max_bytes: int = PROTOBUF_LIMIT) -> None:
+    """Refuse, before loading its external data, a model too large for one model.onnx.
+
+    ``model`` is loaded with ``load_external_data=False``; each externally stored tensor
+    counts its ``length`` (or the rest of its file).
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    total = model.ByteSize()
+    for tensor in _tensors(model.graph):
+        if uses_external_data(tensor):
+            ext = ExternalDataInfo(tensor)
+            where = base_dir / ext.location
+            size = where.stat().st_size if where.is_file() else 0
+            total += ext.length if ext.length else max(size - (ext.offset or 0), 0)
+    if total > max_bytes:
+        raise UnsupportedModelError(
+            f"the model is {_gib(total)} with its external data, over the {_gib(max_bytes)} "
+            "the pipeline keeps in one model.onnx (protobuf's limit; ONNX external data is not "
+            "supported by the later stages yet). Use a smaller model, or store its weights "
+            "in a narrower type (fp16) so it fits.")
+
+
+def inline_external_data(model, base_dir: Path) -> None:
+    """Read external tensor data into ``model`` (in place), as if it had been stored inline.
+
+    onnx leaves ``data_location`` explicitly set to DEFAULT; it is cleared so the bytes are
+    those of the same model saved in one file.
+    """
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(base_dir))
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
+
+
 def drop_weight_inputs(model, declared: set[str]) -> dict:
     """Remove initializers from the graph inputs (in place), unless the spec declares them.
 

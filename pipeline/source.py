@@ -30,19 +30,26 @@ class SourceConfig:
 
 
 def load_onnx(path: Path):
-    """Load and check an ONNX file; a corrupt or truncated file gets one clear error."""
+    """Load and check an ONNX file; a corrupt, truncated or too large file gets a clear error."""
     import onnx
 
     if not path.is_file():
         raise ConfigError(f"ONNX file {path} does not exist; fix [source] path in the spec")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, others on truncation
         raise CorruptInputError(
             f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
             "truncated; re-export the model (or re-copy the file) and build again.") from None
+    onnx_normalize.check_size(model, path.parent)
     try:
-        onnx.checker.check_model(str(path))  # by path: external data and > 2 GiB work
+        onnx_normalize.inline_external_data(model, path.parent)
+    except Exception as e:
+        raise CorruptInputError(f"cannot read the external data of ONNX file {path}: "
+                                f"{type(e).__name__}: {e}. Copy the data files next to it "
+                                "(or re-export the model) and build again.") from None
+    try:
+        onnx.checker.check_model(model)
     except Exception as e:
         raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Re-export it with "
                                 "a current exporter.") from None

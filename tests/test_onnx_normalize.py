@@ -290,3 +290,14 @@ def test_light_zoo_exports_normalise_and_match(path, tmp_path):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     assert np.ptp(got[1]) > 0  # the first Conv output varies: the comparison is not vacuous
+
+
+def test_external_data_counts_towards_the_size_limit(tmp_path):
+    model = tiny_convnet()
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    stored = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    onnx_normalize.check_size(stored, tmp_path, max_bytes=weights + 10_000)
+    with pytest.raises(UnsupportedModelError, match="with its external data, over the"):
+        onnx_normalize.check_size(stored, tmp_path, max_bytes=weights)

@@ -142,3 +142,21 @@ def test_an_undeclared_input_is_named_with_what_to_do(tmp_path):
     message = str(e.value)
     assert "graph inputs not declared in the spec: offset, spare (not used by any node)" in message
     assert "give each an [[inputs]] entry" in message and "initializer" in message
+
+
+def test_a_model_with_external_data_is_read_in(tmp_path):
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "out").mkdir()
+    source.run(_cfg(tmp_path / "m.onnx"), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
+    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert out.SerializeToString() == tiny_convnet().SerializeToString()
+
+
+def test_missing_external_data_gets_a_clear_error(tmp_path):
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(CorruptInputError, match="cannot read the external data .* next to it"):
+        source.run(_cfg(tmp_path / "m.onnx"), tmp_path)
