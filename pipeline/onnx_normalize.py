@@ -183,6 +183,8 @@ def _fold(model, scratch: Path, max_bytes: int):
     opts.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1  # folding is cheap; one thread cannot reorder a reduction
+    opts.inter_op_num_threads = 1
     try:
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
                              disabled_optimizers=list(DISABLED_OPTIMIZERS))
