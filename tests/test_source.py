@@ -1,14 +1,18 @@
-"""Stage source: generators, local files, opset upgrade, bad files and mismatched inputs."""
+"""Stage source: generators, local files, opset upgrade, normalisation, bad files and inputs."""
 
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
+from test_onnx_normalize import IR3_INPUTS, X, Y, ir3_export, x_feed
 
 from models import tiny_convnet
 from pipeline.core.errors import ConfigError, CorruptInputError
-from pipeline.stages import source
+from pipeline.stages import quantize, source
 
 INPUTS = (("x", (1, 3, 8, 8), "float32"),)
 REPO = Path(__file__).resolve().parent.parent
@@ -77,3 +81,84 @@ def test_resnet50_generator_is_deterministic_and_faithful(tmp_path):
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     assert digest == hashlib.sha256(resnet50_gen.build(seed=0).SerializeToString()).hexdigest()
     assert digest != hashlib.sha256(resnet50_gen.build(seed=1).SerializeToString()).hexdigest()
+
+
+def test_ir3_export_is_normalised_and_reported(tmp_path):
+    onnx.save(ir3_export(), str(tmp_path / "in.onnx"))
+    (tmp_path / "out").mkdir()
+    info = source.run(*_cfg(tmp_path / "in.onnx", inputs=IR3_INPUTS), tmp_path / "out")
+    assert info["upgraded_from"] == 9 and info["opset"] == source.MIN_OPSET
+    norm = info["normalisation"]
+    assert norm["summary"].startswith("dropped 9 initializer inputs; ir_version 3 -> 7; "
+                                      "opset 9 -> 13; folded/removed ")
+    assert norm["removed_ops"]["ConstantOfShape"] == 4
+    assert "ConstantOfShape" not in info["op_types"]
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert model.ir_version >= 7
+    assert [i.name for i in model.graph.input] == [X]
+    assert [o.name for o in model.graph.output] == [Y]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
+
+
+def test_stage_output_is_byte_identical_on_rerun(tmp_path):
+    onnx.save(ir3_export(), str(tmp_path / "in.onnx"))
+    digests = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        source.run(*_cfg(tmp_path / "in.onnx", inputs=IR3_INPUTS), tmp_path / run)
+        digests.append(hashlib.sha256((tmp_path / run / "model.onnx").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_quantize_static_works_on_the_normalised_output(tmp_path):
+    """The raw export fails in quantize_static ("Required inputs (['scale__SHAPE']) are
+    missing from input feed"); the stage's output quantizes and runs."""
+    onnx.save(ir3_export(), str(tmp_path / "in.onnx"))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "q").mkdir()
+    source.run(*_cfg(tmp_path / "in.onnx", inputs=IR3_INPUTS), tmp_path / "src")
+    config = quantize.QuantizeConfig(method="minmax", samples=4, seed=0, data_dir="",
+                                     activation_type="uint8", weight_type="int8",
+                                     per_channel=True, inputs=IR3_INPUTS)
+    info = quantize.run(tmp_path / "src" / "model.onnx", config, tmp_path / "q")
+    assert info["op_counts"]["QuantizeLinear"] > 0
+    session = ort.InferenceSession(str(tmp_path / "q" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {X: x_feed()})
+    assert y.shape == (1, 5) and np.isfinite(y).all()
+
+
+def test_an_undeclared_input_is_named_with_what_to_do(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offset"], ["y"])], "two_inputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("offset", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("spare", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError) as e:
+        source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
+    message = str(e.value)
+    assert "graph inputs not declared in the spec: offset, spare (not used by any node)" in message
+    assert "give each an [[inputs]] entry" in message and "initializer" in message
+
+
+def test_a_model_with_external_data_is_read_in(tmp_path):
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "out").mkdir()
+    source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
+    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert out.SerializeToString() == tiny_convnet().SerializeToString()
+
+
+def test_missing_external_data_gets_a_clear_error(tmp_path):
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(CorruptInputError, match="cannot read the external data .* next to it"):
+        source.run(*_cfg(tmp_path / "m.onnx"), tmp_path)

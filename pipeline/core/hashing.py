@@ -16,7 +16,7 @@ from pipeline.core.code_digest import code_digest
 # Distributions whose version changes what a stage produces. Part of every recipe, so an
 # upgrade of TVM (say) rebuilds exactly the stages that use TVM.
 TOOLS_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "source": ("onnx",),
+    "source": ("onnx", "onnxruntime"),
     "quantize": ("onnx", "onnxruntime"),
     "import": ("onnx", "apache-tvm", "apache-tvm-ffi"),
     "tune": ("apache-tvm", "apache-tvm-ffi"),

@@ -1,8 +1,10 @@
 """Stage ``source``: the fp32 ONNX model, from a generator in models/ or a local file.
 
-Old opsets are upgraded (onnxruntime's quantizer and TVM's importer want >= 13), the model
-is checked, and the declared inputs must match the graph's: a bad file fails here with a
-message saying what to do, before any expensive stage runs.
+The model is checked, the declared inputs must match the graph's, and it is normalised
+(:mod:`pipeline.onnx_normalize`): weights listed as inputs dropped, IR version and opset
+raised (onnxruntime's quantizer and TVM's importer want opset >= 13), declared input shapes
+fixed, constant and shape subgraphs folded. A bad file fails here with a message saying
+what to do, before any expensive stage runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError, CorruptInputError
+from pipeline.frontend import onnx_normalize
 
 MIN_OPSET = 13
 ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}
@@ -26,17 +29,24 @@ class SourceConfig:
 
 
 def load_onnx(path: Path):
-    """Load and check an ONNX file; a corrupt or truncated file gets one clear error."""
+    """Load and check an ONNX file; a corrupt, truncated or too large file gets a clear error."""
     import onnx
 
     if not path.is_file():
         raise ConfigError(f"ONNX file {path} does not exist; fix [source] path in the spec")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, others on truncation
         raise CorruptInputError(
             f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
             "truncated; re-export the model (or re-copy the file) and build again.") from None
+    onnx_normalize.check_size(model, path.parent)
+    try:
+        onnx_normalize.inline_external_data(model, path.parent)
+    except Exception as e:
+        raise CorruptInputError(f"cannot read the external data of ONNX file {path}: "
+                                f"{type(e).__name__}: {e}. Copy the data files next to it "
+                                "(or re-export the model) and build again.") from None
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -76,16 +86,22 @@ def check_inputs(model, declared, where: str) -> None:
                             f"model's {shown}")
     missing = sorted(set(graph_inputs) - {n for n, _, _ in declared})
     if missing:
-        problems.append(f"graph inputs not declared in the spec: {', '.join(missing)}")
+        used = {i for n in model.graph.node for i in n.input}
+        shown = ", ".join(m if m in used else f"{m} (not used by any node)" for m in missing)
+        problems.append(
+            f"graph inputs not declared in the spec: {shown}. They are not weights "
+            "(no initializer): give each an [[inputs]] entry with its name, shape and dtype "
+            "(and calibration data for it: one data_dir subfolder per input), or, if it is "
+            "a constant, store it in the model as an initializer (or remove it if unused) "
+            "and re-export")
     if problems:
         raise ConfigError(f"{where}: the spec's [[inputs]] do not match the model:\n  - "
                           + "\n  - ".join(problems))
 
 
 def run(config: SourceConfig, given: Path, out_dir: Path) -> dict:
-    """Write ``out_dir/model.onnx`` (checked, opset >= 13, inputs as declared)."""
+    """Write ``out_dir/model.onnx``: checked, normalised, inputs exactly as declared."""
     import onnx
-    from onnx import version_converter
 
     out = out_dir / "model.onnx"
     if config.kind == "generator":
@@ -93,15 +109,14 @@ def run(config: SourceConfig, given: Path, out_dir: Path) -> dict:
         model = load_onnx(out)
     else:
         model = load_onnx(Path(given))
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                default=0)
-    upgraded_from = None
-    if opset < MIN_OPSET:
-        upgraded_from = opset
-        model = version_converter.convert_version(model, MIN_OPSET)
-        onnx.checker.check_model(model)
+    declared = {name for name, _, _ in config.inputs}
+    dropped = onnx_normalize.drop_weight_inputs(model, declared)
     check_inputs(model, config.inputs, config.model)
+    model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir)
+    norm = {**dropped, **norm}
+    norm["summary"] = onnx_normalize.summary(norm)
     onnx.save_model(model, str(out))
     ops = sorted({n.op_type for n in model.graph.node})
-    return {"opset": max(opset, MIN_OPSET), "upgraded_from": upgraded_from,
-            "nodes": len(model.graph.node), "op_types": ops}
+    opset_before, opset = norm["opset"]
+    return {"opset": opset, "upgraded_from": opset_before if opset_before < opset else None,
+            "nodes": len(model.graph.node), "op_types": ops, "normalisation": norm}

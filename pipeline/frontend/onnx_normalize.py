@@ -1,0 +1,299 @@
+"""Source normalisation: make a real-world ONNX export valid input for every later stage.
+
+Old exports (IR 3, opset 9, model-zoo style) list their weights as graph inputs and compute
+weights or shapes with ``ConstantOfShape`` / ``Shape -> Gather -> ...`` subgraphs.
+onnxruntime's quantizer then asks for those "inputs" in the feed, and TVM's importer trips
+over the shape arithmetic. This module drops weight inputs, raises the IR version and the
+opset, fixes the declared inputs' shapes, and constant-folds with onnxruntime's *basic*
+graph optimisation (portable, standard ops only) with its fusions turned off, so that what
+comes out is the same network, with the same input and output names, only without the
+constant plumbing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError, UnsupportedModelError
+
+MIN_IR_VERSION = 7  # the IR version of opset 13 (initializers need not be graph inputs)
+PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto cannot be larger (no external data)
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+# onnxruntime level-1 ("basic") optimisers that rewrite the network rather than fold or
+# drop constant plumbing: fusing Conv+BatchNorm or MatMul+Add changes the operators later
+# stages (quantize ranges, TVM workloads, tuning records) see, and GeluFusionL1 /
+# LayerNormFusionL1 can emit newer or contrib ops. Names as onnxruntime 1.2x-1.31 registers
+# them; an unknown name is ignored silently, so normalize() also checks that folding added
+# no operator type and no domain (tests/test_onnx_normalize.py checks the fusions stay off).
+DISABLED_OPTIMIZERS = (
+    "ConstantSharing", "CommonSubexpressionElimination", "MatMulAddFusion", "ReshapeFusion",
+    "GeluFusionL1", "GeluFusionL2", "LayerNormFusionL1", "LayerNormFusionL2",
+    "TransposeOptimizer", "DoubleQDQPairsRemover", "QDQPropagationTransformer",
+    "WeightBiasQuantization", "EnsureUniqueDQForNodeUnit",
+    # rewrite rules of Level1_RuleBasedTransformer
+    "DivMulFusion", "FuseReluClip", "GemmSumFusion", "GemmTransposeFusion", "NotWhereFusion",
+    "ConvAddFusion", "ConvMulFusion", "ConvBNFusion", "PadFusion", "MatmulBNFusion",
+    "LabelEncoderFusion",
+)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _tensors(graph):
+    """Every TensorProto of ``graph``: initializers and attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else []:
+                yield from _tensors(sub)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_size(model, base_dir: Path, max_bytes: int = PROTOBUF_LIMIT) -> None:
+    """Refuse, before loading its external data, a model too large for one model.onnx.
+
+    ``model`` is loaded with ``load_external_data=False``; each externally stored tensor
+    counts its ``length`` (or the rest of its file).
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    total = model.ByteSize()
+    for tensor in _tensors(model.graph):
+        if uses_external_data(tensor):
+            ext = ExternalDataInfo(tensor)
+            where = base_dir / ext.location
+            size = where.stat().st_size if where.is_file() else 0
+            total += ext.length if ext.length else max(size - (ext.offset or 0), 0)
+    if total > max_bytes:
+        raise UnsupportedModelError(
+            f"the model is {_gib(total)} with its external data, over the {_gib(max_bytes)} "
+            "the pipeline keeps in one model.onnx (protobuf's limit; ONNX external data is not "
+            "supported by the later stages yet). Use a smaller model, or store its weights "
+            "in a narrower type (fp16) so it fits.")
+
+
+def inline_external_data(model, base_dir: Path) -> None:
+    """Read external tensor data into ``model`` (in place), as if it had been stored inline.
+
+    onnx leaves ``data_location`` explicitly set to DEFAULT; it is cleared so the bytes are
+    those of the same model saved in one file.
+    """
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(base_dir))
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
+
+
+def drop_weight_inputs(model, declared: set[str]) -> dict:
+    """Remove initializers from the graph inputs (in place), unless the spec declares them.
+
+    An initializer the spec does declare becomes a plain input: its stored default value is
+    removed, so every later stage treats it as data to feed, not as a weight.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    dropped = [i.name for i in model.graph.input
+               if i.name in initializers and i.name not in declared]
+    kept = [i.name for i in model.graph.input if i.name in initializers and i.name in declared]
+    if dropped:
+        remaining = [i for i in model.graph.input if i.name not in set(dropped)]
+        del model.graph.input[:]
+        model.graph.input.extend(remaining)
+    if kept:
+        weights = [t for t in model.graph.initializer if t.name not in set(kept)]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(weights)
+    return {"initializer_inputs_dropped": len(dropped), "initializer_inputs_kept": kept}
+
+
+def _opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS),
+               default=0)
+
+
+def upgrade(model, min_opset: int):
+    """IR version >= MIN_IR_VERSION and default-domain opset >= ``min_opset``."""
+    import onnx
+    from onnx import version_converter
+
+    ir_before, opset_before = model.ir_version, _opset(model)
+    # IR >= 4 first: at IR 3 the converter insists every initializer is a graph input.
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    if opset_before < min_opset:
+        try:
+            model = version_converter.convert_version(model, min_opset)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"onnx's version converter cannot upgrade this model from opset {opset_before} "
+                f"to {min_opset}: {e}. Re-export it at opset >= {min_opset}.") from None
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, needed)
+    return model, {"ir_version": [ir_before, model.ir_version],
+                   "opset": [opset_before, _opset(model)]}
+
+
+def fix_input_shapes(model, inputs) -> dict:
+    """Give the declared inputs the spec's static shapes (in place), so shapes fold.
+
+    The caller has checked that the spec's shapes fit the model's (symbolic dims aside).
+    """
+    shapes = {name: shape for name, shape, _ in inputs}
+    fixed = {}
+    for gi in model.graph.input:
+        if gi.name not in shapes:
+            continue
+        dims = gi.type.tensor_type.shape.dim
+        before = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        if before == list(shapes[gi.name]):
+            continue
+        del dims[:]
+        for s in shapes[gi.name]:
+            dims.add().dim_value = s
+        fixed[gi.name] = [before, list(shapes[gi.name])]
+    return fixed
+
+
+def _used_domains(model) -> set[str]:
+    return {n.domain for n in model.graph.node}
+
+
+def _fold(model, scratch: Path, max_bytes: int):
+    """onnxruntime basic optimisation (constant folding, no fusions) of ``model``."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(scratch / "folded.onnx")
+    # Large initializers go to a side file, so a model that folding grows past the protobuf
+    # limit is written anyway and then refused below with a clear message.
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                  "folded.data")
+    opts.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1  # folding is cheap; one thread cannot reorder a reduction
+    opts.inter_op_num_threads = 1
+    try:
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"onnxruntime cannot load the model to fold its constants: {e}. The model must "
+            "run in onnxruntime (CPU) for every later stage; fix or re-export it.") from None
+    folded = onnx.load(str(scratch / "folded.onnx"))  # reads folded.data back in
+    size = folded.ByteSize()
+    if size > max_bytes:
+        raise UnsupportedModelError(
+            f"after constant folding the model is {_gib(size)}, over the {_gib(max_bytes)} "
+            "the pipeline keeps in one model.onnx (protobuf's limit; ONNX external data is not "
+            "supported by the later stages). Folding materialises computed constants such as "
+            "ConstantOfShape weights; use a smaller model or one with fewer/narrower weights.")
+    return folded
+
+
+def _canonical(folded, original):
+    """Strip onnxruntime's save artefacts so the bytes depend only on the graph."""
+    used = _used_domains(folded) | {""}
+    opsets = sorted((o for o in folded.opset_import if o.domain in used),
+                    key=lambda o: o.domain)
+    del folded.opset_import[:]
+    folded.opset_import.extend(opsets)
+    for field in (folded.graph.initializer, folded.graph.value_info):
+        items = sorted(field, key=lambda t: t.name)
+        del field[:]
+        field.extend(items)
+    folded.ir_version = original.ir_version
+    return folded
+
+
+def normalize(model, inputs, min_opset: int, work_dir: Path,
+              max_bytes: int = PROTOBUF_LIMIT):
+    """Upgrade, fix the declared input shapes and constant-fold ``model``.
+
+    Call :func:`drop_weight_inputs` and check the inputs first. Deterministic: the same
+    model gives the same bytes. Input and output names (and order) are kept.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto whose graph inputs are exactly the declared ``inputs``.
+    inputs : the spec's ``(name, shape, dtype)`` tuples.
+    min_opset : default-domain opset to upgrade to.
+    work_dir : where onnxruntime writes its scratch copy (removed before returning).
+    max_bytes : largest serialised model accepted (before and after folding).
+
+    Returns
+    -------
+    (model, info) : the normalised model, and plain data saying what was done.
+    """
+    import onnx
+
+    size = model.ByteSize()
+    if size > max_bytes:
+        raise UnsupportedModelError(
+            f"the model is {_gib(size)}, over the {_gib(max_bytes)} the pipeline keeps in one "
+            "model.onnx (protobuf's limit; ONNX external data is not supported by the later "
+            "stages). Use a smaller model.")
+    in_names = [i.name for i in model.graph.input]
+    out_names = [o.name for o in model.graph.output]
+    model, info = upgrade(model, min_opset)
+    info["fixed_dims"] = fix_input_shapes(model, inputs)
+    before = Counter(n.op_type for n in model.graph.node)
+    domains = _used_domains(model)
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
+        folded = _fold(model, Path(scratch), max_bytes)
+    after = Counter(n.op_type for n in folded.graph.node)
+    new_ops = sorted(set(after) - set(before))
+    new_domains = sorted(_used_domains(folded) - domains)
+    if new_ops or new_domains:
+        raise PipelineError(
+            f"onnxruntime's basic optimisation rewrote the network (new operators "
+            f"{new_ops}, new domains {new_domains}) instead of only folding constants: this "
+            "onnxruntime has an optimiser pipeline/onnx_normalize.py does not disable; add its "
+            "name to DISABLED_OPTIMIZERS.")
+    removed = {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]}
+    if removed:
+        model = _canonical(folded, model)
+    # else nothing folded: keep the model as given (its bytes, its value_info, its opsets)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != in_names or got_out != out_names:
+        raise PipelineError(f"normalisation changed the graph's inputs/outputs from "
+                            f"{in_names} -> {out_names} to {got_in} -> {got_out}")
+    onnx.checker.check_model(model)
+    info.update({"nodes_before": sum(before.values()), "nodes_after": len(model.graph.node),
+                 "removed_ops": removed})
+    return model, info
+
+
+def summary(info: dict) -> str:
+    """One line for the stage report: what normalisation did."""
+    parts = []
+    if info.get("initializer_inputs_dropped"):
+        parts.append(f"dropped {info['initializer_inputs_dropped']} initializer inputs")
+    if info.get("initializer_inputs_kept"):
+        parts.append(f"kept declared initializer inputs {info['initializer_inputs_kept']} as "
+                     "plain inputs")
+    ir, opset = info["ir_version"], info["opset"]
+    if ir[0] != ir[1]:
+        parts.append(f"ir_version {ir[0]} -> {ir[1]}")
+    if opset[0] != opset[1]:
+        parts.append(f"opset {opset[0]} -> {opset[1]}")
+    for name, (was, now) in sorted(info["fixed_dims"].items()):
+        parts.append(f"input {name} shape {was} -> {now}")
+    if info["removed_ops"]:
+        ops = ", ".join(f"{n} {op}" for op, n in info["removed_ops"].items())
+        parts.append(f"folded/removed {info['nodes_before'] - info['nodes_after']} nodes "
+                     f"({ops})")
+    return "; ".join(parts) or "nothing to normalise"
