@@ -85,7 +85,9 @@ def test_options_report_every_bad_value_at_once():
 
 
 def test_cuda_targets_are_skipped_with_a_reason_without_nvcc(monkeypatch):
-    monkeypatch.setattr(nightly, "_find_nvcc", lambda: None)
+    from pipeline.nightly import runner
+
+    monkeypatch.setattr(runner, "_find_nvcc", lambda: None)
     chosen, skipped = nightly.buildable_targets()
     assert chosen == ["cpu"] and set(skipped) == {"rtx4090", "h100"}
     assert "nvcc not found" in skipped["h100"]
