@@ -36,13 +36,14 @@ class DoitRun:
         return set(re.findall(r"^(\w+): reusing verified output", self.output, re.M))
 
 
-def doit_cmd(project: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(project),
+def doit_cmd(project: Path, *args: str, repo: Path = REPO) -> list[str]:
+    return [sys.executable, "-m", "doit", "-f", str(repo / "dodo.py"), "-d", str(project),
             *args]
 
 
-def doit(project: Path, *args: str, timeout: float = 900) -> DoitRun:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(doit_cmd(project, *args), capture_output=True, text=True,
+def doit(project: Path, *args: str, timeout: float = 900, repo: Path = REPO) -> DoitRun:
+    """Run doit in ``project`` with the code of ``repo`` (a temp copy, to test code changes)."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run(doit_cmd(project, *args, repo=repo), capture_output=True, text=True,
                           timeout=timeout, env=env)
     return DoitRun(proc.returncode, proc.stdout + proc.stderr)

@@ -9,7 +9,9 @@ import re
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from doit_runner import REPO, doit, doit_cmd
@@ -133,3 +135,52 @@ def test_two_builds_at_once(tmp_path):
         assert sum(len(re.findall(rf"^{stage}: built", o, re.M)) for o in outs) == 1, outs
     assert any("waiting for it to finish" in o for o in outs)
     assert doit(project, *FP32).executed == set()
+
+
+# ----------------------------------------------------------------------------- deliverables
+
+DELIVERABLE_DIR = ("artifacts", "tiny_fp32", "cpu")
+
+
+def _code_copy(dest: Path) -> Path:
+    """The tool's code (dodo.py, pipeline/, templates/, runtime_cpp/) in a temp dir."""
+    dest.mkdir()
+    shutil.copy2(REPO / "dodo.py", dest / "dodo.py")
+    for folder in ("pipeline", "templates", "runtime_cpp"):
+        shutil.copytree(REPO / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_a_template_change_reaches_the_deliverable_binary_and_bundle(project, tmp_path):
+    code = _code_copy(tmp_path / "code")
+    template = code / "templates" / "main.cc.j2"
+    marker = "usage (edited template): infer --input PATH"
+    text = template.read_text()
+    assert '"usage: infer --input PATH' in text
+    template.write_text(text.replace('"usage: infer --input PATH', f'"{marker}', 1))
+    run = doit(project, *FP32, repo=code)
+    assert run.returncode == 0, run.output
+    assert "package" in run.built and "build:tiny_fp32" in run.executed, run.output
+    artifact = project.joinpath(*DELIVERABLE_DIR)
+    shown = subprocess.run([str(artifact / "bin" / "infer"), "--help"], capture_output=True,
+                           text=True, timeout=60)
+    assert marker in shown.stdout + shown.stderr
+    with tarfile.open(artifact / "tiny_fp32-cpu.tar.gz") as bundle:
+        sources = [m for m in bundle.getnames() if m.endswith("main.cc")]
+        assert sources, bundle.getnames()
+        assert marker in bundle.extractfile(sources[0]).read().decode()
+    assert marker in (artifact / "src" / "main.cc").read_text()
+
+
+def test_a_deleted_deliverable_link_is_restored_by_a_plain_build(project):
+    artifact = project.joinpath(*DELIVERABLE_DIR)
+    (artifact / "bin").unlink()
+    (artifact / "tiny_fp32-cpu.tar.gz").unlink()
+    run = doit(project, *FP32)
+    assert run.returncode == 0, run.output
+    assert run.executed == {"build:tiny_fp32"}, run.output  # only the links, nothing rebuilt
+    assert (artifact / "bin").is_symlink() and (artifact / "bin" / "infer").is_file()
+    assert (artifact / "tiny_fp32-cpu.tar.gz").is_symlink()
+    again = doit(project, *FP32)
+    assert again.executed == set(), again.output
