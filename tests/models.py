@@ -90,3 +90,62 @@ def make_project(root: Path, model: onnx.ModelProto | None = None,
     onnx.save(model or tiny_convnet(), str(root / "models" / "tiny.onnx"))
     (root / "models" / "tiny.toml").write_text(textwrap.dedent(spec_text), encoding="utf-8")
     return root
+
+
+def tiny_token_model(seed: int = 0, vocab: int = 11, seq: int = 8,
+                     hidden: int = 16) -> onnx.ModelProto:
+    """A text-encoder shape: int64 ``input.ids`` and ``attention_mask`` [1, seq] -> embedding
+    Gather, masked mean pooling, MatMul + bias -> [1, 4]. Two inputs, one of them with a
+    name TVM's importer renames (``input.ids`` -> ``input_ids``)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32),
+                                     "emb"),
+             numpy_helper.from_array((rng.standard_normal((hidden, 4)) * 0.3).astype(np.float32),
+                                     "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input.ids"], ["e"], axis=0),          # [1,s,h]
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),  # [1,s]
+        helper.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),                     # [1,s,1]
+        helper.make_node("Mul", ["e", "m3"], ["em"]),
+        helper.make_node("ReduceSum", ["em", "axis1"], ["s"], keepdims=0),          # [1,h]
+        helper.make_node("MatMul", ["s", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_tokens",
+        [helper.make_tensor_value_info("input.ids", TensorProto.INT64, [1, seq]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+TOKEN_SPEC = """
+name = "tiny"
+description = "two int64 inputs, one renamed by TVM"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "input.ids"
+shape = [1, 8]
+dtype = "int64"
+
+[[inputs]]
+name = "attention_mask"
+shape = [1, 8]
+dtype = "int64"
+
+[variants.fp32]
+scheme = "fp32"
+
+[tuning]
+trials_per_task = 4
+wall_seconds = 60
+"""

@@ -71,3 +71,25 @@ def test_bad_input_to_binary_fails_clearly(built, tmp_path):
                           text=True)
     assert proc.returncode == 2
     assert "(1,3,8,8) expected" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_a_two_input_int64_model_builds_validates_and_benches(tmp_path):
+    """Several inputs, int64 token ids, an input TVM renames: smoke feeds both inputs,
+    validate and bench match them by name, synthetic ids are valid indices."""
+    import json
+
+    from models import TOKEN_SPEC, tiny_token_model
+
+    project = make_project(tmp_path / "p", tiny_token_model(), TOKEN_SPEC)
+    run = doit(project, "build:tiny_fp32", "validate:tiny_fp32@cpu", "bench:tiny_fp32@cpu",
+               "tune=off", "repeat=3", "warmup=1")
+    assert run.returncode == 0, run.output
+    art = project / "artifacts" / "tiny_fp32" / "cpu"
+    io = json.loads((art / "compile" / "io.json").read_text())
+    assert [t["name"] for t in io["inputs"]] == ["input_ids", "attention_mask"]
+    report = json.loads((art / "validate" / "validation.json").read_text())
+    assert report["status"] == "pass", report
+    assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
+    smoke = sorted(p.name for p in (art / "smoke").glob("input_*.npy"))
+    assert smoke == ["input_attention_mask.npy", "input_input_ids.npy"]

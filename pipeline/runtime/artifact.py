@@ -60,6 +60,36 @@ class ArtifactUnderTest:
                    package_dir=paths.package, io_json=paths.compile / "io.json",
                    inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs))
 
+    def feed_names(self, io: dict) -> list[str]:
+        """For each input of the compiled model (``io.json``, in ``main``'s order), the name
+        of the spec input (the ONNX graph input) that feeds it.
+
+        TVM's ONNX importer renames inputs that are not identifiers (``input.1`` becomes
+        ``input_1``, ``0`` becomes ``input_0``), so names are matched as it renames them.
+        """
+        from pipeline.core.errors import ConfigError
+
+        compiled = [t["name"] for t in io["inputs"]]
+        by_tvm_name = {tvm_input_name(name): name for name, _, _ in self.inputs}
+        by_tvm_name.update({name: name for name, _, _ in self.inputs})
+        missing = [n for n in compiled if n not in by_tvm_name]
+        if missing or len(compiled) != len(self.inputs):
+            raise ConfigError(
+                f"{self.name}: the compiled model's inputs {compiled} (from {self.io_json}) do "
+                f"not match the spec's {[n for n, _, _ in self.inputs]} (TVM renames "
+                "'input.1' to 'input_1'); declare every graph input of the model in the spec's "
+                "[[inputs]], with the names the ONNX file uses")
+        return [by_tvm_name[n] for n in compiled]
+
     def header(self) -> dict[str, Any]:
         return {"artifact": self.name, "model": self.model, "variant": self.variant,
                 "target": self.target}
+
+
+def tvm_input_name(onnx_name: str) -> str:
+    """The name TVM 0.27's ONNX importer gives a graph input (its ``_sanitize_name``, less the
+    numbering it adds only when two inputs would collide)."""
+    name = onnx_name.replace(".", "_")
+    if name and not (name[0].isalpha() or name[0] == "_"):
+        name = f"input_{name}"
+    return name

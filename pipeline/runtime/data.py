@@ -13,6 +13,19 @@ import numpy as np
 from pipeline.core.errors import ConfigError, CorruptInputError
 
 
+def synthetic_tensor(rng: np.random.Generator, shape, dtype: str) -> np.ndarray:
+    """One seeded synthetic tensor: N(0, 1) for floats; 0 or 1 for integers.
+
+    Integer inputs of the models people bring are token ids, attention masks and segment
+    ids: 0 and 1 are valid values of every one of them, where N(0, 1) cast to int gives
+    negative indices and the full int range out-of-range ids (onnxruntime rejects those,
+    the compiled model reads out of bounds). Give a ``data_dir`` for realistic ids.
+    """
+    if np.dtype(dtype).kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, 2, size=shape).astype(dtype)
+
+
 def calibration_samples(inputs, samples: int, seed: int, data_dir: str) -> list[dict]:
     """Calibration (or validation) feeds: ``.npy`` files from ``data_dir`` or seeded N(0,1).
 
@@ -21,7 +34,7 @@ def calibration_samples(inputs, samples: int, seed: int, data_dir: str) -> list[
     """
     if not data_dir:
         rng = np.random.default_rng(seed)
-        return [{name: rng.standard_normal(shape).astype(dtype) for name, shape, dtype in inputs}
+        return [{name: synthetic_tensor(rng, shape, dtype) for name, shape, dtype in inputs}
                 for _ in range(samples)]
     root = Path(data_dir)
     if not root.is_dir():
@@ -52,8 +65,5 @@ def calibration_samples(inputs, samples: int, seed: int, data_dir: str) -> list[
 
 
 def seeded_input(shape, dtype: str, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    """One synthetic tensor from its own seed (see :func:`synthetic_tensor`)."""
+    return synthetic_tensor(np.random.default_rng(seed), shape, dtype)

@@ -231,8 +231,8 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     order = [t["name"] for t in io["inputs"]]
     feed = calibration_samples(art.inputs, 1, seed, "")[0]
     paths = [out_dir / f"input_{name}.npy" for name in order]
-    for name, path in zip(order, paths, strict=True):
-        np.save(path, feed[name])
+    for spec_name, path in zip(art.feed_names(io), paths, strict=True):
+        np.save(path, feed[spec_name])
     inputs: Path | dict = paths[0] if len(paths) == 1 else dict(zip(order, paths, strict=True))
 
     result["cpp"] = _bench_cpp(art, inputs, threads, warmup, repeat, out_dir)
