@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from models import TINY_SPEC as TINY_SPEC_TEXT
 from models import make_project
 from pipeline.core.errors import ConfigError
 from pipeline.core.project import Project
@@ -142,3 +143,23 @@ def test_per_variant_gates_reach_the_validate_recipe(tmp_path):
 
     assert gates("validate:tiny_int8@cpu")["int8_cosine_min"] == 0.9
     assert gates("validate:tiny_fp32@cpu")["int8_cosine_min"] == 0.999
+
+
+def test_a_broken_spec_fails_only_its_own_model(tmp_path, capsys):
+    root = make_project(tmp_path)
+    (root / "models" / "bad.toml").write_text('name = "bad"\n[[inputs]]\nshape = [0]\n')
+    (root / "models" / "gone.toml").write_text(
+        TINY_SPEC_TEXT.replace('"tiny"', '"gone"').replace("tiny.onnx", "gone.onnx"))
+    project = Project.load(root)
+    assert list(project.specs) == ["tiny"]
+    assert "source.path: 'models/gone.onnx': no such file" in \
+        project.broken[str(root / "models" / "gone.toml")]
+    tasks = _by_name(all_tasks(project, get_target("cpu"), Options()))
+    assert {"build:tiny_int8", "build:bad", "build:gone"} <= set(tasks)
+    action, args = tasks["build:bad"]["actions"][0]
+    failed = action(*args)
+    assert "bad.toml is invalid" in str(failed) and "shape" in str(failed)
+    assert "bad.toml is invalid" in capsys.readouterr().err
+    build = [name for name in tasks if name.startswith("build:")]
+    assert build.index("build:tiny_int8") < build.index("build:bad")  # good ones first
+
