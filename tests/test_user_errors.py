@@ -3,11 +3,13 @@ a non-zero exit, never a traceback. Every run here stops before the expensive st
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+from pathlib import Path
 
 import pytest
-from doit_runner import doit
+from doit_runner import REPO, doit
 
 from models import TINY_SPEC, make_project
 
@@ -102,3 +104,65 @@ def test_read_only_artifacts_dir(tmp_path):
         (root / "artifacts").chmod(0o755)
     assert "artifacts/ is not writable: " in out and "Permission denied" in out
 
+
+# ------------------------------------------------------- commands that messages suggest
+DOIT_COMMANDS = {"list", "clean", "forget", "info", "help", "run", "ignore", "dumpdb",
+                 "strace", "tabcompletion", "auto", "reset-dep"}
+PER_TARGET = {"tune", "compile", "package", "smoke", "validate", "bench"}
+
+
+def _strings(path: Path) -> list[str]:
+    """Every string literal of a Python file (implicitly joined; an f-string's fields are
+    ``{}``), docstrings included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.JoinedStr):
+            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}"
+                               for v in node.values))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append(node.value)
+    return out
+
+
+def _suggested_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ```doit ...``` quoted in pipeline/ and dodo.py."""
+    found = []
+    for path in [REPO / "dodo.py", *sorted((REPO / "pipeline").rglob("*.py"))]:
+        for text in _strings(path):
+            quoted = [m.group(1) for m in re.finditer(r"`+(doit(?: [^`]*)?)`", text)]
+            # and unquoted ones that name a task: "run doit build:x target=h100"
+            quoted += [m.group(0) for m in re.finditer(r"\bdoit [a-z_]+:[^\s`]+", text)]
+            found += [(str(path.relative_to(REPO)), " ".join(c.split())) for c in quoted]
+    return found
+
+
+def test_suggested_commands_exist():
+    """Every `doit ...` a message names: its task group exists, a per-artifact task is named
+    as the graph names it, and every NAME= is an option a task reads."""
+    from pipeline.nightly import NIGHTLY_VARS
+    from pipeline.tasks.options import OPTION_NAMES
+
+    groups = set(re.findall(r"^def task_(\w+)\(", (REPO / "dodo.py").read_text(), re.M))
+    assert {"source", "build", "nightly", "gc", "save_tuning_logs"} <= groups
+    commands = _suggested_commands()
+    assert any("build:<artifact>" in c for _, c in commands)  # the compile warning's
+    bad = []
+    for where, command in commands:
+        words = command.split()[1:]
+        for word in words:
+            if word.startswith("-") or word == "..." or "{}" in word or word == "NAME=VALUE":
+                continue  # an option, a placeholder, a value filled in at run time
+            if "=" in word:
+                name = word.split("=", 1)[0]
+                if name not in OPTION_NAMES and name not in NIGHTLY_VARS:
+                    bad.append(f"{where}: `{command}`: no option {name!r}")
+                continue
+            group, _, task = word.partition(":")
+            if group not in groups and group not in DOIT_COMMANDS:
+                bad.append(f"{where}: `{command}`: no task group or doit command {group!r}")
+            elif group in PER_TARGET and task and "@" not in task:
+                bad.append(f"{where}: `{command}`: {group} tasks are named "
+                           "<model>_<variant>@<target>")
+            elif group == "source" and task and "_" in task and "<" not in task:
+                bad.append(f"{where}: `{command}`: source tasks are named <model>")
+    assert not bad, "\n".join(bad)
