@@ -11,14 +11,15 @@ from pathlib import Path
 
 from doit import get_var
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import PipelineError
 from pipeline.core.project import Project
+from pipeline.core.store import check_writable
 from pipeline.core.targets import get_target
+from pipeline.nightly import NIGHTLY_VARS
 from pipeline.tasks.graph import all_tasks, maintenance_tasks
-from pipeline.tasks.options import Options
+from pipeline.tasks.options import parse_options, unknown_task_args
 
 ROOT = Path.cwd()
-(ROOT / "artifacts").mkdir(exist_ok=True)
 
 DOIT_CONFIG = {
     # sqlite3 survives concurrent doit processes; dbm and json lose records (FACTS.md).
@@ -35,22 +36,48 @@ def _target_named_in_argv():
     return named.pop() if len(named) == 1 else None
 
 
+def _fail(message):
+    """A user's mistake: one message saying what to do, exit 2, no traceback."""
+    print(f"ERROR: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_task_args(project, tasks):
+    """``doit build:resnet51_int8``: name the known artifacts (doit would only say "Invalid
+    parameter"); a name of a spec that cannot be built repeats that spec's message."""
+    names = {group: [t["name"] for t in members] for group, members in tasks.items()}
+    for name, problem in unknown_task_args(sys.argv[1:], names):
+        model = name.split("@")[0]
+        for spec_path, message in project.broken.items():
+            stem = Path(spec_path).stem
+            if model == stem or model.startswith(f"{stem}_"):
+                problem += f"\n{message}"
+        if project.broken:
+            problem += ("\n(invalid specs have no tasks: "
+                        f"{', '.join(Path(p).name for p in sorted(project.broken))})")
+        _fail(problem)
+
+
 def _load():
     try:
-        options = Options(
-            target=get_var("target") or _target_named_in_argv() or "cpu",
-            tune=get_var("tune", "missing"),
-            trials=int(get_var("trials")) if get_var("trials") else None,
-            tune_minutes=float(get_var("tune_minutes")) if get_var("tune_minutes") else None,
-            rpc=get_var("rpc", ""), layout=get_var("layout", ""),
-            threads=int(get_var("threads")) if get_var("threads") else None,
-            warmup=int(get_var("warmup", "5")), repeat=int(get_var("repeat", "30")))
-        options.validate()
+        check_writable(ROOT / "artifacts")
+        options = parse_options(get_var, _target_named_in_argv(), argv=sys.argv[1:],
+                                other_vars=NIGHTLY_VARS)
         project, target = Project.load(ROOT), get_target(options.target)
-        return all_tasks(project, target, options), maintenance_tasks(project, target)
-    except (ConfigError, ValueError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
+        tasks, maintenance = all_tasks(project, target, options), maintenance_tasks(project,
+                                                                                    target)
+    except PipelineError as e:
+        _fail(e)
+    for spec_path, message in sorted(project.broken.items()):
+        problems = [line[4:] for line in message.splitlines() if line.startswith("  - ")]
+        print(f"ERROR: {Path(spec_path).relative_to(ROOT)} is invalid, its model is left out "
+              f"(`doit build:{Path(spec_path).stem}` says why; the other models build): "
+              f"{'; '.join(problems) or message}", file=sys.stderr)
+    if not project.specs and not project.broken:
+        print(f"WARNING: no model specs (models/*.toml) in {ROOT}: run doit in a project "
+              "directory (see the README)", file=sys.stderr)
+    _check_task_args(project, tasks)
+    return tasks, maintenance
 
 
 _TASKS, _MAINTENANCE = _load()

@@ -111,3 +111,19 @@ def test_every_scheme_names_known_comparisons_and_passes():
         assert set(scheme.comparisons) <= set(validate._TITLES) - {validate.CPP}, scheme.name
         assert set(scheme.import_passes) <= set(IMPORT_PASSES), scheme.name
         assert scheme.quantize is None or scheme.quantize in quantize.RECIPES, scheme.name
+
+
+def test_load_specs_can_collect_broken_specs(tmp_path):
+    good = 'name = "{}"\n[source]\npath = "m.onnx"\n[[inputs]]\nname = "x"\nshape = [1, 3]\n'
+    (tmp_path / "a.toml").write_text(good.format("a"))
+    (tmp_path / "b.toml").write_text("name = [")  # not TOML
+    (tmp_path / "c.toml").write_text(good.format("c").replace("[1, 3]", "[1, -3]"))
+    (tmp_path / "d.toml").write_text(good.format("a"))  # a's name again
+    with pytest.raises(ConfigError, match="cannot read model spec .*b.toml"):
+        load_specs(tmp_path)
+    broken: dict[str, str] = {}
+    specs = load_specs(tmp_path, broken)
+    assert list(specs) == ["a"]
+    assert sorted(Path(p).name for p in broken) == ["b.toml", "c.toml", "d.toml"]
+    assert "positive ints" in broken[str(tmp_path / "c.toml")]
+    assert "used by two specs" in broken[str(tmp_path / "d.toml")]

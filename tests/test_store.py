@@ -1,5 +1,6 @@
 """The artifact store: recipe ids, atomic publish, verification, reuse, locking, gc."""
 
+import errno
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core import hashing, store
+from pipeline.core.errors import PipelineError, StageFailed
 
 
 def _produce(text: str, calls: list):
@@ -164,3 +166,58 @@ def test_gc_removes_only_unreferenced(tmp_path):
     removed = store.gc(tmp_path)
     assert removed == [old.path]
     assert new.path.exists() and (tmp_path / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("code, needle", [(errno.ENOSPC, "disk is full"),
+                                          (errno.EROFS, "read-only"),
+                                          (errno.EACCES, "permission denied")])
+def test_disk_errors_publish_nothing_and_say_what_to_do(tmp_path, code, needle):
+    """The OS refusing a write (disk full, read-only, not ours) is one StageFailed that says
+    where and what to do; the half-written temp dir goes, the earlier output stays."""
+    stable = tmp_path / "art" / "stage"
+    good = store.run_stage(tmp_path, "s", {"k": 1}, {}, stable, _produce("one", []))
+
+    def produce(out: Path):
+        (out / "a.txt").write_text("half")
+        raise OSError(code, os.strerror(code), str(out / "a.txt"))
+
+    with pytest.raises(StageFailed) as e:
+        store.run_stage(tmp_path, "s", {"k": 2}, {}, stable, produce)
+    msg = str(e.value)
+    assert "stage 's' failed" in msg and needle in msg and "a.txt" in msg
+    assert "Nothing was published" in msg and "run the task again" in msg
+    assert ("doit gc" in msg) == (code == errno.ENOSPC)
+    assert list((tmp_path / ".store" / "s").iterdir()) == [good.path]  # no temp dir left
+    assert stable.resolve() == good.path and (stable / "a.txt").read_text() == "one"
+
+
+def test_other_os_errors_are_not_rewritten(tmp_path):
+    def produce(out: Path):
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError) as e:
+        store.run_stage(tmp_path, "s", {}, {}, tmp_path / "stable", produce)
+    assert not isinstance(e.value, StageFailed)
+
+
+def test_missing_upstream_file_is_a_stage_failure(tmp_path):
+    with pytest.raises(StageFailed, match=r"input file\(s\) missing: onnx \(.*gone.onnx\)"):
+        store.run_stage(tmp_path, "source", {}, {"onnx": tmp_path / "gone.onnx"},
+                        tmp_path / "stable", _produce("x", []))
+
+
+def test_check_writable(tmp_path, monkeypatch):
+    store.check_writable(tmp_path / "artifacts")  # made if missing
+    assert (tmp_path / "artifacts").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PipelineError, match="file/ is not writable: .*not a directory"):
+        store.check_writable(tmp_path / "file")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "artifacts"))
+
+    monkeypatch.setattr(store.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PipelineError) as e:
+        store.check_writable(tmp_path / "artifacts")
+    assert str(e.value).startswith("artifacts/ is not writable: ")
+    assert "Permission denied" in str(e.value) and "chmod -R u+w" in str(e.value)

@@ -1,9 +1,11 @@
 """doit task dicts: names, the file_dep chain between stages, configs, options. No doit run."""
 
+import re
 from pathlib import Path
 
 import pytest
 
+from models import TINY_SPEC as TINY_SPEC_TEXT
 from models import make_project
 from pipeline.core.errors import ConfigError
 from pipeline.core.project import Project
@@ -142,3 +144,88 @@ def test_per_variant_gates_reach_the_validate_recipe(tmp_path):
 
     assert gates("validate:tiny_int8@cpu")["int8_cosine_min"] == 0.9
     assert gates("validate:tiny_fp32@cpu")["int8_cosine_min"] == 0.999
+
+
+def test_a_broken_spec_fails_only_its_own_model(tmp_path, capsys):
+    root = make_project(tmp_path)
+    (root / "models" / "bad.toml").write_text('name = "bad"\n[[inputs]]\nshape = [0]\n')
+    (root / "models" / "gone.toml").write_text(
+        TINY_SPEC_TEXT.replace('"tiny"', '"gone"').replace("tiny.onnx", "gone.onnx"))
+    project = Project.load(root)
+    assert list(project.specs) == ["tiny"]
+    assert "source.path: 'models/gone.onnx': no such file" in \
+        project.broken[str(root / "models" / "gone.toml")]
+    tasks = _by_name(all_tasks(project, get_target("cpu"), Options()))
+    assert {"build:tiny_int8", "build:bad", "build:gone"} <= set(tasks)
+    action, args = tasks["build:bad"]["actions"][0]
+    failed = action(*args)
+    assert "bad.toml is invalid" in str(failed) and "shape" in str(failed)
+    assert "bad.toml is invalid" in capsys.readouterr().err
+    build = [name for name in tasks if name.startswith("build:")]
+    assert build.index("build:tiny_int8") < build.index("build:bad")  # good ones first
+
+
+def test_parse_options_names_every_bad_value():
+    from pipeline.tasks.options import parse_options
+
+    given = {"trials": "abc", "tune_minutes": "-1", "rpc": "host:port:key", "threads": "0",
+             "warmup": "x", "repeat": "0"}
+    with pytest.raises(ConfigError) as e:
+        parse_options(given.get, argv=["build:tiny_int8", "trails=3", "trials=abc"],
+                      other_vars=("baseline",))
+    msg = str(e.value)
+    for needle in ("trials=abc: not a whole number (allowed: >= 1)",
+                   "tune_minutes=-1: must be a number of minutes > 0",
+                   "rpc=host:port:key: port 'port' must be a number 1..65535",
+                   "threads=0: must be 1..", "warmup=x: not a whole number (allowed: >= 0)",
+                   "repeat=0: must be a whole number >= 1",
+                   "trails=3: unknown option 'trails' (options: baseline, layout"):
+        assert needle in msg
+    assert "trials=abc" in msg and "build:tiny_int8" not in msg
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("rpc", "h:70000:k", "port '70000' must be a number 1..65535"),
+    ("rpc", ":9190:k", "use host:port:device_key"),
+    ("tune_minutes", "nan", "must be a number of minutes > 0"),
+    ("tune_minutes", "inf", "must be a number of minutes > 0"),
+    ("threads", "100000", "must be 1.."),
+])
+def test_parse_options_ranges(name, value, needle):
+    from pipeline.tasks.options import parse_options
+
+    with pytest.raises(ConfigError, match=re.escape(f"{name}={value}: ") + ".*" +
+                       re.escape(needle)):
+        parse_options({name: value}.get)
+
+
+def test_parse_options_good_values():
+    import os
+
+    from pipeline.tasks.options import parse_options
+
+    given = {"trials": "8", "tune_minutes": "1.5", "rpc": "127.0.0.1:9190:rtx4090",
+             "threads": str(os.cpu_count()), "warmup": "0", "repeat": "1", "layout": "NHWC",
+             "tune": "off", "target": ""}
+    options = parse_options(given.get, target="h100")
+    assert options == Options(target="h100", tune="off", trials=8, tune_minutes=1.5,
+                              rpc="127.0.0.1:9190:rtx4090", layout="NHWC",
+                              threads=os.cpu_count(), warmup=0, repeat=1)
+    assert parse_options({"trials": ""}.get) == Options()  # empty: the default
+
+
+def test_unknown_task_args_list_the_known_names():
+    from pipeline.tasks.options import unknown_task_args
+
+    tasks = {"build": ["tiny_fp32", "tiny_int8"], "tune": ["tiny_fp32@cpu", "tiny_int8@cpu"],
+             "validate": ["tiny_int8@cpu", "report"]}
+    argv = ["-v", "2", "build:tiny_int8", "build:resnet51_int8", "tune:tiny_int8",
+            "validate:x@cpu", "build:tiny_*", "build:nomatch*", "other:x", "trials=3",
+            "validate:report"]
+    found = unknown_task_args(argv, tasks)
+    assert [name for name, _ in found] == ["resnet51_int8", "tiny_int8", "x@cpu", "nomatch*"]
+    msgs = [m for _, m in found]
+    assert msgs[0] == ("unknown artifact 'resnet51_int8' in `doit build:resnet51_int8`; "
+                       "known: tiny_fp32, tiny_int8")
+    assert "`doit tune:tiny_int8@cpu`" in msgs[1]
+    assert msgs[2].endswith("known: tiny_int8@cpu")  # the report task is not an artifact

@@ -4,7 +4,7 @@ paths of every artifact's stage outputs (the names doit tasks, stages and report
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.spec import ModelSpec, VariantSpec, load_specs
@@ -21,10 +21,20 @@ class Project:
 
     root: Path
     specs: dict[str, ModelSpec]
+    # spec path -> why it cannot be built (invalid, or its source file is missing): such a
+    # spec fails only its own model; the others build
+    broken: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path) -> Project:
-        return cls(root, load_specs(root / "models"))
+        broken: dict[str, str] = {}
+        specs = load_specs(root / "models", broken)
+        for name, spec in list(specs.items()):
+            problem = missing_source(root, spec)
+            if problem:
+                broken[spec.spec_path] = problem
+                del specs[name]
+        return cls(root, specs, broken)
 
     @property
     def artifacts(self) -> Path:
@@ -33,6 +43,22 @@ class Project:
     @property
     def tuning_logs(self) -> Path:
         return self.root / "models" / "tuning_logs"
+
+
+def missing_source(root: Path, spec: ModelSpec) -> str | None:
+    """What is wrong if the spec's source (its ONNX file or generator) is not there."""
+    if spec.source.generator:
+        key, value = "source.generator", spec.source.generator
+        where = root / "models" / f"{value}.py"
+        fix = f"add models/{value}.py (with generate(out_path, seed)) or fix {key}"
+    else:
+        key, value = "source.path", spec.source.path
+        where = root / value
+        fix = f"put the ONNX model there or fix {key} (relative to the project dir {root})"
+    if where.is_file():
+        return None
+    return (f"model spec {spec.spec_path} is invalid:\n  - {key}: {value!r}: no such file "
+            f"{where}\n{fix[0].upper()}{fix[1:]}.")
 
 
 @dataclass(frozen=True)

@@ -263,16 +263,27 @@ def load_spec(path: Path) -> ModelSpec:
     return parse_spec(data, str(path))
 
 
-def load_specs(models_dir: Path) -> dict[str, ModelSpec]:
-    """Every ``*.toml`` spec in ``models_dir``, by model name."""
-    specs = {}
+def load_specs(models_dir: Path, broken: dict[str, str] | None = None) -> dict[str, ModelSpec]:
+    """Every ``*.toml`` spec in ``models_dir``, by model name.
+
+    Without ``broken`` the first invalid spec raises its ConfigError. With it, an invalid
+    spec is recorded there (spec path -> its message) and skipped, so one bad spec fails
+    only its own model.
+    """
+    specs: dict[str, ModelSpec] = {}
     for path in sorted(models_dir.glob("*.toml")):
-        spec = load_spec(path)
+        try:
+            spec = load_spec(path)
+            if spec.name in specs:
+                raise ConfigError(f"model name {spec.name!r} is used by two specs: "
+                                  f"{specs[spec.name].spec_path} and {path}; rename one")
+        except ConfigError as e:
+            if broken is None:
+                raise
+            broken[str(path)] = str(e)
+            continue
         for warning in spec.warnings:
             print(f"WARNING: {warning}", file=sys.stderr)
-        if spec.name in specs:
-            raise ConfigError(f"model name {spec.name!r} is used by two specs: "
-                              f"{specs[spec.name].spec_path} and {path}")
         specs[spec.name] = spec
     return specs
 

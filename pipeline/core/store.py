@@ -11,17 +11,19 @@ returns at once instead of re-tuning or re-quantizing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.errors import StageFailed
+from pipeline.core.errors import PipelineError, StageFailed
 from pipeline.core.hashing import canonical_json, recipe_id, sha256_file, tool_versions
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,33 @@ def remove_stale_temps(stage_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# OSErrors that say the disk cannot take the output (full, read-only, not ours): reported as
+# a StageFailed saying what to do, never a traceback.
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied"}
+
+
+def check_writable(artifacts: Path) -> None:
+    """Fail early, saying so, if ``artifacts`` (doit's state and every output) cannot be
+    written: otherwise doit stops with "attempt to write a readonly database"."""
+    try:
+        if artifacts.exists() and not artifacts.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(artifacts))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=artifacts):
+            pass
+        for state in artifacts.glob(".doit.sqlite3*"):
+            if not os.access(state, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", str(state))
+    except OSError as e:
+        raise PipelineError(
+            f"{artifacts.name}/ is not writable: {e.filename or artifacts}: {e.strerror}. "
+            f"doit keeps its state and every build output in {artifacts}: make it a writable "
+            f"directory (e.g. `chmod -R u+w {artifacts}`, or run doit as its owner) and run "
+            "again") from None
+
+
 def run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
               stable: Path, produce: Callable[[Path], dict | None]) -> StageResult:
     """Run one stage with content addressing, verification and atomic publish.
@@ -171,7 +200,36 @@ def run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
     stable : the stable path to point at the result (a symlink).
     produce : writes the outputs into the temp dir it is given; may return extra
         plain-data info recorded in the manifest.
+
+    Raises
+    ------
+    StageFailed
+        An upstream file is missing, the stage produced nothing, or the disk cannot take
+        the output (full, read-only, permission denied): nothing is published then, and the
+        earlier output behind ``stable`` is untouched.
     """
+    missing = [f"{name} ({path})" for name, path in sorted(upstream.items())
+               if not Path(path).is_file()]
+    if missing:
+        raise StageFailed(stage, f"input file(s) missing: {', '.join(missing)}; an earlier "
+                          "stage's output was deleted or never built: run the build again "
+                          "(`doit build:<artifact>` rebuilds the chain)")
+    try:
+        return _run_stage(root, stage, config, upstream, stable, produce)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = e.filename or root
+        todo = ("free space there (`doit gc` deletes stored outputs no artifact points at)"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                f"make {root} writable (or run doit as its owner)")
+        raise StageFailed(stage, f"cannot write {where}: {DISK_ERRNOS[e.errno]} ({e.strerror}). "
+                          f"Nothing was published; earlier outputs are intact. {todo} and run "
+                          "the task again") from None
+
+
+def _run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
+               stable: Path, produce: Callable[[Path], dict | None]) -> StageResult:
     digests = {name: sha256_file(path) for name, path in sorted(upstream.items())}
     rid = recipe_id(stage, config, digests)
     stage_dir = root / ".store" / stage
@@ -243,5 +301,5 @@ def gc(root: Path) -> list[Path]:
     return removed
 
 
-__all__ = ["StageResult", "file_lock", "canonical_json", "gc", "intact", "link",
-           "read_manifest", "run_stage", "verify"]
+__all__ = ["StageResult", "canonical_json", "check_writable", "file_lock", "gc", "intact",
+           "link", "read_manifest", "run_stage", "verify"]

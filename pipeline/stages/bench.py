@@ -214,6 +214,9 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     problems = [f"{k}={v} must be >= {lo}" for k, v, lo in
                 (("threads", threads, 1), ("warmup", warmup, 0), ("repeat", repeat, 1))
                 if not isinstance(v, int) or v < lo]
+    cores = os.cpu_count() or 1
+    if isinstance(threads, int) and threads > cores:  # bin/infer refuses more than the cores
+        problems.append(f"threads={threads} must be <= {cores} (this machine's cores)")
     if problems:
         raise ConfigError(f"bench {art.name}: " + "; ".join(problems))
     out_dir = Path(out_dir)

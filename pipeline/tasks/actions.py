@@ -39,6 +39,14 @@ def _recipe(config) -> dict:
 
 
 @doit_action
+def broken_spec(message: str) -> None:
+    """The action of a spec that cannot be built: fail with its message."""
+    from pipeline.core.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+@doit_action
 def source(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import source as stage
 

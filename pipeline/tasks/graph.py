@@ -273,4 +273,18 @@ def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[st
             groups["build"].append(build_task(project, spec, variant, target))
     for kind in ("validate", "bench"):
         groups[kind].append(summary_task(project, kind, groups[kind]))
+    taken = {t["name"] for t in groups["build"]}
+    for spec_path, message in sorted(project.broken.items()):
+        task = broken_spec_task(spec_path, message)
+        if task["name"] not in taken:  # last: `doit build` builds the good models first
+            groups["build"].append(task)
     return groups
+
+
+def broken_spec_task(spec_path: str, message: str) -> dict:
+    """``build:<spec stem>`` of a spec that cannot be built: it fails with the spec's
+    message, so ``doit build`` fails for it while the other models build."""
+    stem = Path(spec_path).stem
+    return {"name": stem, "doc": f"{stem}: cannot build, {Path(spec_path).name} is invalid",
+            "actions": [(stages.broken_spec, [message])], "uptodate": [False],
+            "verbosity": 2}

@@ -1,13 +1,29 @@
-"""Command-line options of the doit tasks (``doit build:x target=cpu tune=missing ...``)."""
+"""Command-line options of the doit tasks (``doit build:x target=cpu tune=missing ...``).
+
+:func:`parse_options` turns doit's ``NAME=VALUE`` strings into a typed :class:`Options`,
+collecting every bad value (the option, the value, what is allowed) into one ConfigError;
+:func:`unknown_task_args` finds ``group:name`` arguments that name no task, so dodo.py can
+list the known names before doit answers with its generic "Invalid parameter".
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.spec import CPU_FP32_LAYOUTS
 
 TUNE_MODES = ("off", "missing", "extend")
+
+
+def max_threads() -> int:
+    """The most threads a bench may ask for: the C++ app refuses more than the cores."""
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -24,8 +40,8 @@ class Options:
     warmup: int = 5
     repeat: int = 30
 
-    def validate(self) -> None:
-        """Collect every bad option into one ConfigError."""
+    def problems(self) -> list[str]:
+        """Every option out of range, each naming the option, its value and what is allowed."""
         from pipeline.core.targets import TARGETS
 
         problems = []
@@ -34,10 +50,125 @@ class Options:
         if self.tune not in TUNE_MODES:
             problems.append(f"tune={self.tune}: use one of {', '.join(TUNE_MODES)}")
         if self.trials is not None and self.trials < 1:
-            problems.append(f"trials={self.trials}: must be >= 1")
+            problems.append(f"trials={self.trials}: must be a whole number >= 1")
+        if self.tune_minutes is not None and not (0 < self.tune_minutes < math.inf):
+            problems.append(f"tune_minutes={self.tune_minutes:g}: must be a number of minutes "
+                            "> 0 (tune=off skips tuning)")
         if self.layout and self.layout not in CPU_FP32_LAYOUTS:
             problems.append(f"layout={self.layout}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
-        if self.rpc and len(self.rpc.split(":")) != 3:
-            problems.append(f"rpc={self.rpc}: use host:port:device_key")
-        if problems:
-            raise ConfigError("bad command-line option(s):\n  - " + "\n  - ".join(problems))
+        if self.rpc:
+            problems.extend(_rpc_problems(self.rpc))
+        cores = max_threads()
+        if self.threads is not None and not 1 <= self.threads <= cores:
+            problems.append(f"threads={self.threads}: must be 1..{cores} (this machine's "
+                            "cores)")
+        if self.warmup < 0:
+            problems.append(f"warmup={self.warmup}: must be a whole number >= 0")
+        if self.repeat < 1:
+            problems.append(f"repeat={self.repeat}: must be a whole number >= 1")
+        return problems
+
+    def validate(self) -> None:
+        """Collect every bad option into one ConfigError."""
+        _raise(self.problems())
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("bad command-line option(s):\n  - " + "\n  - ".join(problems))
+
+
+def _rpc_problems(rpc: str) -> list[str]:
+    parts = rpc.split(":")
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        return [f"rpc={rpc}: use host:port:device_key (e.g. rpc=127.0.0.1:9190:rtx4090)"]
+    port = parts[1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return [f"rpc={rpc}: port {port!r} must be a number 1..65535 "
+                "(use host:port:device_key)"]
+    return []
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+_INT_OPTIONS = {"trials": ">= 1", "threads": f"1..{max_threads()}", "warmup": ">= 0",
+                "repeat": ">= 1"}
+
+
+def parse_options(get_var: Callable[..., str | None], target: str | None = None,
+                  argv: Iterable[str] = (), other_vars: Iterable[str] = ()) -> Options:
+    """Options from doit's ``NAME=VALUE`` strings (``get_var`` is :func:`doit.get_var`).
+
+    An empty value (``trials=``) means the default. ``target`` is the default target when
+    ``target=`` is not given (dodo.py passes the one a task name like ``x@h100`` names).
+    A ``NAME=VALUE`` in ``argv`` whose NAME is neither an option nor one of ``other_vars``
+    (read by other tasks, e.g. ``doit nightly``'s) is a problem too: doit would ignore it.
+
+    Raises
+    ------
+    ConfigError
+        Listing every bad option at once: its name, the value given and what is allowed.
+    """
+    problems = unknown_option_args(argv, (*OPTION_NAMES, *other_vars))
+    values: dict = {}
+    for name, allowed in _INT_OPTIONS.items():
+        text = (get_var(name) or "").strip()
+        if not text:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            problems.append(f"{name}={text}: not a whole number (allowed: {allowed})")
+    text = (get_var("tune_minutes") or "").strip()
+    if text:
+        try:
+            values["tune_minutes"] = float(text)
+        except ValueError:
+            problems.append(f"tune_minutes={text}: not a number (allowed: minutes > 0)")
+    for name in ("tune", "rpc", "layout"):
+        text = (get_var(name) or "").strip()
+        if text:
+            values[name] = text
+    options = Options(target=(get_var("target") or "").strip() or target or "cpu", **values)
+    _raise(problems + options.problems())
+    return options
+
+
+_VAR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=")
+
+
+def unknown_option_args(argv: Iterable[str], known: Iterable[str]) -> list[str]:
+    """``NAME=VALUE`` arguments whose NAME no task reads (a typo doit would ignore)."""
+    known = set(known)
+    problems = []
+    for arg in argv:
+        m = _VAR.match(arg)
+        if m and m.group(1) not in known:
+            problems.append(f"{arg}: unknown option {m.group(1)!r} (options: "
+                            f"{', '.join(sorted(known))})")
+    return problems
+
+
+def unknown_task_args(argv: Iterable[str],
+                      tasks: Mapping[str, Iterable[str]]) -> list[tuple[str, str]]:
+    """``group:name`` arguments whose group is a task group of ``tasks`` (group -> the names
+    of its tasks) but whose name is none of them: ``(name, message)`` per argument, the
+    message listing the names that exist. A name with ``*`` passes if it matches one."""
+    problems = []
+    for arg in argv:
+        if arg.startswith("-") or "=" in arg or ":" not in arg:
+            continue
+        group, name = arg.split(":", 1)
+        names = list(tasks.get(group, ()))
+        if group not in tasks or not name:
+            continue
+        if name in names or ("*" in name and fnmatch.filter(names, name)):
+            continue
+        shown = [n for n in names if n != "report"]
+        hint = ""
+        if "@" not in name and any("@" in n for n in shown):
+            like = [n for n in shown if n.split("@")[0] == name] or shown
+            hint = f" ({group} tasks are named <artifact>@<target>: `doit {group}:{like[0]}`)"
+        what = "model" if group == "source" else "artifact"
+        problems.append((name, f"unknown {what} {name!r} in `doit {arg}`{hint}; known: "
+                               f"{', '.join(shown) or 'none'}"))
+    return problems
