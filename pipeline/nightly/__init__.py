@@ -48,6 +48,7 @@ from pipeline.nightly.parse import (
 )
 from pipeline.nightly.report import write_report
 from pipeline.nightly.runner import (
+    NIGHTLY_VARS,
     REPORT_DIR,
     NightlyFailed,
     NightlyOptions,
@@ -57,7 +58,7 @@ from pipeline.nightly.runner import (
 )
 
 __all__ = ["BASELINE_FILE", "BUILT", "DEFAULT_SQNR_DROP_DB", "DEFAULT_THRESHOLD", "FAILED",
-           "NOT_RUN", "RAN", "REPORT_DIR", "REUSED", "STAGES", "UP_TO_DATE", "NightlyFailed",
-           "NightlyOptions", "append_history", "buildable_targets", "check", "classify",
-           "history_chart", "load_baseline", "nightly_task", "parse_doit_output",
+           "NIGHTLY_VARS", "NOT_RUN", "RAN", "REPORT_DIR", "REUSED", "STAGES", "UP_TO_DATE",
+           "NightlyFailed", "NightlyOptions", "append_history", "buildable_targets", "check",
+           "classify", "history_chart", "load_baseline", "nightly_task", "parse_doit_output",
            "read_history", "run", "snapshot_links", "write_report"]
