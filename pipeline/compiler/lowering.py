@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # Which is faster is measured per model by scripts/layout_search.py (README, Benchmarks);
 # a spec's `layout` or `doit ... layout=` overrides the default. GPU targets keep NCHW:
 # DLight schedules it as it is. int8 on a VNNI CPU is always packed (PackInt8ForVNNI).
+# A layout that fails on a model falls back (NHWC -> NCHW16c -> NCHW), said in the compile
+# report; ops whose TVM layout rule is broken stay NCHW inside an NHWC model
+# (passes/layout_prep.py).
 DEFAULT_CPU_FP32_LAYOUT = "NHWC"  # one of CPU_FP32_LAYOUTS
 
 
