@@ -78,3 +78,14 @@ def test_unknown_layout_is_refused():
     mod = from_onnx(H.residual_model(), keep_params_in_input=False)
     with pytest.raises(ValueError, match="use one of NHWC, NCHW16c"):
         lowering.lower_for_target(mod, tvm_target(get_target("cpu")), "float32", "NCHW8c")
+
+
+def test_requested_nchw16c_is_reported_without_fallback():
+    """lower_for_target's report names the layout used; asked for NCHW16c, it is that one."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = lowering.graph_cleanup()(from_onnx(H.residual_model(), keep_params_in_input=False))
+    report: dict = {}
+    lowering.lower_for_target(mod, tvm_target(get_target("cpu")), "float32", "NCHW16c", report)
+    assert report == {"layout": "NCHW16c", "layout_requested": "NCHW16c",
+                      "layout_fallback": None}

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # Which is faster is measured per model by scripts/layout_search.py (README, Benchmarks);
 # a spec's `layout` or `doit ... layout=` overrides the default. GPU targets keep NCHW:
 # DLight schedules it as it is. int8 on a VNNI CPU is always packed (PackInt8ForVNNI).
+# A layout that fails on a model falls back (NHWC -> NCHW16c -> NCHW), said in the compile
+# report; ops whose TVM layout rule is broken stay NCHW inside an NHWC model
+# (passes/layout_prep.py).
 DEFAULT_CPU_FP32_LAYOUT = "NHWC"  # one of CPU_FP32_LAYOUTS
 
 
@@ -38,58 +41,117 @@ def graph_cleanup():
     ], name="graph_cleanup")
 
 
-def _cpu_float32_layout(target, layout: str):
+def _convert_nhwc(mod, report: dict):
+    """NHWC/HWIO convs through TVM's ConvertLayout, after :mod:`.passes.layout_prep` has
+    rewritten (Dropout, n-ary Sum/Mean/Max/Min) or fenced off (their ops stay NCHW, converted
+    at their edges) what TVM 0.27's layout rules crash on."""
     from tvm import relax
 
+    from pipeline.compiler.passes.layout_prep import prepare_for_layout
+
+    mod, prep = prepare_for_layout(mod)
+    report["layout_prep"] = prep.as_dict()
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+
+
+def _pack_nchw16c(mod, report: dict):
     from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc
 
+    return PackFloat32NCHWc()(mod)
+
+
+def _keep_layout(mod, report: dict):
+    return mod
+
+
+def _cpu_float32_layout(target, layout: str):
+    # The chosen layout first, then the fallbacks, in order: NCHW16c is the project's own
+    # pass (it packs only the convs and ops it knows, converting at their edges), NCHW is
+    # the model as imported (always builds, at about half the speed: FACTS.md).
     if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
-        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
-    return PackFloat32NCHWc()
+        return [("NHWC", _convert_nhwc), ("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
+    return [("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
 
 
 def _cpu_int8_layout(target, layout: str):
     # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
     # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
-    from tvm import transform
+    # No fallback: a VNNI artifact that silently computed in NCHW would be 10x slower.
     from tvm.target import codegen
 
     from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI
 
     if codegen.target_has_features("avx512vnni", target):
-        return PackInt8ForVNNI()
-    return transform.Sequential([])
+        return [("NCHW16c (int8, VNNI)", lambda mod, report: PackInt8ForVNNI()(mod))]
+    return [("NCHW", _keep_layout)]
 
 
-# Phase 2 per (target kind, compute dtype): the layout pass. Missing entries keep the
-# imported layout (GPU targets keep NCHW: DLight schedules it as it is).
+# Phase 2 per (target kind, compute dtype): the layout rule, a function(target, layout) ->
+# [(layout name, function(mod, report) -> mod), ...]: the layout wanted, then its fallbacks.
+# Missing entries keep the imported layout (GPU targets keep NCHW: DLight schedules it as it is).
 LAYOUT_RULES = {
     ("llvm", "float32"): _cpu_float32_layout,
     ("llvm", "int8"): _cpu_int8_layout,
 }
 
 
-def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = ""):
-    """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels.
-
-    ``layout`` picks the fp32 conv layout on CPUs (one of :data:`CPU_FP32_LAYOUTS`; empty:
-    :data:`DEFAULT_CPU_FP32_LAYOUT`); other targets and int8 ignore it.
-    """
+def _legalize_and_fuse():
+    """Phase 3: legalize to TIR, fold the weight transforms, fuse into kernels."""
     from tvm import relax, transform
 
-    if layout and layout not in CPU_FP32_LAYOUTS:
-        raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
-    rule = LAYOUT_RULES.get((target.kind.name, compute_dtype))
-    layout_pass = rule(target, layout) if rule else transform.Sequential([])
-    seq = transform.Sequential([
-        # Phase 2: layout (converted once at the network's edges, weights folded at compile time)
-        layout_pass,
-        # Phase 3: legalize to TIR, fold the weight transforms, fuse into kernels
+    return transform.Sequential([
         relax.transform.LegalizeOps(),
         relax.transform.FoldConstant(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ], name="lower_for_target")
-    with target:
-        return seq(mod)
+
+
+def _reason(error: Exception) -> str:
+    """One line naming the failure: the exception type and its message's last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = "",
+                     report: dict | None = None):
+    """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels.
+
+    ``layout`` picks the fp32 conv layout on CPUs (one of :data:`CPU_FP32_LAYOUTS`; empty:
+    :data:`DEFAULT_CPU_FP32_LAYOUT`); other targets and int8 ignore it. A layout that fails
+    on this model (an operator whose layout rule TVM cannot apply) falls back to the next
+    of its rule (NHWC -> NCHW16c -> NCHW), with a warning; the decision depends only on the
+    module, so the tune and compile stages lower identically.
+
+    ``report``, if given, is filled with ``layout`` (the one used), ``layout_requested``,
+    ``layout_fallback`` (None, or why the requested one failed and what replaced it, as
+    printed) and, for NHWC, ``layout_prep`` (what was rewritten or kept unconverted).
+    """
+    if layout and layout not in CPU_FP32_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
+    rule = LAYOUT_RULES.get((target.kind.name, compute_dtype))
+    choices = rule(target, layout) if rule else [("NCHW", _keep_layout)]
+    report = report if report is not None else {}
+    failures: list[str] = []
+    for i, (name, convert) in enumerate(choices):
+        fields: dict = {}
+        try:
+            with target:
+                # Phase 2: layout (converted at the edges of its regions; weights folded
+                # at compile time), then Phase 3
+                lowered = _legalize_and_fuse()(convert(mod, fields))
+        except Exception as error:  # noqa: BLE001  (TVM raises its own error types)
+            if i == len(choices) - 1:
+                raise
+            failures.append(f"{name} failed ({_reason(error)})")
+            log.debug("layout %s failed", name, exc_info=True)
+            continue
+        fallback = None
+        if failures:
+            fallback = f"{'; '.join(failures)}; lowered in {name} instead"
+            print(f"lower: WARNING {fallback}", flush=True)
+        report.update({"layout": name, "layout_requested": choices[0][0],
+                       "layout_fallback": fallback, **fields})
+        return lowered
+    raise AssertionError("unreachable: the last layout choice raises")

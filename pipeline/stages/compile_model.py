@@ -35,7 +35,8 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     intrinsics.register()  # tuning records may name the project's VNNI intrinsic
     spec = get_target(target_name)
     target = tvm_target(spec)
-    mod = lower_for_target(mod, target, compute_dtype, layout)
+    lowering: dict = {}  # the layout used, and the fallback taken if the requested one failed
+    mod = lower_for_target(mod, target, compute_dtype, layout, report=lowering)
     database = None
     if database_dir is not None and (database_dir / "database_workload.json").exists():
         database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
@@ -48,7 +49,7 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     if schedule_untuned is not None:
         mod, extra = schedule_untuned(mod, target, compute_dtype)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
-              "untuned_scheduler": label, **extra}
+              "untuned_scheduler": label, **lowering, **extra}
     return mod, target, report
 
 
