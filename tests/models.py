@@ -68,6 +68,10 @@ name = "x"
 shape = [1, 3, 8, 8]
 dtype = "float32"
 
+[[outputs]]
+name = "y"
+class_scores = true
+
 [calibration]
 samples = 4
 

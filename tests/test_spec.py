@@ -127,3 +127,12 @@ def test_load_specs_can_collect_broken_specs(tmp_path):
     assert sorted(Path(p).name for p in broken) == ["b.toml", "c.toml", "d.toml"]
     assert "positive ints" in broken[str(tmp_path / "c.toml")]
     assert "used by two specs" in broken[str(tmp_path / "d.toml")]
+
+
+def test_outputs_marked_as_class_scores():
+    spec = parse_spec({**MINIMAL, "outputs": [{"name": "logits", "class_scores": True},
+                                              {"name": "emb"}]})
+    assert [(o.name, o.class_scores) for o in spec.outputs] == [("logits", True),
+                                                                ("emb", False)]
+    with pytest.raises(ConfigError, match=r"outputs\[0\]: unknown key 'scores'"):
+        parse_spec({**MINIMAL, "outputs": [{"name": "y", "scores": True}]})

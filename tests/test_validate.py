@@ -219,3 +219,16 @@ def test_summarize_over_artifacts(artifacts, tmp_path):
     assert "**PASS** tiny_fp32" in md and "**FAIL** tiny_fp32" in md
     saved = json.loads((tmp_path / "all" / "validation.json").read_text())
     assert len(saved["artifacts"]) == 2
+
+
+@pytest.mark.slow
+def test_top1_is_gated_only_on_outputs_marked_as_class_scores(artifacts, tmp_path):
+    unmarked = validate.run(artifacts["fp32"], {}, tmp_path / "a", class_scores=[])
+    fp32 = next(r for r in unmarked["records"] if r["comparison"] == validate.FP32)
+    assert {g["metric"] for g in fp32["gates"]} == {"max_abs_err"}
+    assert "top1_agreement" in fp32["metrics"]  # still reported
+    marked = validate.run(artifacts["fp32"], {}, tmp_path / "b", class_scores=["y"])
+    fp32 = next(r for r in marked["records"] if r["comparison"] == validate.FP32)
+    assert {g["metric"] for g in fp32["gates"]} == {"max_abs_err", "top1_agreement"}
+    with pytest.raises(ConfigError, match="not outputs of .*its outputs: y"):
+        validate.run(artifacts["fp32"], {}, tmp_path / "c", class_scores=["logits"])

@@ -28,6 +28,14 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """An ONNX graph output the spec says something about."""
+
+    name: str
+    class_scores: bool = False  # rows are class scores: top-1/top-5 agreement is gated
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     generator: str = ""  # module in models/ exposing generate(out_path, seed)
     path: str = ""  # or a local .onnx file, relative to the project dir
@@ -92,6 +100,7 @@ class ModelSpec:
     tuning: TuningSpec = field(default_factory=TuningSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     spec_path: str = ""
+    outputs: tuple[OutputSpec, ...] = ()  # [[outputs]]: only those the spec marks
     validation_set: tuple[str, ...] = ()  # keys the spec's [validation] table gave
     warnings: tuple[str, ...] = ()  # deprecated spellings, said once per load
 
@@ -132,8 +141,8 @@ def _typed(cls, table: dict, where: str, problems: list[str], **extra):
 def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
     """Validate a spec's plain data and return the typed :class:`ModelSpec`."""
     problems: list[str] = []
-    top = {"name", "description", "source", "inputs", "calibration", "variants", "tuning",
-           "validation"}
+    top = {"name", "description", "source", "inputs", "outputs", "calibration", "variants",
+           "tuning", "validation"}
     _check_keys(data, top, "spec", problems)
     name = data.get("name", "")
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
@@ -160,6 +169,14 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
             problems.append(f"inputs[{i}].dtype: {inp.dtype!r} not one of {', '.join(DTYPES)}")
         if inp:
             inputs.append(inp)
+    outputs = []
+    for i, table in enumerate(data.get("outputs", [])):
+        out = _typed(OutputSpec, table, f"outputs[{i}]", problems) if isinstance(table, dict) \
+            else problems.append(f"outputs[{i}]: must be a table with name (and class_scores)")
+        if out is not None and not out.name:
+            problems.append(f"outputs[{i}].name: give the ONNX graph output's name")
+        elif out is not None:
+            outputs.append(out)
     calibration = _typed(CalibrationSpec, data.get("calibration", {}), "calibration", problems)
     if calibration and calibration.method not in CALIBRATION_METHODS:
         problems.append(f"calibration.method: {calibration.method!r} not one of "
@@ -182,6 +199,7 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
                      inputs=tuple(inputs), calibration=calibration, variants=variants,
                      tuning=tuning, validation=validation, spec_path=spec_path,
                      validation_set=tuple(sorted(data.get("validation", {}))),
+                     outputs=tuple(outputs),
                      warnings=tuple(f"{spec_path}: {w}" for w in warnings))
 
 

@@ -335,8 +335,24 @@ def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
     return []  # quality comparisons are reported, not gated
 
 
+def _class_outputs(fp32_onnx: Path, names: Sequence[str] | None) -> set[int] | None:
+    """Output indices of the named ONNX outputs (None: every output)."""
+    if names is None:
+        return None
+    import onnx
+
+    graph_outputs = [o.name for o in onnx.load(str(fp32_onnx), load_external_data=False)
+                     .graph.output]
+    unknown = [n for n in names if n not in graph_outputs]
+    if unknown:
+        raise ConfigError(f"[[outputs]] name(s) {', '.join(unknown)} are not outputs of "
+                          f"{fp32_onnx}; its outputs: {', '.join(graph_outputs)}")
+    return {graph_outputs.index(n) for n in names}
+
+
 def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: list,
-            g: dict, steps: list[float] | None = None) -> dict:
+            g: dict, steps: list[float] | None = None,
+            class_outputs: set[int] | None = None) -> dict:
     """One artifact x comparison record: per-(input, output) metrics, aggregate, gates."""
     bitwise = comparison == CPP and not art.is_gpu
     rows = []
@@ -357,7 +373,14 @@ def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: li
                        "threshold": bad_shape["reference"], "pass": False,
                        "input_index": bad_shape["input"], "output_index": bad_shape["output"]})
     elif agg:
-        judged = [_judge(gate, rows, agg) for gate in gates]
+        for gate in gates:
+            if gate.metric.startswith("top") and class_outputs is not None:
+                # top-k agreement means something for class scores only
+                scored = [r for r in rows if r["output"] in class_outputs]
+                if scored:
+                    judged.append(_judge(gate, scored, _aggregate(scored)))
+            else:
+                judged.append(_judge(gate, rows, agg))
     passed = all(j["pass"] for j in judged) if judged else None
     return {**art.header(), "comparison": comparison, "title": _TITLES[comparison],
             "status": "reported" if passed is None else ("pass" if passed else "fail"),
@@ -449,11 +472,14 @@ class ValidateConfig:
     gates: dict  # ValidationSpec fields: inputs (samples, seed, data_dir) and thresholds
     comparisons: tuple[str, ...]  # the scheme's (pipeline.schemes), all keys of _TITLES
     target: dict  # core.targets.target_config()
+    # ONNX outputs the spec marks as class scores: top-1/top-5 are gated on those only
+    class_scores: tuple[str, ...] = ()
 
 
 def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None,
         out_dir: Path, *, check: bool = True,
-        comparisons: Sequence[str] | None = None) -> dict:
+        comparisons: Sequence[str] | None = None,
+        class_scores: Sequence[str] | None = None) -> dict:
     """Validate one artifact; write ``validation.json`` and ``validation.md`` into ``out_dir``.
 
     Parameters
@@ -471,6 +497,10 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     comparisons : sequence of str, optional
         The comparisons to make besides C++ vs Python (the variant's scheme names them);
         default: the int8 ones for an artifact with a QDQ model, else the fp32 one.
+    class_scores : sequence of str, optional
+        Names of the ONNX outputs whose rows are class scores: the top-1 gates judge those
+        outputs only, and none when the sequence is empty (top-k agreement is then only
+        reported). Default (None): every output, as for a classifier.
 
     Returns
     -------
@@ -522,6 +552,8 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     result["inputs_desc"] = (f"{len(feeds)} inputs from {g['data_dir']}" if g["data_dir"] else
                              f"{len(feeds)} seeded synthetic inputs (seed {g['seed']})")
     result["samples"] = len(feeds)
+    class_outputs = _class_outputs(Path(art.fp32_onnx), class_scores)
+    result["class_score_outputs"] = sorted(class_outputs) if class_outputs is not None else "all"
 
     ort_fp32 = _ort_outputs(Path(art.fp32_onnx), feeds)
     device = "cuda" if art.is_gpu else "cpu"
@@ -546,7 +578,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
              ORT_QUALITY: lambda: (ort_int8, ort_fp32, None)}
     for comparison in comparisons:
         actual, reference, steps = pairs[comparison]()
-        records.append(_record(art, comparison, actual, reference, g, steps))
+        records.append(_record(art, comparison, actual, reference, g, steps, class_outputs))
     if cpp_errors:
         index, why = cpp_errors[0]
         records.append({**art.header(), "comparison": CPP, "title": _TITLES[CPP],

@@ -167,7 +167,8 @@ def validate(root: Path, config, upstream: dict[str, Path], stable: Path, spec, 
     art = _artifact(spec, variant, target, paths)
     result = run_stage(root, "validate", _recipe(config), upstream, stable,
                        lambda out: stage.run(art, config.gates, out, check=False,
-                                             comparisons=config.comparisons))
+                                             comparisons=config.comparisons,
+                                             class_scores=config.class_scores))
     report = json.loads((result.path / "validation.json").read_text(encoding="utf-8"))
     # (the stage itself ran in a temp dir: the report's lasting address is the stable one)
     print(f"validate: report {stable / 'validation.md'}", flush=True)

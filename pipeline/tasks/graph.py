@@ -189,7 +189,9 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     validate = _task(project, at, f"validate {name} on {target.name} against onnxruntime",
                      stages.validate,
                      ValidateConfig(gates=asdict(gates), comparisons=scheme.comparisons,
-                                    target=tcfg),
+                                    target=tcfg,
+                                    class_scores=tuple(o.name for o in spec.outputs
+                                                       if o.class_scores)),
                      validate_upstream, p.artifact_dir / "validate", "validation.json",
                      extra_args=extra)
     bench_config = BenchConfig(threads=options.threads or tcfg.get("num_cores", 1),
