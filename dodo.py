@@ -17,7 +17,7 @@ from pipeline.core.store import check_writable
 from pipeline.core.targets import get_target
 from pipeline.nightly import NIGHTLY_VARS
 from pipeline.tasks.graph import all_tasks, maintenance_tasks
-from pipeline.tasks.options import parse_options, unknown_task_args
+from pipeline.tasks.options import parse_options, remembering, unknown_task_args
 
 ROOT = Path.cwd()
 
@@ -61,8 +61,10 @@ def _check_task_args(project, tasks):
 def _load():
     try:
         check_writable(ROOT / "artifacts")
-        options = parse_options(get_var, _target_named_in_argv(), argv=sys.argv[1:],
-                                other_vars=NIGHTLY_VARS)
+        options = parse_options(
+            remembering(get_var, ROOT / "artifacts",
+                        lambda line: print(f"NOTE: {line}", file=sys.stderr)),
+            _target_named_in_argv(), argv=sys.argv[1:], other_vars=NIGHTLY_VARS)
         project, target = Project.load(ROOT), get_target(options.target)
         tasks, maintenance = all_tasks(project, target, options), maintenance_tasks(project,
                                                                                     target)

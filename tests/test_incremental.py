@@ -184,3 +184,11 @@ def test_a_deleted_deliverable_link_is_restored_by_a_plain_build(project):
     assert (artifact / "tiny_fp32-cpu.tar.gz").is_symlink()
     again = doit(project, *FP32)
     assert again.executed == set(), again.output
+
+
+def test_validate_after_a_tune_off_build_does_not_tune(project):
+    """tune=off is remembered: a plain `doit validate` checks what was built."""
+    run = doit(project, "validate:tiny_fp32@cpu")
+    assert run.returncode == 0, run.output
+    assert "tune=off from an earlier command" in run.output
+    assert not {"tune:tiny_fp32@cpu", "compile:tiny_fp32@cpu"} & run.executed, run.output

@@ -229,3 +229,24 @@ def test_unknown_task_args_list_the_known_names():
                        "known: tiny_fp32, tiny_int8")
     assert "`doit tune:tiny_int8@cpu`" in msgs[1]
     assert msgs[2].endswith("known: tiny_int8@cpu")  # the report task is not an artifact
+
+
+def test_build_shaping_options_are_remembered_until_reset(tmp_path, monkeypatch):
+    from pipeline.tasks.options import NO_REMEMBER_ENV, remembering
+
+    monkeypatch.delenv(NO_REMEMBER_ENV, raising=False)
+
+    def argv(**given):
+        return lambda name, default=None: given.get(name, default)
+
+    said: list[str] = []
+    get = remembering(argv(tune="off", layout="NCHW16c"), tmp_path, said.append)
+    assert get("tune") == "off" and said == []  # given now: nothing to say
+    get = remembering(argv(), tmp_path, said.append)
+    assert get("tune") == "off" and get("layout") == "NCHW16c" and get("trials") is None
+    assert "tune=off" in said[-1] and "layout=NCHW16c" in said[-1]
+    get = remembering(argv(tune=""), tmp_path, said.append)  # tune= : the default again
+    assert get("tune") == "" and remembering(argv(), tmp_path, said.append)("tune") is None
+    monkeypatch.setenv(NO_REMEMBER_ENV, "1")  # doit nightly: its options are its own
+    remembering(argv(tune="off"), tmp_path, said.append)
+    assert remembering(argv(), tmp_path, said.append)("tune") is None

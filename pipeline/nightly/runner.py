@@ -43,6 +43,7 @@ from pipeline.nightly.parse import (
 )
 from pipeline.nightly.report import print_summary, write_report
 from pipeline.tasks.actions import doit_action
+from pipeline.tasks.options import NO_REMEMBER_ENV
 
 REPORT_DIR = Path("artifacts") / "reports" / "nightly"
 PASSTHROUGH = ("warmup", "repeat", "threads")  # doit options handed on to the builds
@@ -166,7 +167,8 @@ def _run_streaming(cmd: list[str], cwd: Path, timeout_s: float | None) -> tuple[
     import threading
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           NO_REMEMBER_ENV: "1"}  # the nightly's tune=off must not become the user's
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1,

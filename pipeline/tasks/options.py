@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.spec import CPU_FP32_LAYOUTS
@@ -172,3 +173,57 @@ def unknown_task_args(argv: Iterable[str],
         problems.append((name, f"unknown {what} {name!r} in `doit {arg}`{hint}; known: "
                                f"{', '.join(shown) or 'none'}"))
     return problems
+
+
+# Options that shape what a build makes: remembered per project, so that `doit validate`
+# after `doit build:x tune=off` validates that build instead of tuning for an hour first.
+REMEMBERED = ("tune", "trials", "tune_minutes", "layout", "rpc")
+REMEMBER_FILE = ".build_options.json"  # in artifacts/
+NO_REMEMBER_ENV = "ONNX2DEPLOY_NO_REMEMBER"  # set by doit nightly: its tune=off is its own
+
+
+def remembering(get_var: Callable[..., str | None], artifacts: Path,
+                say: Callable[[str], None] = print) -> Callable[..., str | None]:
+    """``get_var`` that falls back to this project's last explicit build-shaping options.
+
+    A ``NAME=VALUE`` of :data:`REMEMBERED` given on the command line is saved in
+    ``artifacts/.build_options.json``; a later command that omits NAME uses it and says so.
+    ``NAME=`` (empty) forgets it: the default applies again.
+    """
+    import json
+    import os
+
+    path = artifacts / REMEMBER_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}  # a damaged file only loses the memory, never the build
+    saved = {k: v for k, v in saved.items() if k in REMEMBERED and isinstance(v, str)}
+    given = {n: get_var(n) for n in REMEMBERED if get_var(n) is not None}
+    if given and not os.environ.get(NO_REMEMBER_ENV):
+        for name, value in given.items():
+            if value.strip():
+                saved[name] = value.strip()
+            else:
+                saved.pop(name, None)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(saved, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # not writable: check_writable reports that on its own
+    used = {n: v for n, v in saved.items() if n not in given}
+    if used:
+        say("options " + " ".join(f"{n}={v}" for n, v in sorted(used.items())) +
+            f" from an earlier command (artifacts/{REMEMBER_FILE}); pass NAME= to use "
+            "the default again")
+
+    def get(name: str, default: str | None = None) -> str | None:
+        if name in given:
+            return given[name]
+        if name in used:
+            return used[name]
+        return get_var(name, default) if default is not None else get_var(name)
+
+    return get
