@@ -69,7 +69,7 @@ def test_a_signal_stops_tuning_cleanly(tmp_path, how):
 
 def _child(db: Path) -> int:
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    from test_tune import tiny_module, target
+    from test_tune import target, tiny_module
 
     from pipeline.core.errors import PipelineError
     from pipeline.tuning import tuner
