@@ -114,7 +114,8 @@ class _StopOnSignal:
     """While tuning: SIGINT/SIGTERM end the builder and runner workers and ask the search to
     stop, instead of unwinding through TVM's C++ (a crash dump) or leaving the workers
     running. Only processes started inside the ``with`` block are ended; on exit the old
-    handlers come back and any worker still alive is ended too.
+    handlers come back and, after a signal, any worker started since is ended too. Without
+    a signal nothing is ended: a caller's runner may keep its worker for its next run.
     """
 
     def __init__(self) -> None:
@@ -141,7 +142,8 @@ class _StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        _end_processes(self._ours())
+        if self.signame:
+            _end_processes(self._ours())
 
 
 def _deadline_scheduler(deadline: float, stop: _StopOnSignal):
