@@ -255,7 +255,68 @@ def test_a_record_that_does_not_replay_is_dropped_and_the_rest_opens(tmp_path, c
     with pytest.raises(RuntimeError, match="parallel_for"):  # all TVM says
         ms.database.JSONDatabase(work_dir=str(db_dir))
 
-    reopened = tuning_log.open_database(db_dir)
+    original = {name: (db_dir / name).read_bytes()
+                for name in (tuning_log.WORKLOAD_FILE, tuning_log.RECORD_FILE)}
+    said: list[str] = []
+    reopened = tuning_log.open_database(db_dir, report=said.append)
     assert len(reopened) == 1
     assert best_in_tvm(db_dir, 16) == [2e-6]  # the good record survived, on disk too
     assert f"{db_dir / tuning_log.RECORD_FILE}:2: ScheduleError" in caplog.text
+    # the original is kept beside the repaired copy, byte for byte, and the report says so
+    for name, data in original.items():
+        assert (db_dir / f"{name}.orig").read_bytes() == data
+    (line,) = said
+    assert "dropped 1 record(s)" in line and f"{tuning_log.RECORD_FILE}:2" in line
+    assert f"{tuning_log.RECORD_FILE}.orig" in line
+    # the repaired database loads and merges without the backups getting in the way
+    assert len(tuning_log.load(db_dir).records) == 1
+
+
+def test_a_second_repair_keeps_the_first_backup(tmp_path):
+    db_dir = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])
+    (db_dir / f"{tuning_log.RECORD_FILE}.orig").write_text("earlier backup\n")
+    with open(db_dir / tuning_log.RECORD_FILE, "a") as f:
+        f.write("[0, not json\n")  # a truncated last line: load skips it, so it is dropped
+    dropped, backup = tuning_log.drop_unreplayable(db_dir)
+    assert len(dropped) == 1 and "skipped: bad JSON" in dropped[0]
+    assert (db_dir / f"{tuning_log.RECORD_FILE}.orig").read_text() == "earlier backup\n"
+    assert db_dir / f"{tuning_log.RECORD_FILE}.orig.1" in backup
+    assert "[0, not json" in (db_dir / f"{tuning_log.RECORD_FILE}.orig.1").read_text()
+    assert "not json" not in (db_dir / tuning_log.RECORD_FILE).read_text()
+
+
+def test_nothing_to_drop_rewrites_nothing(tmp_path):
+    db_dir = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])
+    assert tuning_log.drop_unreplayable(db_dir) == ([], [])
+    assert sorted(p.name for p in db_dir.iterdir()) == [tuning_log.RECORD_FILE,
+                                                       tuning_log.WORKLOAD_FILE]
+
+
+def _gzip_copy(path: Path) -> None:
+    import gzip
+
+    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+
+
+def test_plain_and_gzipped_with_equal_contents_read_once(tmp_path):
+    # what `gunzip -k` leaves: both forms, same lines
+    db_dir = make_db(tmp_path / "db", [16], [(16, 4, [2e-6]), (16, 2, [3e-6])])
+    for name in (tuning_log.WORKLOAD_FILE, tuning_log.RECORD_FILE):
+        _gzip_copy(db_dir / name)
+    contents = tuning_log.load(db_dir)
+    assert len(contents.records) == 2 and contents.warnings == []
+
+
+def test_plain_and_gzipped_that_differ_is_an_error(tmp_path):
+    from pipeline.core.errors import CorruptInputError
+
+    db_dir = make_db(tmp_path / "db", [16], [(16, 4, [2e-6])])
+    _gzip_copy(db_dir / tuning_log.RECORD_FILE)
+    make_db(db_dir, [16], [(16, 2, [3e-6])])  # the plain file gains a record, the .gz not
+    with pytest.raises(CorruptInputError) as err:
+        tuning_log.load(db_dir)
+    msg = str(err.value)
+    assert f"{db_dir / tuning_log.RECORD_FILE}" in msg and "different contents" in msg
+    assert "delete the .gz" in msg
+    with pytest.raises(CorruptInputError):  # merging (how the tune stage seeds) refuses too
+        tuning_log.merge([db_dir], tmp_path / "merged")

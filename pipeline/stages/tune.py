@@ -7,6 +7,11 @@ tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in ord
 estimated share of model latency, so a small budget buys most of the gain first. A task that
 ends with no valid measurement is retried once, then reported: compile would otherwise use
 its naive schedule without any error (FACTS.md).
+
+A run that stops on its budget with tasks left publishes what it has (compile can go on)
+with ``"complete": false`` in ``tune_report.json``; :func:`is_complete` then tells doit the
+stage is not up to date, and :func:`forget_incomplete` makes the store build it again, so
+the same command continues the tuning.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from pipeline.compiler.workloads import TaskPlan, plan_tasks
 from pipeline.tuning import logs as tuning_log
 from pipeline.tuning.tuner import (
     TuneBudget,
+    TuneOutcome,
     estimated_latency_us,
     make_runner,
-    tune_module,
+    tune,
     valid_records,
     workload_stats,
 )
+
+REPORT = "tune_report.json"
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +129,11 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             db_dir = Path(scratch) / "db"
             _merge_logs([seed_logs, cache_dir], db_dir)
-            database = tuning_log.open_database(db_dir)
+            database = tuning_log.open_database(db_dir, report=_say)
             plans = plan_tasks(mod, target)
             for p in plans:
                 p.records, p.best_us = workload_stats(database, p)
+            outcome = TuneOutcome(plans)  # nothing more this command could do
             verdicts = _publish_records(database, plans, out_dir, target, verify)
     else:
         # One tuner per cache at a time: the database is appended to line by line, and
@@ -132,11 +141,11 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
                        f"tuning cache {cache_dir}"):
             _merge_logs([seed_logs, cache_dir], cache_dir)
-            plans = tune_module(mod, target, cache_dir, budget,
-                                runner=make_runner(_rpc(config.rpc)),
-                                progress=lambda s: print(s, flush=True))
-            verdicts = _publish_records(tuning_log.open_database(cache_dir), plans, out_dir,
-                                        target, verify)
+            outcome = tune(mod, target, cache_dir, budget,
+                           runner=make_runner(_rpc(config.rpc)), progress=_say)
+            plans = outcome.plans
+            verdicts = _publish_records(tuning_log.open_database(cache_dir, report=_say),
+                                        plans, out_dir, target, verify)
     verdict = {v.name: v for v in verdicts}
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
@@ -147,6 +156,9 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         "untuned": sorted(p.name for p in plans if p.best_us is None or (
             p.name in verdict and not verdict[p.name].ok)),
         "estimated_latency_us": estimated_latency_us(plans),
+        # False: the budget ran out first; the next run of the same command continues
+        "complete": outcome.complete,
+        "tasks_left": outcome.left,
     }
     if verify:
         wrong = [v for v in verdicts if v.rejected]
@@ -154,8 +166,54 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
               f"workloads against the naive kernel: "
               + (f"{summary['wrong_records_skipped']} wrong record(s) skipped in "
                  f"{', '.join(v.name for v in wrong)}" if wrong else "all agree"), flush=True)
-    (out_dir / "tune_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"tasks": len(plans), "untuned": len(summary["untuned"])}
+    if not outcome.complete:
+        _say(f"tune: published what is tuned so far ({len(outcome.left)} task(s) left, in "
+             f"{REPORT}); the same command continues tuning")
+    (out_dir / REPORT).write_text(json.dumps(summary, indent=2) + "\n")
+    return {"tasks": len(plans), "untuned": len(summary["untuned"]),
+            "complete": outcome.complete}
+
+
+def is_complete(stable: Path) -> bool:
+    """doit ``uptodate`` check: False when the tune output behind ``stable`` stopped on its
+    budget with tasks left (``"complete": false`` in its report), so the task runs again.
+
+    An output without the field (published before it existed) counts as complete; a
+    missing or unreadable report counts as complete too, because the store's own
+    integrity check (``store.intact``) already rejects a damaged output.
+    """
+    try:
+        report = json.loads((Path(stable) / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(report, dict) and report.get("complete") is False)
+
+
+def forget_incomplete(stable: Path) -> bool:
+    """Remove the budget-stopped tune output behind ``stable`` from the store, so
+    ``store.run_stage`` (which reuses any verified output of the same recipe) tunes again.
+
+    Returns True if it removed one. The stable link is left; it is re-pointed when the new
+    output is published. Only an output this stage published, and only an incomplete one,
+    is removed: the records it was built from live in the tuning cache, not here.
+    """
+    import shutil
+
+    stable = Path(stable)
+    if not stable.is_symlink() or is_complete(stable):
+        return False
+    store_dir = stable.resolve()
+    if store_dir.parent.name != "tune" or store_dir.parent.parent.name != ".store":
+        return False  # not a store entry: not ours to remove
+    report = json.loads((store_dir / REPORT).read_text(encoding="utf-8"))
+    _say(f"tune: the last run stopped on its budget with {len(report.get('tasks_left', []))} "
+         "task(s) left; continuing it")
+    shutil.rmtree(store_dir)
+    return True
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _verdict_fields(verdict, plan: TaskPlan) -> dict:

@@ -178,14 +178,55 @@ def _parse_record(text: str, n_workload_lines: int, where: str) -> RecordEntry:
         args=None if args_info is None else _args_text(args_info), where=where)
 
 
+def _gz(path: Path) -> Path:
+    return path.with_name(path.name + ".gz")
+
+
+def check_one_form(db_dir: Path | str) -> None:
+    """Refuse a directory holding a log file both plain and gzipped with different contents.
+
+    After ``gunzip -k`` both forms exist with equal contents, and either is read. When
+    they differ (one was edited, re-tuned or re-exported), neither can be trusted to be
+    "the" log and reading one would silently ignore the other, so this raises instead.
+
+    Raises
+    ------
+    CorruptInputError
+        Naming every such pair and what to delete.
+    """
+    from pipeline.core.errors import CorruptInputError, collect
+
+    problems = []
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        plain = Path(db_dir) / name
+        if not (plain.is_file() and _gz(plain).is_file()):
+            continue
+        try:
+            same = gzip.decompress(_gz(plain).read_bytes()) == plain.read_bytes()
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError
+            problems.append(f"{plain} and {_gz(plain).name} both exist, and the .gz is "
+                            f"unreadable ({e})")
+            continue
+        if not same:
+            problems.append(f"{plain} ({plain.stat().st_size} bytes) and {_gz(plain).name} "
+                            "both exist with different contents")
+    collect(problems, CorruptInputError,
+            f"tuning log {db_dir}: a file is there both plain and gzipped, and the two "
+            "differ, so which one is the log is ambiguous. Keep one form: delete the .gz "
+            "files to use the plain ones (or the plain files to use the .gz); to combine "
+            "both, move one form to another directory and merge the two "
+            "(pipeline.tuning.logs.merge):")
+
+
 def _read_lines(path: Path, warnings: list[str]) -> list[str]:
     """Lines of ``path`` as TVM counts them (``\\n``-separated); [] if it is missing.
 
-    A committed log may be stored gzipped (``<file>.gz``): it is read the same way.
+    A committed log may be stored gzipped (``<file>.gz``): it is read the same way. When
+    both forms exist they hold the same lines (:func:`check_one_form` ran first).
     """
     try:
-        if not path.exists() and path.with_name(path.name + ".gz").exists():
-            data = gzip.decompress(path.with_name(path.name + ".gz").read_bytes())
+        if not path.exists() and _gz(path).exists():
+            data = gzip.decompress(_gz(path).read_bytes())
         else:
             data = path.read_bytes()
     except FileNotFoundError:
@@ -221,8 +262,15 @@ def load(db_dir: Path | str) -> LogContents:
         range, or a record whose workload line was skipped) gives one entry in ``warnings``,
         ``"<path>:<line number>: skipped: <why>"``, also logged at WARNING. Never raises on
         file content.
+
+    Raises
+    ------
+    CorruptInputError
+        If a file exists both plain and gzipped with different contents
+        (:func:`check_one_form`): reading either alone would drop the other's records.
     """
     db_dir = Path(db_dir)
+    check_one_form(db_dir)
     out = LogContents(db_dir)
     wl_path, rec_path = db_dir / WORKLOAD_FILE, db_dir / RECORD_FILE
     wl_lines = _read_lines(wl_path, out.warnings)
@@ -343,14 +391,16 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
     return report
 
 
-def open_database(db_dir: Path | str):
-    """``ms.database.JSONDatabase`` on ``db_dir``, after dropping records it cannot replay.
+def open_database(db_dir: Path | str, report=None):
+    """``ms.database.JSONDatabase`` on ``db_dir``, after setting aside records it cannot replay.
 
     TVM opens a database by replaying every record's trace on its workload, and one record
     that does not replay (a trace built on a block name the stored workload spells
     otherwise) makes the whole database fail to open with only "parallel_for_dynamic
-    error". So when opening fails, each record is replayed on its own, the ones that fail
-    are dropped (named, ``file:line``, in the log) and the rest is opened.
+    error". So when opening fails, each record is replayed on its own, the database is
+    rewritten without the ones that fail, and the original files are kept beside it
+    (:func:`drop_unreplayable`). ``report`` (default: the log, at WARNING) receives one line
+    saying how many records were dropped, which, and where the original is.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -360,23 +410,55 @@ def open_database(db_dir: Path | str):
     try:
         return ms.database.JSONDatabase(work_dir=str(db_dir))
     except Exception:  # noqa: BLE001 -- TVM gives no detail worth keeping here
-        dropped = drop_unreplayable(db_dir)
-        log.warning("%s: dropped %d record(s) whose trace does not replay: %s", db_dir,
-                    len(dropped), "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+        dropped, backup = drop_unreplayable(db_dir)
+        message = (f"{db_dir}: TVM could not open the tuning database; dropped {len(dropped)} "
+                   f"record(s) whose trace does not replay: "
+                   + "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+                   + (f". The original files are kept as {', '.join(p.name for p in backup)}"
+                      " beside it" if backup else ""))
+        log.warning("%s", message)
+        if report is not None:
+            report(f"tune: WARNING {message}")
         return ms.database.JSONDatabase(work_dir=str(db_dir))
 
 
-def drop_unreplayable(db_dir: Path | str) -> list[str]:
+def _backup(db_dir: Path) -> list[Path]:
+    """Copy both database files to ``<name>.orig`` (``.orig.1``, ... if taken) in ``db_dir``;
+    never overwrites an earlier backup. Returns the copies made."""
+    for n in range(1000):
+        suffix = ".orig" if n == 0 else f".orig.{n}"
+        names = [db_dir / f"{name}{suffix}" for name in (WORKLOAD_FILE, RECORD_FILE)]
+        if not any(p.exists() for p in names):
+            break
+    else:
+        raise FileExistsError(f"{db_dir}: 1000 backups already; remove old *.orig* files")
+    made = []
+    for name, copy in zip((WORKLOAD_FILE, RECORD_FILE), names):
+        for src, dst in ((db_dir / name, copy), (_gz(db_dir / name), _gz(copy))):
+            if src.is_file():
+                shutil.copy2(src, dst)
+                made.append(dst)
+    return made
+
+
+def drop_unreplayable(db_dir: Path | str) -> tuple[list[str], list[Path]]:
     """Rewrite ``db_dir`` without the records whose trace fails on their workload.
 
-    Returns one ``"<path>:<line>: <why>"`` per dropped record (lines already unreadable are
-    dropped too, as :func:`load` skips them). Replaying ~2000 ResNet-50 records took 30 s.
+    The files as they were are copied first to ``database_*.json.orig`` in ``db_dir`` (an
+    earlier backup is never overwritten: ``.orig.1``, ...), so a dropped record is never
+    lost: from the local cache it would be gone from every log exported later.
+
+    Returns ``(dropped, backup)``: one ``"<path>:<line>: <why>"`` per dropped record (lines
+    already unreadable are dropped too, as :func:`load` skips them) and the backup files
+    (none when nothing was dropped: then nothing is rewritten). Replaying ~2000 ResNet-50
+    records took 30 s.
     """
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compiler import intrinsics
 
     intrinsics.register()  # or every VNNI record would "fail" and be dropped
+    db_dir = Path(db_dir)
     contents = load(db_dir)
     by_index = contents._by_index()
     workloads: dict[int, object] = {}
@@ -391,11 +473,14 @@ def drop_unreplayable(db_dir: Path | str) -> list[str]:
             dropped.append(f"{r.where}: {type(e).__name__}")
             continue
         kept.append(r)
+    if not dropped:
+        return [], []
+    backup = _backup(db_dir)
     indices = sorted(by_index)
     new_index = {old: new for new, old in enumerate(indices)}
-    _publish(Path(db_dir), [by_index[i].line() for i in indices],
+    _publish(db_dir, [by_index[i].line() for i in indices],
              [r.line(new_index[r.workload_index]) for r in kept])
-    return dropped
+    return dropped, backup
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

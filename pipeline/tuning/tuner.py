@@ -12,11 +12,14 @@ search (both tune, neither owns the search).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.compiler.workloads import TaskPlan, plan_tasks
@@ -40,6 +43,20 @@ class TuneBudget:
     mode: str = "missing"  # "missing": tune unseen workloads only; "extend": top up to budget
     seed: int = 0
     builder_timeout: float = 120.0
+    # Candidates built and measured per batch: the wall-clock cap is checked between
+    # batches, so a run ends at most about one batch past it.
+    trials_per_iter: int = 64
+
+
+@dataclass
+class TuneOutcome:
+    """What one :func:`tune` call did: every task, and whether its budget ran out first."""
+
+    plans: list[TaskPlan]
+    complete: bool = True  # False: stopped on its budget with tasks (or trials) left
+    left: list[str] = field(default_factory=list)  # tasks not tuned, or cut short, this run
+    trials: int = 0  # candidates measured (failed ones included)
+    seconds: float = 0.0
 
 
 class TuningFailed(StageFailed):
@@ -59,6 +76,111 @@ class TuningFailed(StageFailed):
             "they would run their naive schedules. Check the builder/runner errors in the "
             "logs, raise the builder timeout, or tune on a less loaded machine",
             artifact_dir=db_dir, log_path=db_dir / "logs")
+
+
+class TuningInterrupted(StageFailed):
+    """SIGINT or SIGTERM stopped tuning; the workers are ended, measured records are kept."""
+
+    def __init__(self, signame: str, db_dir: Path, records: int) -> None:
+        self.signame = signame
+        super().__init__(
+            "tune", f"interrupted by {signame}; tuning workers stopped; the {records} "
+            f"record(s) in the tuning cache {db_dir} are kept (measured so far included). "
+            "Run the same command again to continue where it stopped",
+            artifact_dir=db_dir)
+
+
+def _descendants() -> dict[int, object]:
+    import psutil
+
+    return {c.pid: c for c in psutil.Process().children(recursive=True)}
+
+
+def _end_processes(procs: list) -> None:
+    """Terminate ``procs`` (psutil processes), then kill those still alive after 2 s."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=2)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=2)
+
+
+class _StopOnSignal:
+    """While tuning: SIGINT/SIGTERM end the builder and runner workers and ask the search to
+    stop, instead of unwinding through TVM's C++ (a crash dump) or leaving the workers
+    running. Only processes started inside the ``with`` block are ended; on exit the old
+    handlers come back and, after a signal, any worker started since is ended too. Without
+    a signal nothing is ended: a caller's runner may keep its worker for its next run.
+    """
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+        self._before: set[int] = set()
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        self._before = set(_descendants())
+        if threading.current_thread() is threading.main_thread():  # else signals can't be set
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _ours(self) -> list:
+        return [p for pid, p in _descendants().items() if pid not in self._before]
+
+    def _handle(self, signum, frame) -> None:
+        if self.signame is None:
+            self.signame = signal.Signals(signum).name
+            print(f"tune: {self.signame} received: stopping the tuning workers", flush=True)
+        _end_processes(self._ours())
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        if self.signame:
+            _end_processes(self._ours())
+
+
+def _deadline_scheduler(deadline: float, stop: _StopOnSignal):
+    """A round-robin task scheduler that ends every task at ``deadline`` (time.monotonic) or
+    on a signal. It is asked for the next task after each measured batch has been joined
+    (its records are in the database by then), so tuning never runs more than one batch
+    past the cap; MetaSchedule's own schedulers stop only when the trial budget is spent.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class DeadlineScheduler(ms.task_scheduler.PyTaskScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cut_short = False
+            self._next = 0
+
+        def next_task_id(self) -> int:
+            outer = self._outer()
+            tasks = outer.tasks_
+            for i, t in enumerate(tasks):
+                if not t.is_terminated and t.measure_candidates is not None:
+                    self.join_running_task(i)  # results into the database, cost model
+            alive = [i for i, t in enumerate(tasks) if not t.is_terminated]
+            if alive and (stop.signame or time.monotonic() >= deadline):
+                self.cut_short = True
+                for i in alive:
+                    outer.terminate_task(i)
+                return -1
+            if not alive:
+                return -1
+            task_id = alive[self._next % len(alive)]
+            self._next += 1
+            return task_id
+
+    return DeadlineScheduler()
 
 
 def _workers_can_import_pipeline() -> None:
@@ -178,12 +300,34 @@ def workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
 
 def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
                 progress=print, select=None) -> list[TaskPlan]:
+    """:func:`tune`, returning only the task plans (the layout search's use)."""
+    return tune(mod, target, db_dir, budget, runner, progress, select).plans
+
+
+def _summary_line(plans: list[TaskPlan], todo: list[TaskPlan], budget: TuneBudget) -> str:
+    """The first progress line: what the cache already holds and what this run will tune."""
+    head = f"tune: {len(plans)} tasks, "
+    if budget.mode == "extend":
+        cached = sum(p.records > 0 for p in plans)
+        full = sum(p.records >= budget.trials_per_task for p in plans)
+        head += (f"{cached} with records in the cache ({full} already at "
+                 f"{budget.trials_per_task} valid records), {len(todo)} to tune up to "
+                 f"{budget.trials_per_task}")
+    else:
+        head += f"{len(plans) - len(todo)} already tuned in the cache, {len(todo)} to tune"
+    return (head + f" (mode={budget.mode}, {budget.trials_per_task} trials/task, "
+            f"cap {budget.max_trials} trials / {budget.wall_seconds:.0f} s)")
+
+
+def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
+         select=None) -> TuneOutcome:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
 
     Records are appended to the database as they are measured, so a killed run keeps what
     it measured; the next run picks up the tasks still short of their budget. A task that
     ends with no valid record is tuned once more with seed + 1000 and a doubled builder
-    timeout.
+    timeout. The wall-clock cap is checked after every measured batch (not only between
+    tasks): a task in flight at the cap ends there, its records kept.
 
     Parameters
     ----------
@@ -204,13 +348,16 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
 
     Returns
     -------
-    list of TaskPlan
-        Every task, largest estimated share first, with its records and best latency.
+    TuneOutcome
+        Every task, largest estimated share first, with its records and best latency;
+        ``complete`` is False when the budget ran out with tasks left (named in ``left``).
 
     Raises
     ------
     TuningFailed
         After all tasks ran, if some still have no valid record after their retry.
+    TuningInterrupted
+        On SIGINT or SIGTERM, once the workers are ended (records measured are kept).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -227,71 +374,119 @@ def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
         return max(0, budget.trials_per_task - p.records)
 
     todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))]
-    progress(f"tune: {len(plans)} tasks, {len(plans) - len(todo)} already tuned in the cache, "
-             f"{len(todo)} to tune (mode={budget.mode}, {budget.trials_per_task} trials/task, "
-             f"cap {budget.max_trials} trials / {budget.wall_seconds:.0f} s)")
+    progress(_summary_line(plans, todo, budget))
     for p in plans:
         progress(f"  {p.share * 100:5.1f}%  {p.name}  x{p.weight}  records={p.records}"
                  + (f"  best={p.best_us:.1f}us" if p.best_us else ""))
+    outcome = TuneOutcome(plans)
     if not todo:
-        return plans
+        return outcome
 
     from pipeline.compiler import intrinsics
 
     # The stock VNNI intrinsic is broken with the wheel's LLVM 22: register ours here too,
     # or every tensorized candidate fails to build and the task silently stays untuned.
     intrinsics.register()
-    runner = runner or ms.runner.LocalRunner()
     _workers_can_import_pipeline()
     start = time.monotonic()
-    trials_done = 0
+    deadline = start + budget.wall_seconds
     failed: list[str] = []
-    for i, p in enumerate(todo, 1):
-        # First try, then one retry from another seed with twice the builder timeout: most
-        # all-failed tasks seen so far were builder timeouts on a loaded machine.
-        for attempt in range(2):
-            elapsed = time.monotonic() - start
-            left_trials = budget.max_trials - trials_done
-            if elapsed >= budget.wall_seconds or left_trials <= 0:
+    with _StopOnSignal() as stop:
+        runner = runner or ms.runner.LocalRunner()
+        for i, p in enumerate(todo, 1):
+            cut_short = False
+            # First try, then one retry from another seed with twice the builder timeout:
+            # most all-failed tasks seen so far were builder timeouts on a loaded machine.
+            for attempt in range(2):
+                elapsed = time.monotonic() - start
+                left_trials = budget.max_trials - outcome.trials
+                if elapsed >= budget.wall_seconds or left_trials <= 0:
+                    break
+                seed = budget.seed + i + attempt * RETRY_SEED_OFFSET
+                timeout = budget.builder_timeout * 2 ** attempt
+                n = min(wanted(p), left_trials)
+                if attempt:
+                    progress(f"tune: retrying {p.name} (seed {seed}, builder timeout "
+                             f"{timeout:g} s)")
+                progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of "
+                         f"model), {n} trials, {budget.wall_seconds - elapsed:.0f} s left")
+                try:
+                    measured, cut_short = _tune_one(database, p, db_dir, seed, timeout, n,
+                                                    budget.trials_per_iter, runner,
+                                                    deadline, stop)
+                except Exception:
+                    if not stop.signame:
+                        raise
+                    # a worker ended under a build or measurement: that is the signal's doing
+                    raise TuningInterrupted(stop.signame, db_dir,
+                                            _record_count(db_dir)) from None
+                p.attempts += 1
+                before = p.records
+                p.records, p.best_us = workload_stats(database, p)
+                outcome.trials += measured
+                if stop.signame:
+                    raise TuningInterrupted(stop.signame, db_dir, _record_count(db_dir))
+                best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
+                progress(f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
+                         f"records, best {best}; {outcome.trials} trials in "
+                         f"{time.monotonic() - start:.0f} s"
+                         + (" (stopped at the time cap)" if cut_short else ""))
+                if p.best_us is not None or cut_short:
+                    break
+            if p.attempts == 0 or cut_short or (
+                    outcome.trials >= budget.max_trials and i < len(todo)):
+                left = todo[i - 1:] if (p.attempts == 0 or cut_short) else todo[i:]
+                outcome.complete = False
+                outcome.left = [t.name for t in left]
+                progress(f"tune: budget spent ({outcome.trials} trials, "
+                         f"{time.monotonic() - start:.0f} s); {len(left)} task(s) left "
+                         "for a later run: run the same command again to continue")
                 break
-            seed = budget.seed + i + attempt * RETRY_SEED_OFFSET
-            timeout = budget.builder_timeout * 2 ** attempt
-            n = min(wanted(p), left_trials)
-            if attempt:
-                progress(f"tune: retrying {p.name} (seed {seed}, builder timeout {timeout:g} s)")
-            progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of model), "
-                     f"{n} trials, {budget.wall_seconds - elapsed:.0f} s left")
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [_on_stored_workload(database, p.task)], work_dir=str(db_dir / "logs"),
-                seed=seed)
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
-                max_trials_global=n, max_trials_per_task=n, num_trials_per_iter=min(64, n),
-                builder=ms.builder.LocalBuilder(timeout_sec=timeout,
-                                                initializer=_import_intrinsics),
-                runner=runner, database=database)
-            p.attempts += 1
-            before = p.records
-            p.records, p.best_us = workload_stats(database, p)
-            trials_done += n
-            best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
-            progress(f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
-                     f"records, best {best}; {trials_done} trials in "
-                     f"{time.monotonic() - start:.0f} s")
-            if p.best_us is not None:
-                break
-        if p.attempts == 0:
-            progress(f"tune: budget spent ({trials_done} trials, "
-                     f"{time.monotonic() - start:.0f} s); "
-                     f"{len(todo) - i + 1} tasks left for a later run")
-            break
-        if p.best_us is None:
-            failed.append(p.name)
+            if p.best_us is None:
+                failed.append(p.name)
+    outcome.seconds = time.monotonic() - start
     if failed:
         progress(f"tune: NO VALID RECORD after a retry for {len(failed)} task(s): "
                  + ", ".join(failed))
         raise TuningFailed(failed, plans, db_dir)
-    return plans
+    return outcome
+
+
+def _record_count(db_dir: Path) -> int:
+    path = db_dir / tuning_log.RECORD_FILE
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout: float,
+              trials: int, per_iter: int, runner, deadline: float,
+              stop: _StopOnSignal) -> tuple[int, bool]:
+    """One MetaSchedule run of one task; (candidates measured, whether the cap cut it)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class CountMeasured(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results) -> None:
+            self.n += len(runner_results)
+
+    counter = CountMeasured()
+    scheduler = _deadline_scheduler(deadline, stop)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [_on_stored_workload(database, plan.task)], work_dir=str(db_dir / "logs"), seed=seed)
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
+        max_trials_global=trials, max_trials_per_task=trials,
+        num_trials_per_iter=max(1, min(per_iter, trials)),
+        builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout,
+                                        initializer=_import_intrinsics),
+        runner=runner, database=database, task_scheduler=scheduler,
+        measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
+    return counter.n, scheduler.cut_short
 
 
 def _on_stored_workload(database, task):
