@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.compiler.workloads import TaskPlan
 from pipeline.core import store
 from pipeline.stages import tune as stage
@@ -81,3 +83,68 @@ def test_extend_summary_counts_what_the_cache_holds():
     plans = _plans([0, 0, 5])
     assert "3 tasks, 1 already tuned in the cache, 2 to tune" in tuner._summary_line(
         plans, plans[:2], missing)
+
+
+BUDGET_SPEC = """
+name = "tiny"
+[source]
+path = "models/tiny.onnx"
+[[inputs]]
+name = "x"
+shape = [1, 3, 8, 8]
+[variants.fp32]
+scheme = "fp32"
+[tuning]
+trials_per_task = 2
+max_trials = 2      # one task per run: a run stops on its budget with tasks left
+wall_seconds = 600
+"""
+
+
+def _one_conv():
+    """Conv + Relu: the fewest tasks (the conv and its layout transposes) for a tuning run."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["y"])], "one_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
+    return model
+
+
+@pytest.mark.slow
+def test_a_budget_stopped_tune_continues_with_the_same_command(tmp_path):
+    """Through the real doit: the same command, repeated, tunes the tasks the last run left
+    (it is not "up to date"), until every task has a record and the run is complete."""
+    import json
+
+    from doit_runner import doit
+
+    from models import make_project
+
+    project = make_project(tmp_path / "p", _one_conv(), BUDGET_SPEC)
+    report_path = project / "artifacts" / "tiny_fp32" / "cpu" / "tune" / "tune_report.json"
+    command = ("tune:tiny_fp32@cpu", "tune=missing")
+    run = doit(project, *command)
+    assert run.returncode == 0, run.output
+    first = json.loads(report_path.read_text())
+    assert first["complete"] is False and first["tasks_left"], first
+    tasks = len(first["tasks"])
+    left = [len(first["tasks_left"])]
+    for _ in range(tasks):  # each run tunes at least one more task
+        run = doit(project, *command)
+        assert run.returncode == 0, run.output
+        assert "tune:tiny_fp32@cpu" in run.executed, run.output  # not "up to date"
+        report = json.loads(report_path.read_text())
+        left.append(len(report["tasks_left"]))
+        if report["complete"]:
+            break
+    assert report["complete"] is True and report["untuned"] == [], (left, report)
+    assert all(b < a for a, b in zip(left, left[1:])), left  # progress every run
+    assert doit(project, *command).executed == set()  # complete: now up to date

@@ -76,6 +76,9 @@ def tune(root: Path, config, upstream: dict[str, Path], stable: Path,
          seed_logs: Path, cache_dir: Path) -> None:
     from pipeline.stages import tune as stage
 
+    # A budget-stopped output has this same recipe: without this the store would reuse it,
+    # and the same command could never continue the tuning.
+    stage.forget_incomplete(stable)
     run_stage(root, "tune", _recipe(config), upstream, stable,
               lambda out: stage.run(upstream["module"], seed_logs, cache_dir, config, out))
 

@@ -70,6 +70,14 @@ def _intact_check(stable: Path, task, values) -> bool:
     return intact(stable)
 
 
+def _tune_complete(stable: Path, task, values) -> bool:
+    """A tune output that stopped on its budget with tasks left is not up to date: the same
+    command continues the tuning (json only, no tvm import)."""
+    from pipeline.stages.tune import is_complete
+
+    return is_complete(stable)
+
+
 def source_task(project: Project, spec: ModelSpec) -> dict:
     from pipeline.stages.source import SourceConfig
 
@@ -139,6 +147,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                           "(cached logs reused)", stages.tune, tune_config, upstream, p.tune,
                           "database_tuning_record.json",
                           extra_args=(seed_logs, project.artifacts / "tuning_cache" / key))
+    tasks["tune"]["uptodate"].append(functools.partial(_tune_complete, p.tune))
     tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}",
                              stages.compile_,
                              CompileConfig(target=tcfg, compute_dtype=scheme.compute_dtype,
