@@ -1,12 +1,6 @@
-"""Stage ``tune``: MetaSchedule tuning that reuses what it already learned.
-
-MetaSchedule alone re-tunes every task even when its database holds records, so this stage
-decides per workload what still needs work: in ``missing`` mode only workloads with no valid
-record are tuned (a fully cached model tunes nothing); in ``extend`` mode every workload is
-tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in order of their
-estimated share of model latency, so a small budget buys most of the gain first. A task that
-ends with no valid measurement is retried once, then reported: compile would otherwise use
-its naive schedule without any error (FACTS.md).
+"""Stage ``tune``: seed the database from the committed logs and the local cache, tune what
+still needs work (:mod:`pipeline.tuning.tuner` decides per workload, by mode and budget),
+and publish one checked record per workload of this model for compile.
 
 A run that stops on its budget with tasks left publishes what it has (compile can go on)
 with ``"complete": false`` in ``tune_report.json``; :func:`is_complete` then tells doit the
