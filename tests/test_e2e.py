@@ -90,6 +90,8 @@ def test_a_two_input_int64_model_builds_validates_and_benches(tmp_path):
     assert [t["name"] for t in io["inputs"]] == ["input_ids", "attention_mask"]
     report = json.loads((art / "validate" / "validation.json").read_text())
     assert report["status"] == "pass", report
+    assert report["scheme"] == "fp32" and "(scheme fp32: float32 compute)" in \
+        (art / "validate" / "validation.md").read_text()
     fp32 = next(r for r in report["records"] if r["comparison"] == "tvm_fp32_vs_ort_fp32")
     assert [g["metric"] for g in fp32["gates"]] == ["max_abs_err"]  # no class scores marked
     assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.schemes import get_scheme
+
 if TYPE_CHECKING:
     from pipeline.core.project import ArtifactPaths
     from pipeline.core.spec import ModelSpec, VariantSpec
@@ -30,6 +32,8 @@ class ArtifactUnderTest:
     package_dir: Path
     io_json: Path
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    scheme: str = ""  # the variant's number format (pipeline.schemes), for the reports
+    computes: str = ""  # what the scheme says the artifact computes in
 
     @property
     def quantized(self) -> bool:
@@ -58,7 +62,8 @@ class ArtifactUnderTest:
                    fp32_onnx=paths.source / "model.onnx",
                    qdq_onnx=paths.quantize / "model.onnx" if paths.quantize else None,
                    package_dir=paths.package, io_json=paths.compile / "io.json",
-                   inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs))
+                   inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs),
+                   scheme=variant.scheme, computes=get_scheme(variant.scheme).summary)
 
     def feed_names(self, io: dict) -> list[str]:
         """For each input of the compiled model (``io.json``, in ``main``'s order), the name
@@ -82,8 +87,11 @@ class ArtifactUnderTest:
         return [by_tvm_name[n] for n in compiled]
 
     def header(self) -> dict[str, Any]:
-        return {"artifact": self.name, "model": self.model, "variant": self.variant,
+        head = {"artifact": self.name, "model": self.model, "variant": self.variant,
                 "target": self.target}
+        if self.scheme:
+            head.update(scheme=self.scheme, computes=self.computes)
+        return head
 
 
 def tvm_input_name(onnx_name: str) -> str:

@@ -424,7 +424,9 @@ def _headline(result: dict) -> str:
     art = f"{result['artifact']} on {result['target']}"
     if result["status"] == NO_CUDA:
         return f"- **NOT VALIDATED** {art}: no CUDA device on this machine"
-    return f"- **{word}** {art}: {result.get('inputs_desc', '')}"
+    scheme = (f" (scheme {result['scheme']}: {result['computes']})"
+              if result.get("scheme") else "")
+    return f"- **{word}** {art}{scheme}: {result.get('inputs_desc', '')}"
 
 
 def _markdown(results: Sequence[dict], title: str) -> str:
