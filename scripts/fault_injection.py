@@ -64,7 +64,9 @@ def links_verified(project: Path) -> list[str]:
     """Stable stage links whose store entry does not verify (empty: all good)."""
     bad = []
     for link in sorted((project / "artifacts").rglob("*")):
-        if link.is_symlink() and ".store" in os.readlink(link) and link.resolve().is_dir():
+        # stage links point at store entries (.store/<stage>/<id>); deliverable links at
+        # files inside one, which the entry's manifest covers
+        if link.is_symlink() and link.resolve().parent.parent.name == ".store":
             problem = verify(link.resolve(), quick=False)
             if problem:
                 bad.append(f"{link.relative_to(project)}: {problem}")
@@ -127,17 +129,26 @@ def truncated_tuning_cache(project: Path) -> tuple[bool, str]:
 def truncated_onnx(project: Path) -> tuple[bool, str]:
     model = project / "models" / "tiny.onnx"
     original = model.read_bytes()
-    before = {p: os.readlink(p) for p in (project / "artifacts").rglob("*") if p.is_symlink()}
+    before = _links(project)
     model.write_bytes(original[: len(original) // 2])
     rc, output = build(project)
     clear = rc != 0 and "Traceback" not in output and "truncated" in output.lower()
-    after = {p: os.readlink(p) for p in (project / "artifacts").rglob("*") if p.is_symlink()}
-    kept = before == after and not links_verified(project)
+    after = _links(project)
+    changed = sorted(str(p.relative_to(project)) for p in set(before) | set(after)
+                     if before.get(p) != after.get(p))
+    kept = not changed and not links_verified(project)
     model.write_bytes(original)
     rc2, output2 = build(project)
     ok = clear and kept and rc2 == 0
     return ok, (f"broken build rc {rc}, clear message (no traceback): {clear}; earlier "
-                f"artifacts unchanged: {kept}; restored build rc {rc2}")
+                f"artifacts unchanged: {kept}{f' (changed: {changed})' if changed else ''}; "
+                f"restored build rc {rc2}")
+
+
+def _links(project: Path) -> dict[Path, str]:
+    """Every link of the project's artifacts outside the store, and where it points."""
+    return {p: os.readlink(p) for p in (project / "artifacts").rglob("*")
+            if p.is_symlink() and ".store" not in p.relative_to(project).parts}
 
 
 def main() -> int:

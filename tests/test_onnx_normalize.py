@@ -302,3 +302,21 @@ def test_external_data_counts_towards_the_size_limit(tmp_path):
     onnx_normalize.check_size(stored, tmp_path, max_bytes=weights + 10_000)
     with pytest.raises(UnsupportedModelError, match="with its external data, over the"):
         onnx_normalize.check_size(stored, tmp_path, max_bytes=weights)
+
+
+def test_an_ir_version_newer_than_onnxruntime_reads_is_lowered(tmp_path):
+    """onnx 1.23's make_model writes IR 14; onnxruntime 1.31 reads up to 13."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 14
+    model, info = onnx_normalize.upgrade(model, 13)
+    assert info["ir_version"] == [14, onnx_normalize.ORT_MAX_IR_VERSION]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    assert session.run(None, {"x": x})[0].tolist() == [[0, 2, 0, 4]]

@@ -19,6 +19,12 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError, UnsupportedModelError
 
 MIN_IR_VERSION = 7  # the IR version of opset 13 (initializers need not be graph inputs)
+# The newest IR the pinned onnxruntime (1.31) reads ("max supported IR version: 13"); onnx
+# 1.23's helpers write IR 14, so a model saved with them would not even load for folding.
+ORT_MAX_IR_VERSION = 13
+# Element types newer than IR 13 (onnx TensorProto numbers from 25 up): such a model keeps
+# its IR version (and onnxruntime says what it cannot read).
+_FIRST_TYPE_AFTER_IR13 = 25
 PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto cannot be larger (no external data)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -139,8 +145,20 @@ def upgrade(model, min_opset: int):
                 f"to {min_opset}: {e}. Re-export it at opset >= {min_opset}.") from None
     needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     model.ir_version = max(model.ir_version, needed)
+    if (model.ir_version > ORT_MAX_IR_VERSION and needed <= ORT_MAX_IR_VERSION
+            and max(_element_types(model), default=0) < _FIRST_TYPE_AFTER_IR13):
+        model.ir_version = ORT_MAX_IR_VERSION  # nothing in it needs more
     return model, {"ir_version": [ir_before, model.ir_version],
                    "opset": [opset_before, _opset(model)]}
+
+
+def _element_types(model) -> set[int]:
+    graph = model.graph
+    types = {i.data_type for i in graph.initializer}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.HasField("tensor_type"):
+            types.add(info.type.tensor_type.elem_type)
+    return types
 
 
 def fix_input_shapes(model, inputs) -> dict:
