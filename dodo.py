@@ -90,17 +90,17 @@ def _group(name):
 
 
 def task_source():
-    """Stage 1: the fp32 ONNX model (generated or a local file), checked."""
+    """Stage 1: the fp32 ONNX model (generated or a local file), normalised and checked."""
     yield from _group("source")
 
 
 def task_quantize():
-    """Stage 2: QDQ INT8 ONNX via onnxruntime quantize_static (quantized variants)."""
+    """Stage 2: the variant's scheme quantizes the ONNX with onnxruntime (int8: static QDQ)."""
     yield from _group("quantize")
 
 
 def task_import():
-    """Stage 3: Relax IRModule; BatchNorm folded; QDQ rewritten to integer arithmetic."""
+    """Stage 3: Relax IRModule; BatchNorm folded; the scheme's passes (int8: integer compute)."""
     yield from _group("import")
 
 
