@@ -15,12 +15,7 @@ STAGES_PACKAGE = "pipeline.stages."
 
 
 def _all_modules() -> list[str]:
-    names = []
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        rel = path.relative_to(PACKAGE_DIR).with_suffix("")
-        parts = ["pipeline", *rel.parts]
-        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return names
+    return [code_digest.module_name(path) for path in sorted(PACKAGE_DIR.rglob("*.py"))]
 
 
 def _graph() -> dict[str, set[str]]:

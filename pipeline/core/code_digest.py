@@ -47,7 +47,8 @@ def module_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
-def _module_name(path: Path, package_dir: Path) -> str:
+def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
+    """``pipeline/a/b.py`` -> ``pipeline.a.b`` (a package's ``__init__.py`` -> its name)."""
     rel = path.relative_to(package_dir).with_suffix("")
     parts = [PACKAGE, *rel.parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -60,7 +61,7 @@ def imported_modules(path: Path, package_dir: Path = PACKAGE_DIR) -> set[str]:
     ``pipeline.x``; relative imports are resolved against the importing module's package.
     ``if TYPE_CHECKING:`` imports count too: cheap over-approximation, never a miss.
     """
-    name = _module_name(path, package_dir)
+    name = module_name(path, package_dir)
     is_package = path.name == "__init__.py"
     here = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
@@ -206,8 +206,6 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
 def _parse_variant(vname: str, table, problems: list[str],
                    warnings: list[str]) -> VariantSpec | None:
     """One ``[variants.<name>]`` table: its scheme, the scheme's options, its own gates."""
-    from dataclasses import replace
-
     from pipeline.schemes import COMMON_OPTIONS, SCHEMES
 
     where = f"variants.{vname}"
@@ -262,8 +260,6 @@ def _parse_variant(vname: str, table, problems: list[str],
 def variant_validation(spec: ModelSpec, variant: VariantSpec) -> ValidationSpec:
     """The validation settings of one variant: its scheme's default gates, overridden by the
     model's ``[validation]`` table, overridden by the variant's own."""
-    from dataclasses import replace
-
     from pipeline.schemes import get_scheme
 
     gates = dict(get_scheme(variant.scheme).default_gates)

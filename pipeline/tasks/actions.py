@@ -34,10 +34,6 @@ def doit_action(fn):
     return wrapper
 
 
-def _recipe(config) -> dict:
-    return recipe_of(config)
-
-
 @doit_action
 def broken_spec(message: str) -> None:
     """The action of a spec that cannot be built: fail with its message."""
@@ -51,7 +47,7 @@ def source(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import source as stage
 
     given = upstream.get("generator") or upstream["onnx"]
-    run_stage(root, "source", _recipe(config), upstream, stable,
+    run_stage(root, "source", recipe_of(config), upstream, stable,
               lambda out: stage.run(config, given, out))
 
 
@@ -59,7 +55,7 @@ def source(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
 def quantize(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import quantize as stage
 
-    run_stage(root, "quantize", _recipe(config), upstream, stable,
+    run_stage(root, "quantize", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["model"], config, out))
 
 
@@ -67,7 +63,7 @@ def quantize(root: Path, config, upstream: dict[str, Path], stable: Path) -> Non
 def import_(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import import_model as stage
 
-    run_stage(root, "import", _recipe(config), upstream, stable,
+    run_stage(root, "import", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["model"], config, out))
 
 
@@ -79,7 +75,7 @@ def tune(root: Path, config, upstream: dict[str, Path], stable: Path,
     # A budget-stopped output has this same recipe: without this the store would reuse it,
     # and the same command could never continue the tuning.
     stage.forget_incomplete(stable)
-    run_stage(root, "tune", _recipe(config), upstream, stable,
+    run_stage(root, "tune", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["module"], seed_logs, cache_dir, config, out))
 
 
@@ -87,7 +83,7 @@ def tune(root: Path, config, upstream: dict[str, Path], stable: Path,
 def compile_(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import compile_model as stage
 
-    run_stage(root, "compile", _recipe(config), upstream, stable,
+    run_stage(root, "compile", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["module"], upstream["database"].parent,
                                     config, out))
 
@@ -96,7 +92,7 @@ def compile_(root: Path, config, upstream: dict[str, Path], stable: Path) -> Non
 def package(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import package as stage
 
-    run_stage(root, "package", _recipe(config), upstream, stable,
+    run_stage(root, "package", recipe_of(config), upstream, stable,
               lambda out: stage.package_artifact(upstream["model"], upstream["io"], config,
                                                  out))
 
@@ -105,7 +101,7 @@ def package(root: Path, config, upstream: dict[str, Path], stable: Path) -> None
 def smoke(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
     from pipeline.stages import smoke as stage
 
-    run_stage(root, "smoke", _recipe(config), upstream, stable,
+    run_stage(root, "smoke", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["binary"].parent.parent, upstream["io"], config,
                                     out))
 
@@ -168,7 +164,7 @@ def validate(root: Path, config, upstream: dict[str, Path], stable: Path, spec, 
     from pipeline.stages import validate as stage
 
     art = _artifact(spec, variant, target, paths)
-    result = run_stage(root, "validate", _recipe(config), upstream, stable,
+    result = run_stage(root, "validate", recipe_of(config), upstream, stable,
                        lambda out: stage.run(art, config.gates, out, check=False,
                                              comparisons=config.comparisons,
                                              class_scores=config.class_scores))
@@ -187,7 +183,7 @@ def bench(root: Path, config, upstream: dict[str, Path], stable: Path, spec, var
     from pipeline.stages import bench as stage
 
     art = _artifact(spec, variant, target, paths)
-    run_stage(root, "bench", _recipe(config), upstream, stable,
+    run_stage(root, "bench", recipe_of(config), upstream, stable,
               lambda out: stage.run(art, config.threads, config.warmup, config.repeat, out))
 
 

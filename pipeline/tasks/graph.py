@@ -14,6 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from pipeline.core.code_digest import STAGE_DATA_DIRS
 from pipeline.core.hashing import recipe_of, tool_versions
 from pipeline.core.project import REPO, Project, artifact_paths
 from pipeline.core.spec import ModelSpec, VariantSpec, variant_validation
@@ -22,8 +23,6 @@ from pipeline.core.targets import TargetSpec, target_config, target_key
 from pipeline.schemes import get_scheme
 from pipeline.tasks import actions as stages
 from pipeline.tasks.options import Options
-
-TEMPLATE_FILES = ("templates", "runtime_cpp")
 
 
 def _inputs(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
@@ -157,7 +156,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                               "workloads": p.tune / "database_workload.json"},
                              p.compile, "model.so")
     upstream = {"model": p.compile / "model.so", "io": p.compile / "io.json"}
-    for folder in TEMPLATE_FILES:
+    for folder in STAGE_DATA_DIRS["package"]:  # templates/, runtime_cpp/
         for f in _files(REPO / folder):
             upstream[f"{folder}/{f.relative_to(REPO / folder).as_posix()}"] = f
     tasks["package"] = _task(project, at,

@@ -461,28 +461,22 @@ def tensorize_activation_qparams(mod):
     they legalize to the same arithmetic read from buffers, so recalibrating the model
     changes no workload. Weights (constant data) keep theirs: they fold away.
     """
-    from tvm import ir, relax
+    from tvm import ir
     from tvm.relax import op
 
-    @relax.expr_functor.mutator
-    class _Tensorize(relax.PyExprMutator):
-        def run(self, func):
-            return self.visit_expr(func)
+    def tensorize(_, call):
+        if op_name(call) not in ("relax.quantize", "relax.dequantize"):
+            return None
+        data, scale, zp = call.args
+        if (isinstance(data, ir.Constant) or not all(
+                isinstance(a, ir.Constant) and a.value.numpy().ndim == 0
+                for a in (scale, zp))):
+            return None
+        make = op.quantize if op_name(call) == "relax.quantize" else op.dequantize
+        scale, zp = (tensor_const(a.value.numpy(), str(a.value.dtype)) for a in (scale, zp))
+        return make(data, scale, zp, int(call.attrs.axis), str(call.attrs.out_dtype))
 
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if op_name(call) not in ("relax.quantize", "relax.dequantize"):
-                return call
-            data, scale, zp = call.args
-            if (isinstance(data, ir.Constant) or not all(
-                    isinstance(a, ir.Constant) and a.value.numpy().ndim == 0
-                    for a in (scale, zp))):
-                return call
-            make = op.quantize if op_name(call) == "relax.quantize" else op.dequantize
-            scale, zp = (tensor_const(a.value.numpy(), str(a.value.dtype)) for a in (scale, zp))
-            return make(data, scale, zp, int(call.attrs.axis), str(call.attrs.out_dtype))
-
-    return mutate_relax_functions(_Tensorize(mod), mod)
+    return rewrite_calls(mod, tensorize)
 
 
 def check_int32(values: np.ndarray, what: str) -> np.ndarray:
@@ -566,6 +560,25 @@ def rewrite_quantized_ops(mod, rules: dict, report: IntegerReport):
             return result
 
     return mutate_relax_functions(_Rewriter(mod), mod)
+
+
+def rewrite_calls(mod, rewrite):
+    """Call ``rewrite(mutator, call)`` on every call of every Relax function of ``mod``, its
+    arguments already rewritten; it returns the replacement, or None to keep the call. The
+    mutator gives access to its ``builder_`` and ``lookup_binding``. Returns the new module."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def run(self, func):
+            return self.visit_expr(func)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            new = rewrite(self, call)
+            return call if new is None else new
+
+    return mutate_relax_functions(_Rewrite(mod), mod)
 
 
 def mutate_relax_functions(mutator, mod):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._qdq import mutate_relax_functions, op_name
+from ._qdq import op_name, rewrite_calls
 
 __all__ = ["LayoutPrep", "UNCONVERTED_OPS", "fence_unconverted_ops", "prepare_for_layout",
            "remove_inference_dropout", "unstack_nary"]
@@ -66,22 +66,16 @@ def remove_inference_dropout(mod, prep: LayoutPrep | None = None):
     from tvm import relax
 
     prep = prep if prep is not None else LayoutPrep()
-
-    @relax.expr_functor.mutator
-    class _Dropout(relax.PyExprMutator):
-        def run(self, func):
-            return self.visit_expr(func)
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if op_name(call) != "relax.nn.dropout":
-                return call
-            prep.dropouts_removed += 1
-            x = call.args[0]
-            return relax.Tuple([x, relax.op.ones_like(x)])
-
     before = prep.dropouts_removed
-    out = mutate_relax_functions(_Dropout(mod), mod)
+
+    def identity(_, call):
+        if op_name(call) != "relax.nn.dropout":
+            return None
+        prep.dropouts_removed += 1
+        x = call.args[0]
+        return relax.Tuple([x, relax.op.ones_like(x)])
+
+    out = rewrite_calls(mod, identity)
     return _cleanup(out) if prep.dropouts_removed > before else mod
 
 
@@ -92,51 +86,43 @@ def unstack_nary(mod, prep: LayoutPrep | None = None):
     from tvm import relax
 
     prep = prep if prep is not None else LayoutPrep()
-
-    @relax.expr_functor.mutator
-    class _Unstack(relax.PyExprMutator):
-        def run(self, func):
-            return self.visit_expr(func)
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            name = op_name(call)
-            if name not in _NARY or not _reduces_stacked_axis(call):
-                return call
-            stacked = self._bound(call.args[0])
-            if (op_name(stacked) != "relax.stack" or int(stacked.attrs.axis) != 0
-                    or not isinstance(stacked.args[0], relax.Tuple)):
-                return call
-            items = [self._unbroadcast(item) for item in stacked.args[0].fields]
-            binary = getattr(relax.op, _NARY[name])
-            out = items[0]
-            for item in items[1:]:
-                out = self.builder_.normalize(binary(out, item))
-            if name == "relax.mean":
-                dtype = str(call.ty.dtype)
-                out = self.builder_.normalize(
-                    relax.op.divide(out, relax.const(len(items), dtype)))
-            target = call.ty.shape
-            if not _same_shape(out.ty.shape, target):
-                out = self.builder_.normalize(relax.op.broadcast_to(out, target))
-            prep.nary_unstacked[name] = prep.nary_unstacked.get(name, 0) + 1
-            return out
-
-        def _bound(self, expr):
-            """The value bound to ``expr`` if it is a var of this function, else expr."""
-            if isinstance(expr, relax.Var):
-                value = self.lookup_binding(expr)
-                if value is not None:
-                    return value
-            return expr
-
-        def _unbroadcast(self, expr):
-            """``a`` for a ``broadcast_to(a, S)`` (binary ops broadcast themselves)."""
-            value = self._bound(expr)
-            return value.args[0] if op_name(value) == "relax.broadcast_to" else expr
-
     before = sum(prep.nary_unstacked.values())
-    out = mutate_relax_functions(_Unstack(mod), mod)
+
+    def bound(mutator, expr):
+        """The value bound to ``expr`` if it is a var of this function, else expr."""
+        if isinstance(expr, relax.Var):
+            value = mutator.lookup_binding(expr)
+            if value is not None:
+                return value
+        return expr
+
+    def unbroadcast(mutator, expr):
+        """``a`` for a ``broadcast_to(a, S)`` (binary ops broadcast themselves)."""
+        value = bound(mutator, expr)
+        return value.args[0] if op_name(value) == "relax.broadcast_to" else expr
+
+    def unstack(mutator, call):
+        name = op_name(call)
+        if name not in _NARY or not _reduces_stacked_axis(call):
+            return None
+        stacked = bound(mutator, call.args[0])
+        if (op_name(stacked) != "relax.stack" or int(stacked.attrs.axis) != 0
+                or not isinstance(stacked.args[0], relax.Tuple)):
+            return None
+        items = [unbroadcast(mutator, item) for item in stacked.args[0].fields]
+        binary = getattr(relax.op, _NARY[name])
+        normalize = mutator.builder_.normalize
+        out = items[0]
+        for item in items[1:]:
+            out = normalize(binary(out, item))
+        if name == "relax.mean":
+            out = normalize(relax.op.divide(out, relax.const(len(items), str(call.ty.dtype))))
+        if not _same_shape(out.ty.shape, call.ty.shape):
+            out = normalize(relax.op.broadcast_to(out, call.ty.shape))
+        prep.nary_unstacked[name] = prep.nary_unstacked.get(name, 0) + 1
+        return out
+
+    out = rewrite_calls(mod, unstack)
     return _cleanup(out) if sum(prep.nary_unstacked.values()) > before else mod
 
 
@@ -145,26 +131,19 @@ def fence_unconverted_ops(mod, prep: LayoutPrep | None = None, ops=UNCONVERTED_O
     ``ConvertLayout`` sees a ``call_tir`` without a layout rule and keeps it in the
     imported layout, converting only its inputs and outputs."""
     import tvm
-    from tvm import relax
 
     prep = prep if prep is not None else LayoutPrep()
+    before = sum(prep.unconverted.values())
     legalize = {name: tvm.ir.Op.get(name).get_attr("FLegalize") for name in ops}
 
-    @relax.expr_functor.mutator
-    class _Fence(relax.PyExprMutator):
-        def run(self, func):
-            return self.visit_expr(func)
+    def fence(mutator, call):
+        name = op_name(call)
+        if legalize.get(name) is None:
+            return None
+        prep.unconverted[name] = prep.unconverted.get(name, 0) + 1
+        return legalize[name](mutator.builder_, call)
 
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            name = op_name(call)
-            if name not in legalize or legalize[name] is None:
-                return call
-            prep.unconverted[name] = prep.unconverted.get(name, 0) + 1
-            return legalize[name](self.builder_, call)
-
-    before = sum(prep.unconverted.values())
-    out = mutate_relax_functions(_Fence(mod), mod)
+    out = rewrite_calls(mod, fence)
     return out if sum(prep.unconverted.values()) > before else mod
 
 
