@@ -319,6 +319,25 @@ def _summary_line(plans: list[TaskPlan], todo: list[TaskPlan], budget: TuneBudge
             f"cap {budget.max_trials} trials / {budget.wall_seconds:.0f} s)")
 
 
+# Seen on the 2-core build machines: 32 trials of a BERT-layer task in ~3 minutes, ResNet-50's
+# 2000 trials in ~55 minutes. An estimate to print before tuning, not a promise.
+SECONDS_PER_TRIAL_2_CORES = 5.5
+
+
+def _estimate_line(trials: int, tasks: int, budget: TuneBudget) -> str:
+    """What the run is about to cost, and how to skip, cap or stop it."""
+    cores = max(1, os.cpu_count() or 1)
+    trials = min(trials, budget.max_trials)
+    estimate = trials * SECONDS_PER_TRIAL_2_CORES * min(1.0, 2 / cores)
+    capped = estimate > budget.wall_seconds
+    minutes = min(estimate, budget.wall_seconds) / 60
+    return (f"tune: about {minutes:.0f} min for {trials} trials over {tasks} task(s)"
+            + (f" (the {budget.wall_seconds / 60:.0f}-minute cap ends it first; a later run "
+               "continues)" if capped else "")
+            + "; skip with tune=off (untuned kernels: slow), cap with tune_minutes=N, or "
+            "Ctrl-C (measured records are kept)")
+
+
 def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
          select=None) -> TuneOutcome:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
@@ -375,6 +394,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))]
     progress(_summary_line(plans, todo, budget))
+    if todo:
+        progress(_estimate_line(sum(wanted(p) for p in todo), len(todo), budget))
     for p in plans:
         progress(f"  {p.share * 100:5.1f}%  {p.name}  x{p.weight}  records={p.records}"
                  + (f"  best={p.best_us:.1f}us" if p.best_us else ""))
@@ -482,11 +503,34 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
         tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
         max_trials_global=trials, max_trials_per_task=trials,
         num_trials_per_iter=max(1, min(per_iter, trials)),
-        builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout,
-                                        initializer=_import_intrinsics),
+        builder=_builder_stopping_on_signal(
+            ms.builder.LocalBuilder(timeout_sec=builder_timeout,
+                                    initializer=_import_intrinsics), stop),
         runner=runner, database=database, task_scheduler=scheduler,
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
     return counter.n, scheduler.cut_short
+
+
+def _builder_stopping_on_signal(builder, stop: _StopOnSignal):
+    """``builder``, refusing every build once a signal came.
+
+    The scheduler may already have picked the next batch when the signal ends the workers;
+    the local builder would then start fresh workers for it, and each imports the tensor
+    intrinsics first (7-14 s on a loaded machine; CI saw a Ctrl-C take 20 s to stop). Failed
+    builds are not measured, so the batch ends at once and the scheduler stops the search.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class StoppingBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            if stop.signame:
+                return [ms.builder.BuilderResult(None, f"not built: {stop.signame} received")
+                        for _ in build_inputs]
+            return builder.build(build_inputs)
+
+    return StoppingBuilder()
 
 
 def _on_stored_workload(database, task):
