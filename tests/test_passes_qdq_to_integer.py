@@ -215,3 +215,42 @@ def test_resnet50_every_activation_bit_exact_with_onnxruntime(tmp_path):
     assert H.count_ops(mod, "relax.quantize") == 1 and H.count_ops(mod, "relax.dequantize") == 1
     xs = H.inputs(H.input_shape(qdq), 2, seed=1)
     assert H.max_steps(H.build_and_run(mod, xs), H.run_ort(qdq, xs), H.output_scale(qdq)) == 0
+
+
+def _deep_attention_chain(layers: int):
+    """``layers`` blocks of h = x @ W, x = tanh(softmax(h @ h^T) @ h): every block's MatMuls
+    sit on top of everything before them, as a transformer's attention MatMuls do."""
+    g = H._Graph(seed=3)
+    x, dim = "x", 8
+    for _ in range(layers):
+        w = f"w{g.n}"
+        g.inits.append(H._init(g.rng, w, (dim, dim), 1.0 / np.sqrt(dim)))
+        h = g.node("MatMul", [x, w])
+        ht = g.node("Transpose", [h], perm=[1, 0])
+        scores = g.node("Softmax", [g.node("MatMul", [h, ht])], axis=-1)
+        x = g.node("Tanh", [g.node("MatMul", [scores, h])])  # bounded: no overflow at depth
+    return g.model([4, dim], x, [4, dim])
+
+
+def test_import_is_linear_in_depth(tmp_path, monkeypatch):
+    """Constant folding in the pass visits each value once: its work grows with the model,
+    not with the square of the depth (a BERT's import once ran for minutes), and never
+    recurses deeper than a weight's few ops (a 48-block chain passes Python's limit)."""
+    from pipeline.compiler.passes import _qdq
+
+    calls = {"n": 0}
+    real = _qdq._fold_call
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(_qdq, "_fold_call", counting)
+    per_layer = {}
+    for layers in (6, 48):
+        qdq = H.quantize_qdq(_deep_attention_chain(layers), tmp_path, per_channel=False,
+                             calib_count=2)
+        calls["n"] = 0
+        quantize_to_integer(H.import_qdq(qdq, fold=False))
+        per_layer[layers] = calls["n"] / layers
+    assert per_layer[48] <= 1.2 * per_layer[6], per_layer

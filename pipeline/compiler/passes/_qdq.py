@@ -115,6 +115,7 @@ class Bindings:
         from tvm import relax
 
         self.values: dict = {}
+        self.folded: dict = {}  # expr -> fold_constant's result: each value is folded once
         self.params = set(func.params)
         body = func.body
         if isinstance(body, relax.SeqExpr):
@@ -155,21 +156,44 @@ def describe(expr) -> str:
     return type(expr).__name__
 
 
+# The ops fold_constant evaluates: what sits between a weight constant and its consumer.
+FOLDABLE_OPS = ("relax.dequantize", "relax.reshape", "relax.permute_dims", "relax.astype")
+
+
 def fold_constant(expr, bindings: Bindings | None = None) -> np.ndarray | None:
     """Evaluate the few constant-only expressions that carry quantized weights, in numpy.
 
     This follows the exact float32 arithmetic of Relax's legalization (dequantize is
     ``float32(q - zp) * float32(scale)``), so integers recovered from the result are exact.
+
+    Linear in the graph: it descends only through :data:`FOLDABLE_OPS` (a weight's chain is
+    a few ops deep; an activation's first non-foldable op ends the walk at once), and with
+    ``bindings`` each value is folded once. Walking every op above an attention MatMul, as
+    an earlier version did, took minutes per layer of a BERT.
     """
     from tvm import ir, relax
 
+    # memoised per bound variable (the keys Bindings already uses), not per expression
+    var = expr if bindings is not None and isinstance(expr, relax.Var) else None
+    if var is not None and var in bindings.folded:
+        cached = bindings.folded[var]
+        return None if cached is None else cached.copy()  # callers may write to theirs
     if bindings is not None:
         expr = bindings.value(expr)
     if isinstance(expr, ir.Constant):
         return expr.value.numpy()
     name = op_name(expr)
-    if name is None:
+    if name not in FOLDABLE_OPS:
         return None
+    result = _fold_call(name, expr, bindings)
+    if var is not None:
+        bindings.folded[var] = None if result is None else result.copy()
+    return result
+
+
+def _fold_call(name: str, expr, bindings: Bindings | None) -> np.ndarray | None:
+    from tvm import relax
+
     args = [fold_constant(a, bindings) if not isinstance(a, relax.ShapeExpr) else a
             for a in expr.args]
     if any(a is None for a in args):
