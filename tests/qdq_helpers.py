@@ -188,11 +188,15 @@ def _initializers(model) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
-def run_ort(qdq_model, xs):
+def run_ort(qdq_model, xs, fused: bool = False):
+    """onnxruntime's int8 output, from the reference session for this CPU (exact kernels
+    with VNNI, the QDQ arithmetic without: see pipeline.runtime.ort_reference); ``fused``
+    always runs its fused integer kernels (exact where no u8 x s8 product is involved)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
+    from pipeline.runtime import ort_reference
+
+    opts = ort_reference.session_options(quantized=not fused, threads=2)
     sess = ort.InferenceSession(qdq_model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     return [sess.run(None, _feed(x))[0] for x in xs]

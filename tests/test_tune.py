@@ -254,8 +254,11 @@ def test_recalibration_keeps_every_workload(tmp_path):
     assert sorted(first) == sorted(second)
     changed = sorted(name for name in first if first[name] != second[name])
     assert changed == []
-    # the first conv pads with the zero point inside its own kernel
-    assert any(name.startswith("fused_conv2d_NCHWc_int8") for name in first), sorted(first)
+    # the first conv pads with the zero point inside its own kernel (the VNNI packing)
+    from pipeline.core.targets import host_has_vnni
+
+    if host_has_vnni():
+        assert any(name.startswith("fused_conv2d_NCHWc_int8") for name in first), sorted(first)
 
 
 def _input_zero_point(model) -> int:

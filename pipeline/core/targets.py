@@ -91,8 +91,12 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def _cpu_flags() -> frozenset[str]:
+def host_cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags, as /proc/cpuinfo names them."""
     return frozenset(_cpuinfo().get("flags", "").split())
+
+
+_cpu_flags = host_cpu_flags
 
 
 def host_cpu_class() -> str:

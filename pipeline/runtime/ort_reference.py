@@ -1,0 +1,42 @@
+"""onnxruntime as the reference for a quantized model: the session that computes what the QDQ
+model means on this CPU.
+
+onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into its integer kernels
+(QLinearConv, QLinearMatMul). On CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) those compute
+u8 x s8 exactly. On CPUs without it (AVX2 only: AMD Zen 3, older Intel) they multiply with
+``vpmaddubsw``, whose int16 pair sums saturate: onnxruntime's quantization docs warn of it, and
+on a Zen 3 host a small conv came out 34 output steps away from the model's own arithmetic.
+There the reference runs the model as written (graph optimisations off: dequantize, fp32
+op, quantize), which is what the QDQ model defines; TVM's integer kernels match it exactly.
+"""
+
+from __future__ import annotations
+
+from pipeline.core.targets import host_cpu_flags
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_kernels_exact() -> bool:
+    """Whether onnxruntime's fused u8 x s8 kernels are exact on this CPU (it has VNNI)."""
+    flags = host_cpu_flags()
+    return any(f in flags for f in VNNI_FLAGS)
+
+
+def reference_description(quantized: bool) -> str:
+    if not quantized or int8_kernels_exact():
+        return "onnxruntime, all graph optimisations (its integer kernels are exact here)"
+    return ("onnxruntime with graph optimisations off: the QDQ model's own arithmetic, since "
+            "onnxruntime's u8 x s8 kernels saturate on CPUs without VNNI")
+
+
+def session_options(quantized: bool, threads: int | None = None):
+    """SessionOptions for the reference run of a model (see the module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if quantized and not int8_kernels_exact():
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
