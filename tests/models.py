@@ -98,19 +98,24 @@ def make_project(root: Path, model: onnx.ModelProto | None = None,
 
 def tiny_token_model(seed: int = 0, vocab: int = 11, seq: int = 8,
                      hidden: int = 16) -> onnx.ModelProto:
-    """A text-encoder shape: int64 ``input.ids`` and ``attention_mask`` [1, seq] -> embedding
-    Gather, masked mean pooling, MatMul + bias -> [1, 4]. Two inputs, one of them with a
-    name TVM's importer renames (``input.ids`` -> ``input_ids``)."""
+    """A text-encoder shape: int64 ``input.ids``, ``token_type_ids`` and ``attention_mask``
+    [1, seq] -> word + token-type embedding Gathers, masked sum pooling, MatMul + bias ->
+    [1, 4]. Three inputs, as a BERT takes them, one with a name TVM's importer renames
+    (``input.ids`` -> ``input_ids``); ids outside [0, vocab) read out of bounds."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32),
                                      "emb"),
              numpy_helper.from_array((rng.standard_normal((hidden, 4)) * 0.3).astype(np.float32),
                                      "w"),
              numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((2, hidden)).astype(np.float32),
+                                     "type_emb"),
              numpy_helper.from_array(np.array([2], np.int64), "axis2"),
              numpy_helper.from_array(np.array([1], np.int64), "axis1")]
     nodes = [
-        helper.make_node("Gather", ["emb", "input.ids"], ["e"], axis=0),          # [1,s,h]
+        helper.make_node("Gather", ["emb", "input.ids"], ["w_e"], axis=0),        # [1,s,h]
+        helper.make_node("Gather", ["type_emb", "token_type_ids"], ["t_e"], axis=0),
+        helper.make_node("Add", ["w_e", "t_e"], ["e"]),
         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),  # [1,s]
         helper.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),                     # [1,s,1]
         helper.make_node("Mul", ["e", "m3"], ["em"]),
@@ -121,7 +126,8 @@ def tiny_token_model(seed: int = 0, vocab: int = 11, seq: int = 8,
     graph = helper.make_graph(
         nodes, "tiny_tokens",
         [helper.make_tensor_value_info("input.ids", TensorProto.INT64, [1, seq]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, seq])],
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, seq]),
+         helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, [1, seq])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -131,7 +137,7 @@ def tiny_token_model(seed: int = 0, vocab: int = 11, seq: int = 8,
 
 TOKEN_SPEC = """
 name = "tiny"
-description = "two int64 inputs, one renamed by TVM"
+description = "three int64 inputs, one renamed by TVM"
 
 [source]
 path = "models/tiny.onnx"
@@ -140,14 +146,25 @@ path = "models/tiny.onnx"
 name = "input.ids"
 shape = [1, 8]
 dtype = "int64"
+range = [0, 10]   # the 11-row embedding
 
 [[inputs]]
 name = "attention_mask"
 shape = [1, 8]
 dtype = "int64"
+range = [0, 1]
+
+[[inputs]]
+name = "token_type_ids"
+shape = [1, 8]
+dtype = "int64"
+range = [0, 1]
 
 [variants.fp32]
 scheme = "fp32"
+
+[variants.int8]
+scheme = "int8"
 
 [tuning]
 trials_per_task = 4

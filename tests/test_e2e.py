@@ -74,26 +74,50 @@ def test_bad_input_to_binary_fails_clearly(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_input_int64_model_builds_validates_and_benches(tmp_path):
-    """Several inputs, int64 token ids, an input TVM renames: smoke feeds both inputs,
-    validate and bench match them by name, synthetic ids are valid indices."""
+def test_a_three_input_int64_model_builds_validates_and_benches(tmp_path):
+    """Three int64 inputs (token ids, mask, token types), one TVM renames, fp32 and int8:
+    smoke feeds all three, validate and bench match them by name, and every stage draws
+    ids over the spec's range (not just 0/1) and never outside it; the app refuses an id
+    outside the range instead of reading out of bounds."""
     import json
+
+    import numpy as np
 
     from models import TOKEN_SPEC, tiny_token_model
 
     project = make_project(tmp_path / "p", tiny_token_model(), TOKEN_SPEC)
-    run = doit(project, "build:tiny_fp32", "validate:tiny_fp32@cpu", "bench:tiny_fp32@cpu",
+    run = doit(project, "build:tiny_fp32", "build:tiny_int8", "validate", "bench",
                "tune=off", "repeat=3", "warmup=1")
     assert run.returncode == 0, run.output
+    for variant in ("fp32", "int8"):
+        art = project / "artifacts" / f"tiny_{variant}" / "cpu"
+        io = json.loads((art / "compile" / "io.json").read_text())
+        assert [t["name"] for t in io["inputs"]] == ["input_ids", "attention_mask",
+                                                     "token_type_ids"]
+        report = json.loads((art / "validate" / "validation.json").read_text())
+        assert report["status"] == "pass", report
+        assert report["scheme"] == variant and f"(scheme {variant}:" in \
+            (art / "validate" / "validation.md").read_text()
+        assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
+        smoke = sorted(p.name for p in (art / "smoke").glob("input_*.npy"))
+        assert smoke == ["input_attention_mask.npy", "input_input_ids.npy",
+                         "input_token_type_ids.npy"]
+        ids = np.load(art / "smoke" / "input_input_ids.npy")
+        assert ids.min() >= 0 and ids.max() <= 10 and len(set(ids.ravel())) > 2
+    fp32 = json.loads((project / "artifacts" / "tiny_fp32" / "cpu" / "validate" /
+                       "validation.json").read_text())
+    record = next(r for r in fp32["records"] if r["comparison"] == "tvm_fp32_vs_ort_fp32")
+    assert [g["metric"] for g in record["gates"]] == ["max_abs_err"]  # no class scores marked
+
+    # The app refuses an id past the embedding (11 rows: 0..10) with a usage error
     art = project / "artifacts" / "tiny_fp32" / "cpu"
-    io = json.loads((art / "compile" / "io.json").read_text())
-    assert [t["name"] for t in io["inputs"]] == ["input_ids", "attention_mask"]
-    report = json.loads((art / "validate" / "validation.json").read_text())
-    assert report["status"] == "pass", report
-    assert report["scheme"] == "fp32" and "(scheme fp32: float32 compute)" in \
-        (art / "validate" / "validation.md").read_text()
-    fp32 = next(r for r in report["records"] if r["comparison"] == "tvm_fp32_vs_ort_fp32")
-    assert [g["metric"] for g in fp32["gates"]] == ["max_abs_err"]  # no class scores marked
-    assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
-    smoke = sorted(p.name for p in (art / "smoke").glob("input_*.npy"))
-    assert smoke == ["input_attention_mask.npy", "input_input_ids.npy"]
+    bad = np.load(art / "smoke" / "input_input_ids.npy")
+    bad[0, 3] = 11
+    np.save(tmp_path / "bad_ids.npy", bad)
+    proc = subprocess.run(
+        [str(art / "bin" / "infer"), "--input", f"input_ids={tmp_path / 'bad_ids.npy'}",
+         "--input", f"attention_mask={art / 'smoke' / 'input_attention_mask.npy'}",
+         "--input", f"token_type_ids={art / 'smoke' / 'input_token_type_ids.npy'}"],
+        capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "element 3 is 11, outside the model's range [0, 10]" in proc.stderr + proc.stdout

@@ -163,7 +163,7 @@ def test_config_reports_every_problem_at_once():
         assert expected in message
     with pytest.raises(ConfigError, match="cuda_arch"):
         package.PackageConfig("m", "gpu", "cuda", **TINY_IO)  # not in the targets table
-    with pytest.raises(ConfigError, match="exactly the keys"):
+    with pytest.raises(ConfigError, match="mapping with the keys"):
         package.PackageConfig("m", "cpu", "llvm", inputs=[{"name": "x"}],
                               outputs=TINY_IO["outputs"])
 
@@ -175,7 +175,9 @@ def _golden_configs():
         "cuda": package.PackageConfig.for_target(
             "detector", get_target("rtx4090"),
             inputs=[{"name": "images", "shape": [1, 3, 224, 224], "dtype": "float16"},
-                    {"name": 'scale/0:"q"', "shape": [1], "dtype": "int64"}],
+                    {"name": 'scale/0:"q"', "shape": [1], "dtype": "int64"},
+                    {"name": "input_ids", "shape": [1, 8], "dtype": "int64",
+                     "range": [0, 30521], "onnx_name": "input.ids"}],
             outputs=[{"name": "logits", "shape": [1, 1000], "dtype": "float16"},
                      {"name": "index", "shape": [1], "dtype": "int32"},
                      {"name": "mask", "shape": [1, 8], "dtype": "uint8"}]),
@@ -203,7 +205,7 @@ def test_rendering_is_deterministic_and_escapes_names():
     config = _golden_configs()["cuda"]
     assert package.render_sources(config) == package.render_sources(config)
     main_cc = package.render_sources(config)["main.cc"]
-    assert '{ "scale/0:\\"q\\"", { 1 }, npy::DType::kInt64 }' in main_cc
+    assert '{ "scale/0:\\"q\\"", { 1 }, npy::DType::kInt64, false' in main_cc
     assert "kDLCUDA" in main_cc and "tvm_callback_cuda_compile" in main_cc
     cpu_cc = package.render_sources(_golden_configs()["cpu"])["main.cc"]
     for cuda_only in ("kDLCUDA", "cuda_runtime_api.h", "tvm_callback_cuda_compile", "dlopen"):

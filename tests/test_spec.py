@@ -43,7 +43,8 @@ def test_wrong_types_named():
 
 def test_unknown_artifact_lists_known():
     specs = load_specs(REPO / "models")
-    with pytest.raises(ConfigError, match="known: resnet50_fp32, resnet50_int8"):
+    with pytest.raises(ConfigError,
+                       match="known: minilm_fp32, minilm_int8, resnet50_fp32, resnet50_int8"):
         find_artifact(specs, "resnet51_int8")
 
 
@@ -136,3 +137,34 @@ def test_outputs_marked_as_class_scores():
                                                                 ("emb", False)]
     with pytest.raises(ConfigError, match=r"outputs\[0\]: unknown key 'scores'"):
         parse_spec({**MINIMAL, "outputs": [{"name": "y", "scores": True}]})
+
+
+def test_input_ranges_parsed_and_checked():
+    spec = parse_spec({**MINIMAL, "inputs": [
+        {"name": "ids", "shape": [1, 8], "dtype": "int64", "range": [0, 30521]},
+        {"name": "x", "shape": [1], "dtype": "float32", "range": [-1.5, 2]},
+        {"name": "mask", "shape": [1, 8], "dtype": "int64"}]})
+    assert [i.range for i in spec.inputs] == [(0, 30521), (-1.5, 2), ()]
+    bad = [{"name": "a", "shape": [1], "dtype": "int64", "range": [5, 1]},
+           {"name": "b", "shape": [1], "dtype": "int32", "range": [0, 0.5]},
+           {"name": "c", "shape": [1], "dtype": "uint8", "range": [0, 300]},
+           {"name": "d", "shape": [1], "dtype": "int64", "range": 7}]
+    with pytest.raises(ConfigError) as e:
+        parse_spec({**MINIMAL, "inputs": bad})
+    msg = str(e.value)
+    for needle in ("inputs[0].range: [5, 1]: lo must not exceed hi",
+                   "inputs[1].range: [0, 0.5] must be [lo, hi], two integers",
+                   "inputs[2].range: [0, 300] does not fit uint8",
+                   "inputs[3].range: 7 must be [lo, hi]"):
+        assert needle in msg, needle
+
+
+def test_int8_op_selection_is_a_list_of_names():
+    spec = parse_spec({**MINIMAL, "variants": {"int8": {
+        "scheme": "int8", "op_types": ["MatMul", "Gemm"], "exclude_nodes": ["/mask/Mul"]}}})
+    variant = spec.variants["int8"]
+    assert variant.op_types == ("MatMul", "Gemm") and variant.exclude_nodes == ("/mask/Mul",)
+    with pytest.raises(ConfigError, match=r"variants.int8.op_types: 'MatMul' must be a list"):
+        parse_spec({**MINIMAL, "variants": {"int8": {"scheme": "int8", "op_types": "MatMul"}}})
+    with pytest.raises(ConfigError, match=r"variants.fp32.op_types: does not apply to scheme"):
+        parse_spec({**MINIMAL, "variants": {"fp32": {"scheme": "fp32", "op_types": ["Conv"]}}})

@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core.errors import ConfigError
 
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
@@ -25,6 +27,9 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    # [lo, hi], both included: the values this input takes (token ids: [0, vocab - 1]).
+    # Synthetic data draws from it, data files and the C++ app are checked against it.
+    range: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,10 @@ class VariantSpec:
     activation_type: str = "uint8"  # u8 x s8 is what VNNI multiplies
     weight_type: str = "int8"
     per_channel: bool = True
+    # ONNX op types to quantize (empty: every op onnxruntime quantizes) and node names to
+    # keep in float: a transformer quantizes ["MatMul", "Gemm"], never its mask arithmetic
+    op_types: tuple = ()
+    exclude_nodes: tuple = ()
     layout: str = ""  # fp32 convs on CPUs: "NHWC" or "NCHW16c"; empty: the pipeline's default
     # [variants.<name>.validation]: gate thresholds for this variant only (see GATE_KEYS)
     validation: dict = field(default_factory=dict)
@@ -67,7 +76,9 @@ class VariantSpec:
 class TuningSpec:
     trials_per_task: int = 32
     max_trials: int = 2000
-    wall_seconds: float = 3600.0
+    # A model whose spec sets no budget tunes for at most 15 minutes: a newcomer's first
+    # build should not silently take an hour (resnet50.toml asks for the hour it needs).
+    wall_seconds: float = 900.0
     seed: int = 0
 
 
@@ -80,13 +91,14 @@ class ValidationSpec:
     int8_cosine_min: float = 0.999
     int8_top1_min: float = 0.99
     int8_max_steps: float = 1.0  # elementwise, in output quantization steps
+    int8_fp32_cosine_min: float = 0.99  # int8 artifact vs onnxruntime fp32: quality kept
     gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
 
 
 # The thresholds of ValidationSpec (the rest says which inputs to run): a scheme's defaults,
 # a model's [validation] and a variant's [variants.<v>.validation] set them, in that order.
 GATE_KEYS = ("fp32_rel_tol", "int8_cosine_min", "int8_top1_min", "int8_max_steps",
-             "gpu_rel_tol")
+             "int8_fp32_cosine_min", "gpu_rel_tol")
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,34 @@ def _typed(cls, table: dict, where: str, problems: list[str], **extra):
         return None
 
 
+def _value_range(value, dtype: str, where: str, problems: list[str]) -> tuple:
+    """``[lo, hi]`` of an input's values: numbers, lo <= hi, integers for integer inputs."""
+    integer = not dtype.startswith("float")
+    number = int if integer else (int, float)
+    if (not isinstance(value, list) or len(value) != 2 or
+            not all(isinstance(v, number) and not isinstance(v, bool) for v in value)):
+        kind = "integers" if integer else "numbers"
+        problems.append(f"{where}: {value!r} must be [lo, hi], two {kind} (both included; "
+                        "token ids of a 30522-word vocabulary: [0, 30521])")
+        return ()
+    lo, hi = value
+    if lo > hi:
+        problems.append(f"{where}: {value!r}: lo must not exceed hi")
+        return ()
+    if integer:
+        info = np.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            problems.append(f"{where}: {value!r} does not fit {dtype} "
+                            f"([{info.min}, {info.max}])")
+            return ()
+    return (lo, hi)
+
+
+def input_ranges(spec: ModelSpec) -> dict[str, tuple]:
+    """``{input name: (lo, hi)}`` for the inputs whose spec gives a range."""
+    return {i.name: tuple(i.range) for i in spec.inputs if i.range}
+
+
 def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
     """Validate a spec's plain data and return the typed :class:`ModelSpec`."""
     problems: list[str] = []
@@ -156,8 +196,8 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
     if not raw_inputs:
         problems.append("inputs: at least one [[inputs]] entry with name, shape, dtype")
     for i, table in enumerate(raw_inputs):
-        inp = _typed(InputSpec, {k: v for k, v in table.items() if k != "shape"},
-                     f"inputs[{i}]", problems, shape=())
+        inp = _typed(InputSpec, {k: v for k, v in table.items() if k not in ("shape", "range")},
+                     f"inputs[{i}]", problems, shape=(), range=())
         shape = table.get("shape")
         if (not isinstance(shape, list) or not shape or
                 not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
@@ -167,6 +207,10 @@ def parse_spec(data: dict, spec_path: str = "<memory>") -> ModelSpec:
             inp = InputSpec(inp.name, tuple(shape), inp.dtype)
         if inp and inp.dtype not in DTYPES:
             problems.append(f"inputs[{i}].dtype: {inp.dtype!r} not one of {', '.join(DTYPES)}")
+        elif inp and "range" in table:
+            value_range = _value_range(table["range"], inp.dtype, f"inputs[{i}].range",
+                                       problems)
+            inp = replace(inp, range=value_range)
         if inp:
             inputs.append(inp)
     outputs = []
@@ -241,6 +285,15 @@ def _parse_variant(vname: str, table, problems: list[str],
     if variant.activation_type not in QUANT_TYPES or variant.weight_type not in QUANT_TYPES:
         problems.append(f"{where}: activation_type/weight_type must be one of "
                         f"{', '.join(QUANT_TYPES)}")
+    for key in ("op_types", "exclude_nodes"):
+        value = getattr(variant, key)
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) and v for v in value):
+            problems.append(f"{where}.{key}: {value!r} must be a list of names, e.g. "
+                            + ('["MatMul", "Gemm"]' if key == "op_types" else
+                               '["/bert/embeddings/Add"]'))
+        else:
+            variant = replace(variant, **{key: tuple(value)})
     if variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
         problems.append(f"{where}.layout: {variant.layout!r} not one of "
                         f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.spec import input_ranges
 from pipeline.schemes import get_scheme
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class ArtifactUnderTest:
     package_dir: Path
     io_json: Path
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    ranges: dict = field(default_factory=dict)  # input name -> (lo, hi), the spec's range
     scheme: str = ""  # the variant's number format (pipeline.schemes), for the reports
     computes: str = ""  # what the scheme says the artifact computes in
 
@@ -63,6 +65,7 @@ class ArtifactUnderTest:
                    qdq_onnx=paths.quantize / "model.onnx" if paths.quantize else None,
                    package_dir=paths.package, io_json=paths.compile / "io.json",
                    inputs=tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs),
+                   ranges=input_ranges(spec),
                    scheme=variant.scheme, computes=get_scheme(variant.scheme).summary)
 
     def feed_names(self, io: dict) -> list[str]:

@@ -232,7 +232,7 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
 
     io = json.loads(Path(art.io_json).read_text(encoding="utf-8"))
     order = [t["name"] for t in io["inputs"]]
-    feed = calibration_samples(art.inputs, 1, seed, "")[0]
+    feed = calibration_samples(art.inputs, 1, seed, "", art.ranges)[0]
     paths = [out_dir / f"input_{name}.npy" for name in order]
     for spec_name, path in zip(art.feed_names(io), paths, strict=True):
         np.save(path, feed[spec_name])

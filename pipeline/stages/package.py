@@ -12,7 +12,7 @@ import struct
 import subprocess
 import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,27 +53,39 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    range: tuple = ()  # (lo, hi) of an input's values, both included; () for any value
+    onnx_name: str = ""  # the ONNX graph's name where TVM renamed it: the app takes both
 
     def __post_init__(self) -> None:
         # io.json and friends give shapes as lists; keep the spec hashable and comparable.
-        if isinstance(self.shape, list):
-            object.__setattr__(self, "shape", tuple(self.shape))
+        for attr in ("shape", "range"):
+            if isinstance(getattr(self, attr), list):
+                object.__setattr__(self, attr, tuple(getattr(self, attr)))
 
     @classmethod
     def from_any(cls, value: TensorSpec | Mapping[str, Any]) -> TensorSpec:
-        """Accept a ``TensorSpec`` or plain data ``{"name", "shape", "dtype"}``."""
+        """Accept a ``TensorSpec`` or plain data ``{"name", "shape", "dtype"}`` (and an
+        optional ``"range": [lo, hi]``)."""
         if isinstance(value, TensorSpec):
             return value
-        if not isinstance(value, Mapping) or set(value) != {"name", "shape", "dtype"}:
-            raise ConfigError(f"tensor spec {value!r} must be a mapping with exactly the keys "
-                              "'name', 'shape' and 'dtype'")
+        if (not isinstance(value, Mapping) or not {"name", "shape", "dtype"} <= set(value)
+                or not set(value) <= {"name", "shape", "dtype", "range", "onnx_name"}):
+            raise ConfigError(f"tensor spec {value!r} must be a mapping with the keys "
+                              "'name', 'shape' and 'dtype' (and optionally 'range' and "
+                              "'onnx_name')")
         shape = value["shape"]
         if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
             raise ConfigError(f"tensor {value['name']!r}: shape {shape!r} must be a list of ints")
-        return cls(str(value["name"]), tuple(shape), str(value["dtype"]))
+        return cls(str(value["name"]), tuple(shape), str(value["dtype"]),
+                   tuple(value.get("range", ())), str(value.get("onnx_name", "")))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.range:
+            out["range"] = list(self.range)
+        if self.onnx_name:
+            out["onnx_name"] = self.onnx_name
+        return out
 
     def problems(self, role: str) -> list[str]:
         """Everything wrong with this spec, as messages (empty if it is fine)."""
@@ -86,6 +98,10 @@ class TensorSpec:
         if self.dtype not in _NPY_ENUM:
             out.append(f"{role} {self.name!r}: dtype {self.dtype!r} is not supported; "
                        f"supported: {', '.join(SUPPORTED_DTYPES)}")
+        if self.range and (role != "input" or self.dtype.startswith("float") or
+                           len(self.range) != 2 or self.range[0] > self.range[1]):
+            out.append(f"{role} {self.name!r}: range {list(self.range)} must be [lo, hi] of "
+                       "an integer input (lo <= hi)")
         return out
 
 
@@ -191,11 +207,20 @@ class PackageStageConfig:
 
     artifact: str  # names the bundle
     target: dict  # core.targets.target_config()
+    # compiled input name -> [lo, hi]: the app refuses integer inputs outside it
+    input_ranges: dict = field(default_factory=dict)
+    # compiled input name -> the ONNX name TVM renamed ("input_1" -> "input.1")
+    onnx_names: dict = field(default_factory=dict)
 
     def app(self, io: Mapping[str, Any]) -> PackageConfig:
         """The app to generate for a model with the tensors of ``io`` (compile's io.json)."""
+        inputs = []
+        for t in io["inputs"]:
+            extra = {"range": self.input_ranges.get(t["name"]),
+                     "onnx_name": self.onnx_names.get(t["name"])}
+            inputs.append({**t, **{k: v for k, v in extra.items() if v}})
         return PackageConfig.for_target(self.artifact, get_target(self.target["name"]),
-                                        io["inputs"], io["outputs"])
+                                        inputs, io["outputs"])
 
 
 def _c_string(value: str) -> str:
@@ -242,7 +267,8 @@ def render_sources(config: PackageConfig) -> dict[str, str]:
     context = {"model_name": config.model, "target_name": config.target,
                "target_kind": config.target_kind, "is_cuda": config.is_cuda,
                "cuda_arch": config.cuda_arch, "build_type": config.build_type,
-               "inputs": [s.to_dict() for s in config.inputs],
+               "inputs": [dict(s.to_dict(), range=list(s.range), onnx_name=s.onnx_name)
+                          for s in config.inputs],
                "outputs": [s.to_dict() for s in config.outputs]}
     env = _jinja_env()
     return {name: env.get_template(name + ".j2").render(**context)
@@ -445,13 +471,15 @@ def _readme(config: PackageConfig, libs: list[str], has_kernels: bool) -> str:
         "  bin/infer --help lists every option (--threads N sets the CPU thread pool size).",
         "",
         "Inputs (.npy, C order, little-endian; shape and dtype are checked):",
-        *[f"  {s.name}: {s.dtype} {list(s.shape)}" for s in config.inputs],
+        *[f"  {s.onnx_name or s.name}: {s.dtype} {list(s.shape)}"
+          + (f", values in [{s.range[0]}, {s.range[1]}] (others are refused)" if s.range else "")
+          + (f" (also accepted as {s.name})" if s.onnx_name else "") for s in config.inputs],
         "Outputs:",
         *[f"  {s.name}: {s.dtype} {list(s.shape)}" for s in config.outputs],
     ]
     if len(config.inputs) > 1:
         lines.append("Several inputs: pass --input NAME=PATH for each, "
-                     f"e.g. --input {first.name}=a.npy")
+                     f"e.g. --input {first.onnx_name or first.name}=a.npy")
     lines += ["", "Exit status: 0 ok, 1 runtime failure, 2 bad arguments or input files.", "",
               "Requirements",
               "  Linux x86_64, with glibc and libstdc++ at least as new as the build machine's."]

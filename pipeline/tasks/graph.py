@@ -17,9 +17,10 @@ from doit.tools import config_changed
 from pipeline.core.code_digest import STAGE_DATA_DIRS
 from pipeline.core.hashing import recipe_of, tool_versions
 from pipeline.core.project import REPO, Project, artifact_paths
-from pipeline.core.spec import ModelSpec, VariantSpec, variant_validation
+from pipeline.core.spec import ModelSpec, VariantSpec, input_ranges, variant_validation
 from pipeline.core.store import MANIFEST, intact
 from pipeline.core.targets import TargetSpec, target_config, target_key
+from pipeline.runtime.artifact import tvm_input_name
 from pipeline.schemes import get_scheme
 from pipeline.tasks import actions as stages
 from pipeline.tasks.options import Options
@@ -29,10 +30,21 @@ def _inputs(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     return tuple((i.name, tuple(i.shape), i.dtype) for i in spec.inputs)
 
 
+def _compiled_input_ranges(spec: ModelSpec) -> dict[str, list]:
+    """The spec's input ranges keyed by the compiled model's input names (TVM renames)."""
+    return {tvm_input_name(n): list(r) for n, r in input_ranges(spec).items()}
+
+
+def _renamed_inputs(spec: ModelSpec) -> dict[str, str]:
+    """Compiled input name -> ONNX name, for the inputs TVM's importer renames."""
+    return {tvm_input_name(i.name): i.name for i in spec.inputs
+            if tvm_input_name(i.name) != i.name}
+
+
 def _data_files(upstream: dict[str, Path], prefix: str, folder: Path) -> None:
-    """Every ``.npy`` file under ``folder`` as an input, keyed by its path inside it (inputs
-    in subfolders may share file names)."""
-    for f in _files(folder, "*.npy"):
+    """Every sample file (``.npy``, ``.npz``) under ``folder`` as an input, keyed by its path
+    inside it (inputs in subfolders may share file names)."""
+    for f in _files(folder, "*.np[yz]"):
         upstream[f"{prefix}/{f.relative_to(folder).as_posix()}"] = f
 
 
@@ -114,7 +126,9 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
             method=cal.method, samples=cal.samples, seed=cal.seed,
             data_dir=str(project.root / cal.data_dir) if cal.data_dir else "",
             activation_type=variant.activation_type, weight_type=variant.weight_type,
-            per_channel=variant.per_channel, inputs=_inputs(spec), recipe=scheme.quantize)
+            per_channel=variant.per_channel, inputs=_inputs(spec), recipe=scheme.quantize,
+            ranges=input_ranges(spec), op_types=variant.op_types,
+            exclude_nodes=variant.exclude_nodes)
         upstream = {"model": model}
         if cal.data_dir:
             _data_files(upstream, "calibration", project.root / cal.data_dir)
@@ -161,12 +175,16 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
             upstream[f"{folder}/{f.relative_to(REPO / folder).as_posix()}"] = f
     tasks["package"] = _task(project, at,
                              f"C++ app, bin/infer and bundle of {name} for {target.name}",
-                             stages.package, PackageStageConfig(artifact=name, target=tcfg),
+                             stages.package,
+                             PackageStageConfig(artifact=name, target=tcfg,
+                                                input_ranges=_compiled_input_ranges(spec),
+                                                onnx_names=_renamed_inputs(spec)),
                              upstream, p.package, "bin/infer")
     gates = variant_validation(spec, variant)
     tasks["smoke"] = _task(project, at, f"smoke check of {name} on {target.name}: C++ == Python VM",
                            stages.smoke,
-                           SmokeConfig(target=tcfg, seed=0, gpu_rel_tol=gates.gpu_rel_tol),
+                           SmokeConfig(target=tcfg, seed=0, gpu_rel_tol=gates.gpu_rel_tol,
+                                       input_ranges=_compiled_input_ranges(spec)),
                            {"binary": p.package / "bin" / "infer",
                             "model": p.package / "model.so", "io": p.compile / "io.json"},
                            p.smoke, "smoke.json")

@@ -44,13 +44,20 @@ struct TensorSpec {
   const char* name;
   std::vector<int64_t> shape;
   npy::DType dtype;
+  // Integer inputs with a spec range (token ids): values outside [lo, hi] are refused, since
+  // a Gather reads out of bounds on them (a crash or garbage, never an error).
+  bool has_range = false;
+  int64_t lo = 0, hi = 0;
+  // The ONNX graph's name where TVM's importer renamed the input ("input.ids" -> "input_ids"):
+  // --input takes either.
+  const char* onnx_name = nullptr;
 };
 
 // The io spec the model was compiled for; inputs in the order main() takes them.
 const char* const kModelName = "tiny";
 const char* const kTargetName = "cpu";
 const std::vector<TensorSpec> kInputs = {
-    { "x", { 1, 3, 8, 8 }, npy::DType::kFloat32 },
+    { "x", { 1, 3, 8, 8 }, npy::DType::kFloat32, false, 0LL, 0LL, nullptr },
 };
 const std::vector<TensorSpec> kOutputs = {
     { "y", { 1, 4 }, npy::DType::kFloat32 },
@@ -173,12 +180,14 @@ std::vector<std::string> bind_paths(const std::vector<std::string>& values,
   for (const std::string& value : values) {
     size_t index = specs.size();
     std::string path = value;
-    for (size_t k = 0; k < specs.size(); ++k) {
-      const std::string prefix = std::string(specs[k].name) + "=";
-      if (value.rfind(prefix, 0) == 0) {
-        index = k;
-        path = value.substr(prefix.size());
-        break;
+    for (size_t k = 0; k < specs.size() && index == specs.size(); ++k) {
+      for (const char* name : {specs[k].name, specs[k].onnx_name}) {
+        const std::string prefix = name ? std::string(name) + "=" : std::string();
+        if (name && value.rfind(prefix, 0) == 0) {
+          index = k;
+          path = value.substr(prefix.size());
+          break;
+        }
       }
     }
     if (index == specs.size()) {
@@ -219,6 +228,31 @@ bool same_dtype(DLDataType a, DLDataType b) {
   return a.code == b.code && a.bits == b.bits && a.lanes == b.lanes;
 }
 
+/*! \brief The i-th element of an integer array as int64. */
+int64_t int_at(const npy::Array& a, int64_t i) {
+  const char* p = a.data.data() + i * npy::itemsize(a.dtype);
+  switch (a.dtype) {
+    case npy::DType::kInt8: return *reinterpret_cast<const int8_t*>(p);
+    case npy::DType::kUInt8: return *reinterpret_cast<const uint8_t*>(p);
+    case npy::DType::kInt32: { int32_t v; std::memcpy(&v, p, 4); return v; }
+    case npy::DType::kInt64: { int64_t v; std::memcpy(&v, p, 8); return v; }
+    default: throw UsageError("a range is only checked on integer inputs");
+  }
+}
+
+/*! \brief UsageError naming the first element of `array` outside the input's range. */
+void check_range(const npy::Array& array, const TensorSpec& spec, const std::string& what) {
+  for (int64_t i = 0; i < array.numel(); ++i) {
+    const int64_t v = int_at(array, i);
+    if (v < spec.lo || v > spec.hi) {
+      throw UsageError(what + ": element " + std::to_string(i) + " is " + std::to_string(v) +
+                       ", outside the model's range [" + std::to_string(spec.lo) + ", " +
+                       std::to_string(spec.hi) + "] (its spec's range; out-of-range ids " +
+                       "would read out of bounds)");
+    }
+  }
+}
+
 /*! \brief Read an input file and check it against the model's spec (UsageError if it differs). */
 npy::Array load_input(const std::string& path, const TensorSpec& spec) {
   npy::Array array;
@@ -237,6 +271,7 @@ npy::Array load_input(const std::string& path, const TensorSpec& spec) {
     throw UsageError(what + ": dtype " + npy::dtype_name(spec.dtype) + " expected, got " +
                      npy::dtype_name(array.dtype));
   }
+  if (spec.has_range) check_range(array, spec, what);
   return array;
 }
 
