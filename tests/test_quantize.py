@@ -74,5 +74,20 @@ def test_bad_calibration_data(fp32, tmp_path):
     data = tmp_path / "calib"
     data.mkdir()
     np.save(data / "0.npy", np.zeros((1, 3, 4, 4), np.float32))
-    with pytest.raises(ConfigError, match=r"expected \(1, 3, 8, 8\) float32"):
+    with pytest.raises(ConfigError, match=r"expected float32 \[1, 3, 8, 8\]"):
         _run(fp32, tmp_path / "q2", data_dir=str(data))
+
+
+def test_a_selection_that_quantizes_nothing_is_an_error(tmp_path):
+    """op_types that the model has none of, or excluded nodes it does not have, would make
+    onnxruntime silently quantize nothing (or everything): both are refused by name."""
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_convnet(), str(model))
+    out = tmp_path / "q"
+    out.mkdir()
+    for changes, needle in (({"op_types": ("LSTM", "GRU")}, "nothing would be quantized"),
+                            ({"exclude_nodes": ("nope",)}, "no node named 'nope'")):
+        with pytest.raises(ConfigError, match=needle):
+            quantize.run(model, _cfg(samples=1, **changes), out)
+    quantize.run(model, _cfg(samples=1, op_types=("Conv", "MatMul")), out)  # Conv: ok
+    assert (out / "model.onnx").exists()

@@ -313,3 +313,15 @@ def test_a_task_is_tuned_on_the_module_the_database_stores(tmp_path):
     fresh = _matmul_with_block(8, "D")  # not in the database: tuned as extracted
     assert _on_stored_workload(db, ms.ExtractedTask("m8", fresh, target(), [fresh], 1)) \
         .dispatched[0].same_as(fresh)
+
+
+def test_the_estimate_says_how_long_and_how_to_skip_or_cap():
+    from pipeline.tuning.tuner import TuneBudget, _estimate_line
+
+    short = _estimate_line(40, 2, TuneBudget(trials_per_task=20, max_trials=2000,
+                                             wall_seconds=3600))
+    assert "for 40 trials over 2 task(s)" in short and "cap ends it" not in short
+    assert "tune=off" in short and "tune_minutes=N" in short
+    long = _estimate_line(2000, 60, TuneBudget(trials_per_task=32, max_trials=2000,
+                                               wall_seconds=900))
+    assert "about 15 min" in long and "the 15-minute cap ends it first" in long

@@ -65,8 +65,10 @@ SCHEMES: dict[str, Scheme] = {
         quantize="static_qdq", import_passes=("qdq_to_integer",), compute_dtype="int8",
         comparisons=("tvm_int8_vs_ort_int8", "tvm_int8_vs_ort_fp32", "ort_int8_vs_ort_fp32"),
         default_gates=MappingProxyType({"int8_cosine_min": 0.999, "int8_top1_min": 0.99,
-                                        "int8_max_steps": 1.0}),
-        options=("activation_type", "weight_type", "per_channel"),
+                                        "int8_max_steps": 1.0,
+                                        "int8_fp32_cosine_min": 0.99}),
+        options=("activation_type", "weight_type", "per_channel", "op_types",
+                 "exclude_nodes"),
         summary="integer compute: 8-bit activations and weights, int32 accumulation, "
                 "requantized with onnxruntime's rounding"),
 }

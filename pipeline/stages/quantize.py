@@ -8,7 +8,7 @@ same inputs give the same scales and the same bytes.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
@@ -26,6 +26,9 @@ class QuantizeConfig:
     per_channel: bool
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
     recipe: str = "static_qdq"  # a key of RECIPES: the variant's scheme names it
+    ranges: dict = field(default_factory=dict)  # input name -> [lo, hi] (the spec's range)
+    op_types: tuple[str, ...] = ()  # empty: every op type onnxruntime quantizes
+    exclude_nodes: tuple[str, ...] = ()
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -49,7 +52,9 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir)
+    _check_selection(model_path, config)
+    feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
+                                config.ranges)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -70,6 +75,8 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
             str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=qtype[config.activation_type], weight_type=qtype[config.weight_type],
             per_channel=config.per_channel, calibrate_method=method,
+            op_types_to_quantize=list(config.op_types) or None,
+            nodes_to_exclude=list(config.exclude_nodes) or None,
             extra_options={"CalibTensorRangeSymmetric": False})
     import onnx
 
@@ -78,6 +85,29 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"calibration_samples": len(feeds), "op_counts": dict(sorted(counts.items()))}
+
+
+def _check_selection(model_path: Path, config: QuantizeConfig) -> None:
+    """ConfigError for a selection onnxruntime would silently ignore: op types none of which
+    the model has (nothing would be quantized), node names it does not have. Op types the
+    model lacks among others are fine: ["MatMul", "Gemm"] suits every transformer."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    op_types = {n.op_type for n in graph.node}
+    names = {n.name for n in graph.node}
+    problems = []
+    if config.op_types and not set(config.op_types) & op_types:
+        problems.append(f"op_types: none of {', '.join(config.op_types)} is an op of this "
+                        f"model, so nothing would be quantized (its ops: "
+                        f"{', '.join(sorted(op_types))})")
+    missing = [n for n in config.exclude_nodes if n not in names]
+    if missing:
+        problems.append(f"exclude_nodes: no node named {', '.join(map(repr, missing))} (names "
+                        f"as in the normalised model, e.g. {', '.join(sorted(names)[:5])})")
+    if problems:
+        raise ConfigError("the variant's quantization selection does not match the model:\n"
+                          "  - " + "\n  - ".join(problems))
 
 
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.

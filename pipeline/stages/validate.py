@@ -11,7 +11,8 @@ comparison                 gates                                                
 ``tvm_fp32_vs_ort_fp32``   max abs err <= fp32_rel_tol * max(1, max abs ref); top-1    fp32
 ``tvm_int8_vs_ort_int8``   cosine >= int8_cosine_min; top-1 agreement >=              int8
                            int8_top1_min; max error <= int8_max_steps output steps
-``tvm_int8_vs_ort_fp32``   none (quantization quality as the artifact delivers it)    int8
+``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8
+                           the artifact delivers it: a ruined model fails)
 ``ort_int8_vs_ort_fp32``   none (quantization quality of the QDQ model itself)        int8
 ``cpp_vs_tvm_python``      bit-identical on CPU; on GPU max abs err <= gpu_rel_tol *   always
                            max(1, max abs ref)
@@ -49,6 +50,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError, ValidationFailed
 from pipeline.core.hashing import jsonable
 from pipeline.core.spec import ValidationSpec
+from pipeline.runtime import ort_reference
 from pipeline.runtime.artifact import ArtifactUnderTest
 
 if TYPE_CHECKING:
@@ -64,9 +66,14 @@ ORT_QUALITY = "ort_int8_vs_ort_fp32"
 CPP = "cpp_vs_tvm_python"
 
 _TITLES = {FP32: "TVM fp32 vs onnxruntime fp32", INT8: "TVM int8 vs onnxruntime int8 (QDQ)",
-           INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (reported)",
+           INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (quality)",
            ORT_QUALITY: "onnxruntime int8 vs onnxruntime fp32 (reported)",
            CPP: "C++ binary vs TVM in Python"}
+QUALITY_HINT = (" (quantization lost too much against fp32: quantize fewer ops, e.g. "
+                "op_types = [\"MatMul\", \"Gemm\"] for a transformer, exclude the nodes that "
+                "suffer with exclude_nodes, calibrate on real data, or set "
+                "int8_fp32_cosine_min in [variants.<v>.validation] if this quality is "
+                "acceptable)")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator.ge,
                                                "==": operator.eq}
 _METRICS = ("max_abs_err", "max_rel_err", "cosine", "top1_agreement", "top5_agreement",
@@ -242,10 +249,14 @@ def output_steps(qdq_onnx: Path) -> list[float]:
 
 # ----------------------------------------------------------------------------- runners
 
-def _ort_outputs(model_path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
+def _ort_outputs(model_path: Path, feeds: list[dict],
+                 quantized: bool = False) -> list[list[np.ndarray]]:
+    """onnxruntime's outputs; for a quantized model, from the session
+    :mod:`pipeline.runtime.ort_reference` picks for this CPU."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), ort_reference.session_options(quantized),
+                                   providers=["CPUExecutionProvider"])
     return [list(session.run(None, feed)) for feed in feeds]
 
 
@@ -329,10 +340,12 @@ def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
         return [_Gate("cosine", ">=", g["int8_cosine_min"]),
                 _Gate("top1_agreement", ">=", g["int8_top1_min"], pooled=True),
                 _Gate("max_err_steps", "<=", g["int8_max_steps"])]
+    if comparison == INT8_QUALITY:
+        return [_Gate("cosine", ">=", g["int8_fp32_cosine_min"])]
     if comparison == CPP:
         return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"], scaled=True)] if is_gpu else \
             [_Gate("mismatched_elements", "==", 0)]
-    return []  # quality comparisons are reported, not gated
+    return []  # onnxruntime's own int8 quality is reported, not gated
 
 
 def _class_outputs(fp32_onnx: Path, names: Sequence[str] | None) -> set[int] | None:
@@ -401,7 +414,8 @@ def failure_lines(result: dict) -> list[str]:
             lines.append(f"{rec['artifact']} (model {rec['model']}, variant {rec['variant']}) "
                          f"on target {rec['target']}: {rec['comparison']}: {gate['metric']} = "
                          f"{_fmt(gate['value'])}, threshold {gate['op']} "
-                         f"{_fmt(gate['threshold'])}{where}")
+                         f"{_fmt(gate['threshold'])}{where}"
+                         + (QUALITY_HINT if rec["comparison"] == INT8_QUALITY else ""))
     return lines
 
 
@@ -426,7 +440,9 @@ def _headline(result: dict) -> str:
         return f"- **NOT VALIDATED** {art}: no CUDA device on this machine"
     scheme = (f" (scheme {result['scheme']}: {result['computes']})"
               if result.get("scheme") else "")
-    return f"- **{word}** {art}{scheme}: {result.get('inputs_desc', '')}"
+    reference = (f"; int8 reference: {result['int8_reference']}"
+                 if result.get("int8_reference") else "")
+    return f"- **{word}** {art}{scheme}: {result.get('inputs_desc', '')}{reference}"
 
 
 def _markdown(results: Sequence[dict], title: str) -> str:
@@ -550,7 +566,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     order = [t["name"] for t in io["inputs"]]
     spec_names = dict(zip(order, art.feed_names(io), strict=True))
     out_names = [t["name"] for t in io["outputs"]]
-    feeds = calibration_samples(art.inputs, g["samples"], g["seed"], g["data_dir"])
+    feeds = calibration_samples(art.inputs, g["samples"], g["seed"], g["data_dir"], art.ranges)
     result["inputs_desc"] = (f"{len(feeds)} inputs from {g['data_dir']}" if g["data_dir"] else
                              f"{len(feeds)} seeded synthetic inputs (seed {g['seed']})")
     result["samples"] = len(feeds)
@@ -572,7 +588,9 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
             cpp_errors.append((i, why))
 
     records = []
-    ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds) if needs_qdq else None
+    ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds, quantized=True) if needs_qdq else None
+    if needs_qdq:
+        result["int8_reference"] = ort_reference.reference_description(quantized=True)
     # comparison -> (actual, reference, output steps)
     pairs = {FP32: lambda: (tvm_py, ort_fp32, None),
              INT8: lambda: (tvm_py, ort_int8, output_steps(Path(art.qdq_onnx))),
