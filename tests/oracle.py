@@ -7,11 +7,15 @@ from pathlib import Path
 import numpy as np
 
 
-def ort_run(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def ort_run(model_path: Path, feeds: dict[str, np.ndarray],
+            quantized: bool = False) -> np.ndarray:
+    """onnxruntime's first output; ``quantized``: from the int8 reference session for this
+    CPU (see pipeline.runtime.ort_reference: without VNNI its fused kernels saturate)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    from pipeline.runtime import ort_reference
+
+    options = ort_reference.session_options(quantized, threads=1)
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 

@@ -48,7 +48,8 @@ def test_binary_matches_onnxruntime(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "median" in proc.stdout and "top-5" in proc.stdout.lower()
     got = np.load(tmp_path / "y.npy")
-    ref = ort_run(project / "artifacts" / "tiny_int8" / "quantize" / "model.onnx", {"x": x})
+    ref = ort_run(project / "artifacts" / "tiny_int8" / "quantize" / "model.onnx", {"x": x},
+                  quantized=True)
     # int8 artifact vs onnxruntime int8 on the same QDQ model: close, same top-1
     assert np.argmax(got) == np.argmax(ref)
     assert np.abs(got - ref).max() <= 0.05 * max(1.0, np.abs(ref).max())

