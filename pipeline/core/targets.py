@@ -96,9 +96,6 @@ def host_cpu_flags() -> frozenset[str]:
     return frozenset(_cpuinfo().get("flags", "").split())
 
 
-_cpu_flags = host_cpu_flags
-
-
 def host_cpu_class() -> str:
     """The ISA class of the host, e.g. ``x86_64-avx512-vnni``.
 
@@ -106,7 +103,7 @@ def host_cpu_class() -> str:
     AVX-512+VNNI machine (Sapphire Rapids, Zen 4) replays on another, and MetaSchedule
     looks records up by workload only (never by target), so the class is the key we keep.
     """
-    flags = _cpu_flags()
+    flags = host_cpu_flags()
     parts = [platform.machine() or "unknown"]
     if "avx512f" in flags:
         parts.append("avx512")
@@ -139,7 +136,7 @@ def host_machine_class() -> str:
 
 
 def host_has_vnni() -> bool:
-    return "avx512_vnni" in _cpu_flags()
+    return "avx512_vnni" in host_cpu_flags()
 
 
 def num_threads() -> int:
