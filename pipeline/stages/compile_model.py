@@ -32,9 +32,9 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     from pipeline.compiler import intrinsics
     from pipeline.compiler.lowering import lower_for_target
 
-    intrinsics.register()  # tuning records may name the project's VNNI intrinsic
     spec = get_target(target_name)
     target = tvm_target(spec)
+    intrinsics.register(target.kind.name)  # tuning records may name the target's intrinsics
     lowering: dict = {}  # the layout used, and the fallback taken if the requested one failed
     mod = lower_for_target(mod, target, compute_dtype, layout, report=lowering)
     database = None

@@ -105,9 +105,9 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
 
     # Records of tensorized schedules name their intrinsic: it must be registered before
     # any database holding them is opened (or JSONDatabase fails to load).
-    intrinsics.register()
     spec = get_target(config.target["name"])
     target = tvm_target(spec)
+    intrinsics.register(target.kind.name)
     mod = lower_for_target(load_module(module_json), target, config.compute_dtype,
                            config.layout)
     budget = TuneBudget(trials_per_task=config.trials_per_task, max_trials=config.max_trials,

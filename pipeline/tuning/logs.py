@@ -391,6 +391,14 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
     return report
 
 
+def _record_text(db_dir: Path) -> str:
+    """The record file's text ("" when absent or unreadable): which targets it names."""
+    try:
+        return (db_dir / RECORD_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def open_database(db_dir: Path | str, report=None):
     """``ms.database.JSONDatabase`` on ``db_dir``, after setting aside records it cannot replay.
 
@@ -406,7 +414,7 @@ def open_database(db_dir: Path | str, report=None):
 
     from pipeline.compiler import intrinsics
 
-    intrinsics.register()  # records of tensorized schedules name the project's intrinsic
+    intrinsics.register_for_records(_record_text(Path(db_dir)))  # tensorized records name them
     try:
         return ms.database.JSONDatabase(work_dir=str(db_dir))
     except Exception:  # noqa: BLE001 -- TVM gives no detail worth keeping here
@@ -457,8 +465,8 @@ def drop_unreplayable(db_dir: Path | str) -> tuple[list[str], list[Path]]:
 
     from pipeline.compiler import intrinsics
 
-    intrinsics.register()  # or every VNNI record would "fail" and be dropped
     db_dir = Path(db_dir)
+    intrinsics.register_for_records(_record_text(db_dir))  # or tensorized ones "fail"
     contents = load(db_dir)
     by_index = contents._by_index()
     workloads: dict[int, object] = {}

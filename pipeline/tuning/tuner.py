@@ -192,17 +192,27 @@ def _workers_can_import_pipeline() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
 
 
-def _import_intrinsics() -> None:
+def _import_cpu_intrinsics() -> None:
     """Builder worker initializer: register tensor intrinsics outside the per-build timeout.
 
-    Each fresh LocalBuilder worker would otherwise import them (7-14 s) inside its build
-    timeout, and on a loaded 2-core machine whole batches come back as timeouts (FACTS.md).
+    Each fresh LocalBuilder worker would otherwise import the whole stock set (7-80 s by
+    load) inside its build timeout, and on a loaded 2-core machine whole batches come back
+    as timeouts (FACTS.md). Only the target's own are registered (see intrinsics.py).
     """
-    import tvm.s_tir.tensor_intrin  # noqa: F401
-
     from pipeline.compiler import intrinsics
 
-    intrinsics.register()
+    intrinsics.register("llvm")
+
+
+def _import_cuda_intrinsics() -> None:
+    """:func:`_import_cpu_intrinsics` for CUDA tasks (tensor-core intrinsics too)."""
+    from pipeline.compiler import intrinsics
+
+    intrinsics.register("cuda")
+
+
+# Initializers are pickled by reference, so each target kind has its own function.
+WORKER_INITIALIZERS = {"llvm": _import_cpu_intrinsics, "cuda": _import_cuda_intrinsics}
 
 
 RPC_FIELDS: dict[str, tuple[type, ...]] = {
@@ -407,7 +417,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     # The stock VNNI intrinsic is broken with the wheel's LLVM 22: register ours here too,
     # or every tensorized candidate fails to build and the task silently stays untuned.
-    intrinsics.register()
+    for kind in {p.task.target.kind.name for p in todo}:
+        intrinsics.register(kind)
     _workers_can_import_pipeline()
     start = time.monotonic()
     deadline = start + budget.wall_seconds
@@ -496,6 +507,7 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
             self.n += len(runner_results)
 
     counter = CountMeasured()
+    kind = plan.task.target.kind.name
     scheduler = _deadline_scheduler(deadline, stop)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         [_on_stored_workload(database, plan.task)], work_dir=str(db_dir / "logs"), seed=seed)
@@ -505,7 +517,7 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
         num_trials_per_iter=max(1, min(per_iter, trials)),
         builder=_builder_stopping_on_signal(
             ms.builder.LocalBuilder(timeout_sec=builder_timeout,
-                                    initializer=_import_intrinsics), stop),
+                                    initializer=WORKER_INITIALIZERS[kind]), stop),
         runner=runner, database=database, task_scheduler=scheduler,
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
     return counter.n, scheduler.cut_short
