@@ -170,3 +170,58 @@ scheme = "int8"
 trials_per_task = 4
 wall_seconds = 60
 """
+
+
+def tiny_mlp(seed: int = 0, k: int = 96, hidden: int = 64, n: int = 48,
+             rows: int = 3) -> onnx.ModelProto:
+    """x [1, rows, k] -> MatMul+bias -> Relu -> MatMul -> y [1, rows, n]: two MatMul weights
+    for the block-wise weight-only schemes (k = 96: three groups of 32, and 0.75 of a group
+    of 128, so the padded last group is exercised)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(
+                 (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32), "w1"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(hidden)).astype(np.float32),
+                                     "b1"),
+             numpy_helper.from_array(
+                 (rng.standard_normal((hidden, n)) / np.sqrt(hidden)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1/MatMul"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1/Add"),
+             helper.make_node("Relu", ["hb"], ["hr"], name="fc1/Relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2/MatMul")]
+    graph = helper.make_graph(
+        nodes, "tiny_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+MLP_SPEC = """\
+name = "tiny"
+description = "tiny MLP for the weight-only schemes"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "x"
+shape = [1, 3, 96]
+dtype = "float32"
+
+[[outputs]]
+name = "y"
+
+[variants.fp32]
+scheme = "fp32"
+
+[variants.w4g32]
+scheme = "w4g32"
+symmetric = true
+
+[variants.w8g128]
+scheme = "w8g128"
+
+[tuning]
+trials_per_task = 4
+wall_seconds = 60
+"""

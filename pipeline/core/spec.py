@@ -68,6 +68,12 @@ class VariantSpec:
     op_types: tuple = ()
     exclude_nodes: tuple = ()
     layout: str = ""  # fp32 convs on CPUs: "NHWC" or "NCHW16c"; empty: the pipeline's default
+    # block-wise weight-only schemes (w4g32, ...): zero points per group (false) or none
+    symmetric: bool = False
+    # MatMulNBits accuracy_level written into the quantized ONNX: what onnxruntime computes
+    # in (0: as the inputs, float32; 4: int8 activations, its fastest CPU path). TVM always
+    # computes in float32, so 0 keeps the two bit-for-bit comparable.
+    accuracy_level: int = 0
     # [variants.<name>.validation]: gate thresholds for this variant only (see GATE_KEYS)
     validation: dict = field(default_factory=dict)
 
@@ -92,13 +98,17 @@ class ValidationSpec:
     int8_top1_min: float = 0.99
     int8_max_steps: float = 1.0  # elementwise, in output quantization steps
     int8_fp32_cosine_min: float = 0.99  # int8 artifact vs onnxruntime fp32: quality kept
+    # other quantized schemes: TVM vs onnxruntime on the same quantized ONNX (max abs err <=
+    # tol * max(1, max abs ref)) and the artifact vs onnxruntime fp32 (quality kept)
+    quantized_rel_tol: float = 1e-4
+    quality_cosine_min: float = 0.99
     gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
 
 
 # The thresholds of ValidationSpec (the rest says which inputs to run): a scheme's defaults,
 # a model's [validation] and a variant's [variants.<v>.validation] set them, in that order.
 GATE_KEYS = ("fp32_rel_tol", "int8_cosine_min", "int8_top1_min", "int8_max_steps",
-             "int8_fp32_cosine_min", "gpu_rel_tol")
+             "int8_fp32_cosine_min", "quantized_rel_tol", "quality_cosine_min", "gpu_rel_tol")
 
 
 @dataclass(frozen=True)
@@ -294,6 +304,9 @@ def _parse_variant(vname: str, table, problems: list[str],
                                '["/bert/embeddings/Add"]'))
         else:
             variant = replace(variant, **{key: tuple(value)})
+    if variant.accuracy_level not in (0, 1, 2, 3, 4):
+        problems.append(f"{where}.accuracy_level: {variant.accuracy_level!r} not one of 0 "
+                        "(unset: float32), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
     if variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
         problems.append(f"{where}.layout: {variant.layout!r} not one of "
                         f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")

@@ -171,7 +171,7 @@ def _cuda_tvm_target(spec: TargetSpec) -> dict:
 BACKENDS: dict[str, Backend] = {
     "llvm": Backend(
         kind="llvm", device="cpu", runs_on_build_host=True, kernel_check=True,
-        untuned_scheduler="none", bit_exact_app=True, toolchain="host C++ compiler (CMake)",
+        untuned_scheduler="rules", bit_exact_app=True, toolchain="host C++ compiler (CMake)",
         # Logs are shared per ISA class, not per CPU model (see host_cpu_class).
         log_key=lambda spec: f"cpu-{host_cpu_class()}",
         recipe=_cpu_recipe, tvm_target=_cpu_tvm_target),

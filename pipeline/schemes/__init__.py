@@ -44,6 +44,8 @@ class Scheme:
     default_gates: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     options: tuple[str, ...] = ()
     summary: str = ""
+    # what the quantize recipe needs beyond the variant's options (bits, block size...)
+    quantize_params: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def quantized(self) -> bool:
@@ -72,6 +74,31 @@ SCHEMES: dict[str, Scheme] = {
         summary="integer compute: 8-bit activations and weights, int32 accumulation, "
                 "requantized with onnxruntime's rounding"),
 }
+
+
+def _blockwise(bits: int, block_size: int) -> Scheme:
+    """A block-wise weight-only scheme: MatMul weights in ``bits``-bit integer codes with one
+    float16 scale (and, unless symmetric, one zero point) per ``block_size`` input channels;
+    activations and everything else float32."""
+    name = f"w{bits}g{block_size}"
+    return Scheme(
+        name=name,
+        description=f"weight-only INT{bits}, a scale per group of {block_size} input "
+                    "channels (onnxruntime MatMulNBits), float32 activations",
+        quantize="matmul_nbits", import_passes=(), compute_dtype="float32",
+        comparisons=("tvm_vs_ort_quantized", "tvm_vs_ort_fp32_quality",
+                     "ort_int8_vs_ort_fp32"),
+        default_gates=MappingProxyType({"quantized_rel_tol": 1e-4,
+                                        "quality_cosine_min": 0.99}),
+        options=("symmetric", "accuracy_level", "exclude_nodes"),
+        summary=f"MatMul weights stored as packed {bits}-bit codes with float16 group scales "
+                f"(group {block_size}), unpacked inside a fused dequantize-matmul kernel; "
+                "float32 arithmetic; other ops float32",
+        quantize_params=MappingProxyType({"bits": bits, "block_size": block_size}))
+
+
+SCHEMES.update({s.name: s for s in (_blockwise(4, 32), _blockwise(4, 128),
+                                    _blockwise(8, 128))})
 
 
 def get_scheme(name: str) -> Scheme:

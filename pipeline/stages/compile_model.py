@@ -103,11 +103,17 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     mod, target, report = lower_and_schedule(mod, config.target["name"], config.compute_dtype,
                                              database_dir, config.layout)
     if report["untuned"]:
+        hand = set(report.get("rule_scheduled", ()))
+        rest = [k for k in report["untuned"] if k not in hand]
+        how = ("naive loops" if report["untuned_scheduler"] == UNTUNED_SCHEDULERS["rules"][0]
+               else f"{report['untuned_scheduler']} schedules")
+        parts = [f"{', '.join(rest)} use {how}"] if rest else []
+        if hand:
+            parts.append(f"{', '.join(sorted(hand))} use the project's hand schedule")
         print(f"compile: WARNING {len(report['untuned'])} of "
-              f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record "
-              f"and use {report['untuned_scheduler']} schedules: {', '.join(report['untuned'])}."
-              " Tune them with `doit build:<artifact> tune=missing` (see README, Tuning).",
-              flush=True)
+              f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record: "
+              f"{'; '.join(parts)}. Tune them with `doit build:<artifact> tune=missing` (see "
+              "README, Tuning).", flush=True)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_dir / "model.so"))
     (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
@@ -116,9 +122,33 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     return {"untuned": len(report["untuned"]), "tuned": len(report["tuned"])}
 
 
+def _rule_schedule(mod, target, compute_dtype: str):
+    """Hand schedules for the project's own CPU kernels that have no tuning record (the
+    block-wise dequantize-matmul); every other untuned kernel keeps its naive loops.
+    Returns ``(mod, report fields)``."""
+    from tvm import tirx
+
+    from pipeline.compiler import dequant_matmul
+
+    scheduled = []
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or (
+                func.attrs is not None and "tirx.is_scheduled" in func.attrs
+                and bool(func.attrs["tirx.is_scheduled"])):
+            continue
+        if dequant_matmul.has_kernel(func):
+            new = dequant_matmul.schedule_cpu(func)
+            if not new.same_as(func):
+                mod[gvar] = new
+                scheduled.append(gvar.name_hint)
+    return mod, {"rule_scheduled": sorted(scheduled)}
+
+
 # How kernels without a tuning record are scheduled, per a backend's ``untuned_scheduler``
 # (core.targets.BACKENDS): (report label, function(mod, target, compute_dtype) or None).
 UNTUNED_SCHEDULERS = {
     "none": ("none (naive loops)", None),
+    "rules": ("rules (the project's hand schedules for its own kernels: dequantize-matmul; "
+              "naive loops for the rest)", _rule_schedule),
     "dlight": ("dlight", _dlight_schedule),
 }

@@ -90,12 +90,21 @@ def fold_batchnorm_into_conv(model) -> int:
     return len(folded)
 
 
-def import_onnx(model_path: Path, config: ImportConfig):
-    """from_onnx with the spec's static shapes; every unsupported op named in one error."""
+def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = None):
+    """from_onnx with the spec's static shapes; every unsupported op named in one error.
+
+    MatMulNBits nodes (block-wise INT4/INT8 weights) are taken out before the import and
+    become fused dequantize-matmul kernels after it (:mod:`pipeline.frontend.blockwise_weights`);
+    ``report`` receives the format of each such layer.
+    """
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
+    from pipeline.compiler.passes.weight_only import bind_blockwise_weights
+    from pipeline.frontend import blockwise_weights
+
     model = onnx.load(str(model_path))
+    blockwise = blockwise_weights.extract(model)
     missing = unsupported_ops(model)
     if missing:
         lines = [f"{op} (nodes: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
@@ -110,7 +119,11 @@ def import_onnx(model_path: Path, config: ImportConfig):
             f"\nReplace them in the exporter or pre-process the graph.{hint}")
     fold_batchnorm_into_conv(model)
     shape_dict = {name: list(shape) for name, shape, _ in config.inputs}
-    return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    shape_dict.update({name: [w.k, w.n] for name, w in blockwise.weights.items()})
+    mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    if report is not None and blockwise.weights:
+        report.update(blockwise.report())
+    return bind_blockwise_weights(mod, blockwise.weights)
 
 
 def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
@@ -119,11 +132,11 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
 
     from pipeline.compiler.lowering import graph_cleanup
 
-    mod = import_onnx(model_path, config)
+    report: dict = {"integer_pass": False, "passes": list(config.passes)}
+    mod = import_onnx(model_path, config, report)
     mod = graph_cleanup()(mod)
     from pipeline.compiler.passes import IMPORT_PASSES
 
-    report: dict = {"integer_pass": False, "passes": list(config.passes)}
     for name in config.passes:
         mod, fields = IMPORT_PASSES[name](mod)
         report.update(fields)

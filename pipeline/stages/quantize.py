@@ -29,6 +29,11 @@ class QuantizeConfig:
     ranges: dict = field(default_factory=dict)  # input name -> [lo, hi] (the spec's range)
     op_types: tuple[str, ...] = ()  # empty: every op type onnxruntime quantizes
     exclude_nodes: tuple[str, ...] = ()
+    # matmul_nbits (block-wise weight-only) only
+    bits: int = 0
+    block_size: int = 0
+    symmetric: bool = False
+    accuracy_level: int = 0
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -110,7 +115,56 @@ def _check_selection(model_path: Path, config: QuantizeConfig) -> None:
                           "  - " + "\n  - ".join(problems))
 
 
+def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """onnxruntime's ``MatMulNBitsQuantizer``: every MatMul with a constant weight (except
+    ``exclude_nodes``) becomes ``com.microsoft.MatMulNBits`` with ``bits``-bit codes and a
+    scale (and zero point unless symmetric) per ``block_size`` input channels. No calibration.
+
+    The scales are then rounded to float16 values (kept as float32 in the ONNX): the artifact
+    stores them in half precision, and onnxruntime must compute with the very same weights.
+    Rounding a scale moves each weight by at most 2**-11 of its quantization step.
+    """
+    import logging
+
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from pipeline.schemes.blockwise import round_scales_to_float16
+
+    model = onnx.load(str(model_path))
+    _check_selection(model_path, config)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=config.bits, block_size=config.block_size,
+        is_symmetric=config.symmetric, accuracy_level=config.accuracy_level or None,
+        nodes_to_exclude=list(config.exclude_nodes))
+    quantizer.process()
+    model = quantizer.model.model
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        raise ConfigError(f"{model_path}: no MatMul with a constant weight to quantize (the "
+                          f"{config.bits}-bit weight-only schemes quantize MatMul weights); "
+                          "use fp32 or int8 for this model")
+    scales = {n.input[2] for n in nodes}
+    for init in model.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(
+                round_scales_to_float16(numpy_helper.to_array(init)), init.name))
+    onnx.save(model, str(out_dir / "model.onnx"))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    # what stays float: MatMuls with a computed weight (attention), Gemm, excluded nodes
+    left = sorted(n.name or n.op_type for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm"))
+    return {"op_counts": dict(sorted(counts.items())), "quantized_matmuls": len(nodes),
+            "float_matmuls_left": left,
+            "scales": "rounded to float16 values (each moves by <= 2**-11 relative)"}
+
+
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
 RECIPES = {
     "static_qdq": _static_qdq,
+    "matmul_nbits": _matmul_nbits,
 }

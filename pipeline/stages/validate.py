@@ -13,7 +13,11 @@ comparison                 gates                                                
                            int8_top1_min; max error <= int8_max_steps output steps
 ``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8
                            the artifact delivers it: a ruined model fails)
-``ort_int8_vs_ort_fp32``   none (quantization quality of the QDQ model itself)        int8
+``ort_int8_vs_ort_fp32``   none (quantization quality of the quantized model itself)  quantized
+``tvm_vs_ort_quantized``   max abs err <= quantized_rel_tol * max(1, max abs ref)     w4g32...
+                           (TVM and onnxruntime run the same quantized ONNX)
+``tvm_vs_ort_fp32_quality``  cosine >= quality_cosine_min (quantization quality as    w4g32...
+                           the artifact delivers it)
 ``cpp_vs_tvm_python``      bit-identical on CPU; on GPU max abs err <= gpu_rel_tol *   always
                            max(1, max abs ref)
 =========================  =========================================================  =======
@@ -62,18 +66,27 @@ NO_CUDA = "not validated: no CUDA device"
 FP32 = "tvm_fp32_vs_ort_fp32"
 INT8 = "tvm_int8_vs_ort_int8"
 INT8_QUALITY = "tvm_int8_vs_ort_fp32"
-ORT_QUALITY = "ort_int8_vs_ort_fp32"
+ORT_QUALITY = "ort_int8_vs_ort_fp32"  # name kept from int8: any quantized ONNX vs fp32
+QUANTIZED = "tvm_vs_ort_quantized"
+QUALITY = "tvm_vs_ort_fp32_quality"
 CPP = "cpp_vs_tvm_python"
 
 _TITLES = {FP32: "TVM fp32 vs onnxruntime fp32", INT8: "TVM int8 vs onnxruntime int8 (QDQ)",
            INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (quality)",
-           ORT_QUALITY: "onnxruntime int8 vs onnxruntime fp32 (reported)",
+           ORT_QUALITY: "onnxruntime quantized vs onnxruntime fp32 (reported)",
+           QUANTIZED: "TVM vs onnxruntime on the same quantized ONNX",
+           QUALITY: "TVM quantized vs onnxruntime fp32 (quality)",
            CPP: "C++ binary vs TVM in Python"}
 QUALITY_HINT = (" (quantization lost too much against fp32: quantize fewer ops, e.g. "
                 "op_types = [\"MatMul\", \"Gemm\"] for a transformer, exclude the nodes that "
                 "suffer with exclude_nodes, calibrate on real data, or set "
                 "int8_fp32_cosine_min in [variants.<v>.validation] if this quality is "
                 "acceptable)")
+WEIGHT_ONLY_HINT = (" (quantization lost too much against fp32: keep the sensitive layers in "
+                    "float with exclude_nodes (often the first and last MatMul), use a "
+                    "smaller group (w4g32) or 8 bits (w8g128), or set quality_cosine_min in "
+                    "[variants.<v>.validation] if this quality is acceptable)")
+_HINTS = {INT8_QUALITY: QUALITY_HINT, QUALITY: WEIGHT_ONLY_HINT}
 _OPS: dict[str, Callable[[Any, Any], bool]] = {"<=": operator.le, ">=": operator.ge,
                                                "==": operator.eq}
 _METRICS = ("max_abs_err", "max_rel_err", "cosine", "top1_agreement", "top5_agreement",
@@ -342,6 +355,11 @@ def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
                 _Gate("max_err_steps", "<=", g["int8_max_steps"])]
     if comparison == INT8_QUALITY:
         return [_Gate("cosine", ">=", g["int8_fp32_cosine_min"])]
+    if comparison == QUANTIZED:
+        return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"] if is_gpu else
+                      g["quantized_rel_tol"], scaled=True)]
+    if comparison == QUALITY:
+        return [_Gate("cosine", ">=", g["quality_cosine_min"])]
     if comparison == CPP:
         return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"], scaled=True)] if is_gpu else \
             [_Gate("mismatched_elements", "==", 0)]
@@ -415,7 +433,7 @@ def failure_lines(result: dict) -> list[str]:
                          f"on target {rec['target']}: {rec['comparison']}: {gate['metric']} = "
                          f"{_fmt(gate['value'])}, threshold {gate['op']} "
                          f"{_fmt(gate['threshold'])}{where}"
-                         + (QUALITY_HINT if rec["comparison"] == INT8_QUALITY else ""))
+                         + _HINTS.get(rec["comparison"], ""))
     return lines
 
 
@@ -547,7 +565,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     if unknown:
         raise ConfigError(f"unknown validation comparison(s) {', '.join(unknown)}; known: "
                           f"{', '.join(c for c in _TITLES if c != CPP)}")
-    needs_qdq = {INT8, INT8_QUALITY, ORT_QUALITY} & set(comparisons)
+    needs_qdq = {INT8, INT8_QUALITY, ORT_QUALITY, QUANTIZED, QUALITY} & set(comparisons)
     if needs_qdq and art.qdq_onnx is None:
         raise ConfigError(f"{art.name}: comparison(s) {', '.join(sorted(needs_qdq))} need the "
                           "quantized ONNX model, and this artifact has none")
@@ -589,13 +607,15 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
 
     records = []
     ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds, quantized=True) if needs_qdq else None
-    if needs_qdq:
+    if INT8 in comparisons:
         result["int8_reference"] = ort_reference.reference_description(quantized=True)
     # comparison -> (actual, reference, output steps)
     pairs = {FP32: lambda: (tvm_py, ort_fp32, None),
              INT8: lambda: (tvm_py, ort_int8, output_steps(Path(art.qdq_onnx))),
              INT8_QUALITY: lambda: (tvm_py, ort_fp32, None),
-             ORT_QUALITY: lambda: (ort_int8, ort_fp32, None)}
+             ORT_QUALITY: lambda: (ort_int8, ort_fp32, None),
+             QUANTIZED: lambda: (tvm_py, ort_int8, None),
+             QUALITY: lambda: (tvm_py, ort_fp32, None)}
     for comparison in comparisons:
         actual, reference, steps = pairs[comparison]()
         records.append(_record(art, comparison, actual, reference, g, steps, class_outputs))

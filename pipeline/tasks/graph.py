@@ -128,7 +128,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
             activation_type=variant.activation_type, weight_type=variant.weight_type,
             per_channel=variant.per_channel, inputs=_inputs(spec), recipe=scheme.quantize,
             ranges=input_ranges(spec), op_types=variant.op_types,
-            exclude_nodes=variant.exclude_nodes)
+            exclude_nodes=variant.exclude_nodes, symmetric=variant.symmetric,
+            accuracy_level=variant.accuracy_level, **scheme.quantize_params)
         upstream = {"model": model}
         if cal.data_dir:
             _data_files(upstream, "calibration", project.root / cal.data_dir)
