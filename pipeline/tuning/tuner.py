@@ -419,6 +419,9 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     # or every tensorized candidate fails to build and the task silently stays untuned.
     for kind in {p.task.target.kind.name for p in todo}:
         intrinsics.register(kind)
+    from pipeline.compiler import dequant_matmul
+
+    dequant_matmul.register_tuning_rule()  # its search space is the project's template
     _workers_can_import_pipeline()
     start = time.monotonic()
     deadline = start + budget.wall_seconds
