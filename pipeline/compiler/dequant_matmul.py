@@ -9,10 +9,11 @@ one-row matmul (a decoder step) reads 8x fewer bytes than fp32.
 INT4 is stored in ``uint8`` and unpacked with shifts and masks: TVM 0.27 miscompiles ``int4``
 buffers on llvm and CUDA (FACTS.md).
 
-:func:`schedule_cpu` is the kernel's schedule when the tuning database has no record for it
-(MetaSchedule tunes it like any other kernel): output channels split into vectors of 16
-floats with several accumulators, parallel over the outer output-channel blocks, and the
-unpacking hoisted out of the row loop.
+One schedule template (:func:`apply_template`) serves both paths: with fixed knobs it is the
+kernel's schedule when the tuning database has no record (:func:`schedule_cpu`, applied by
+the compile stage's "rules" scheduler); registered as the block's MetaSchedule rule
+(:func:`register_tuning_rule`) its knobs become search decisions, so tuning explores this
+structure rather than generic tilings.
 """
 
 from __future__ import annotations
