@@ -92,13 +92,19 @@ class ValidationSpec:
     int8_top1_min: float = 0.99
     int8_max_steps: float = 1.0  # elementwise, in output quantization steps
     int8_fp32_cosine_min: float = 0.99  # int8 artifact vs onnxruntime fp32: quality kept
+    # TVM fp16 vs onnxruntime fp16: max abs err <= tol * max(1, max abs ref): ~10 float16
+    # ulps, since onnxruntime's CPU kernels round between ops where TVM's fused ones do not
+    fp16_rel_tol: float = 1e-2
+    fp16_fp32_cosine_min: float = 0.99  # fp16 artifact vs onnxruntime fp32: quality kept
+    bf16_fp32_cosine_min: float = 0.99  # bf16 artifact vs onnxruntime fp32: quality kept
     gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
 
 
 # The thresholds of ValidationSpec (the rest says which inputs to run): a scheme's defaults,
 # a model's [validation] and a variant's [variants.<v>.validation] set them, in that order.
 GATE_KEYS = ("fp32_rel_tol", "int8_cosine_min", "int8_top1_min", "int8_max_steps",
-             "int8_fp32_cosine_min", "gpu_rel_tol")
+             "int8_fp32_cosine_min", "gpu_rel_tol", "fp16_rel_tol", "fp16_fp32_cosine_min",
+             "bf16_fp32_cosine_min")
 
 
 @dataclass(frozen=True)

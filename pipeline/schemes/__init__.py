@@ -71,6 +71,27 @@ SCHEMES: dict[str, Scheme] = {
                  "exclude_nodes"),
         summary="integer compute: 8-bit activations and weights, int32 accumulation, "
                 "requantized with onnxruntime's rounding"),
+    "fp16": Scheme(
+        name="fp16",
+        description="float16 weights and activations (onnxconverter-common conversion, "
+                    "float32 inputs/outputs), float32 accumulation in matmul and conv",
+        quantize="float16", import_passes=("fp16_accumulate_fp32",), compute_dtype="float16",
+        comparisons=("tvm_fp16_vs_ort_fp16", "tvm_fp16_vs_ort_fp32", "ort_fp16_vs_ort_fp32"),
+        default_gates=MappingProxyType({"fp16_rel_tol": 1e-2, "fp16_fp32_cosine_min": 0.99}),
+        summary="float16 storage and element-wise math, matmul/conv accumulate in float32; "
+                "x86 CPUs without AVX512-FP16 convert each op to float32 (half the weight "
+                "bytes, no faster compute)"),
+    "bf16": Scheme(
+        name="bf16",
+        description="bfloat16 weights (MatMul/Gemm/Conv, round to nearest even), float32 "
+                    "activations and compute: weights decoded (exactly) inside each kernel",
+        quantize="bfloat16_weights", import_passes=("bf16_weights",),
+        compute_dtype="float32",
+        comparisons=("tvm_bf16_vs_ort_bf16", "tvm_bf16_vs_ort_fp32", "ort_bf16_vs_ort_fp32"),
+        # the same float32 arithmetic on the same weights as onnxruntime: the fp32 gate
+        default_gates=MappingProxyType({"fp32_rel_tol": 1e-4, "bf16_fp32_cosine_min": 0.99}),
+        summary="bfloat16 weight storage, float32 compute (weights decoded in the kernel; "
+                "TVM 0.27 has no bfloat16 dot product on x86)"),
 }
 
 
