@@ -101,6 +101,7 @@ def keep_bfloat16_weights(mod):
         if not is_bfloat16_exact(values):
             report.kept.append(f"{_label(call)}: weight {values.dtype} is not bfloat16-valued")
             return None
+        kind = op_name(call).rsplit(".", 1)[-1]
         stored = relax.const(tvm.runtime.tensor(values.astype(ml_dtypes.bfloat16)))
         x = relax.Var("x", call.args[0].ty)
         w = relax.Var("w_bf16", stored.ty)
@@ -110,10 +111,10 @@ def keep_bfloat16_weights(mod):
                 decoded = bb.emit(relax.op.astype(w, "float32"))
                 out = bb.emit_output(relax.Call(call.op, [x, decoded], call.attrs))
             bb.emit_func_output(out)
-        kind = op_name(call).rsplit(".", 1)[-1]
         # structurally equal functions (same shapes) are added once
         gvar = mutator.builder_.add_func(bb.get()["decode"], f"bf16_decode_{kind}")
-        report.rewritten.append(f"{_label(call)}: weight {list(values.shape)} bfloat16")
+        layout = " (stays in its imported layout)" if kind == "conv2d" else ""
+        report.rewritten.append(f"{_label(call)}: weight {list(values.shape)} bfloat16{layout}")
         return relax.Call(gvar, [call.args[0], stored])
 
     return rewrite_calls(mod, rewrite), report
