@@ -80,3 +80,6 @@ def test_import_reports_name_the_rewritten_ops(built):
     assert len(imported("bf16")["bf16_weights"]["rewritten"]) == 3
     assert imported("bf16")["bf16_weights"]["kept"] == []
     assert len(imported("fp16")["fp16_accumulate_fp32"]["rewritten"]) == 3
+    compiled = json.loads((_art(project, "fp16") / "compile" / "compile_report.json")
+                          .read_text())
+    assert compiled["float16_compute"].startswith(("native", "converted to float32"))

@@ -77,6 +77,10 @@ def test_bfloat16_weights_become_bfloat16_constants_and_others_stay():
     new, report = keep_bfloat16_weights(mod)
     assert len(report.rewritten) == 1 and len(report.kept) == 3, report
     assert _constant_dtypes(new).count("bfloat16") == 1
+    # the decode sits in one fused function with its matmul, bias add and ReLU
+    composites = [str(f.attrs["Composite"]) for _, f in new.functions_items()
+                  if f.attrs is not None and "Composite" in f.attrs]
+    assert composites == ["bf16_matmul_add_relu"]
 
 
 # ------------------------------------------------------------------ compiled (slow)

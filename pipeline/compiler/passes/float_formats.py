@@ -12,11 +12,11 @@ any cast of a constant: the weights would reach ``model.so`` as float32. This pa
 each ``matmul``/``conv2d`` whose weight is a float32 constant holding bfloat16 values only
 (low 16 bits zero: the decoded weights of the ``bfloat16_weights`` recipe), stores the weight
 as a bfloat16 constant, and moves the decode (a 16-bit shift, exact: checked against
-``ml_dtypes`` for all 65536 codes) into a fused primitive function with the consumer. A call
-whose other operand is an activation is out of FoldConstant's reach, so the constant stays
-bfloat16, and ``FuseTIR`` makes one kernel that decodes the weight as it multiplies. Compute
-stays float32. Convolutions handled this way keep their imported NCHW layout (the layout
-pass does not enter fused functions).
+``ml_dtypes`` for all 65536 codes) into a fused primitive function with the consumer (and
+the bias add and ReLU after it). A call whose other operand is an activation is out of
+FoldConstant's reach, so the constant stays bfloat16, and ``FuseTIR`` makes one kernel that
+decodes the weight as it multiplies. Compute stays float32. Convolutions handled this way
+keep their imported NCHW layout (the layout pass does not enter fused functions).
 """
 
 from __future__ import annotations
@@ -80,6 +80,21 @@ def accumulate_in_float32(mod):
     return rewrite_calls(mod, rewrite), report
 
 
+def _decode_patterns():
+    """(name, pattern) for FuseOpsByPattern, longest first: the weight's decode, its
+    matmul/conv2d and the bias add and ReLU that follow, in one fused function."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    patterns = []
+    for op in WEIGHT_OPS:
+        kind = op.rsplit(".", 1)[-1]
+        core = is_op(op)(wildcard(), is_op("relax.astype")(is_const()))
+        add = is_op("relax.add")(core, wildcard())
+        patterns += [(f"bf16_{kind}_add_relu", is_op("relax.nn.relu")(add)),
+                     (f"bf16_{kind}_add", add), (f"bf16_{kind}", core)]
+    return patterns
+
+
 def keep_bfloat16_weights(mod):
     """bfloat16-valued float32 weights -> bfloat16 constants decoded inside the consumer's
     kernel; returns ``(mod, FloatFormatReport)``."""
@@ -101,20 +116,16 @@ def keep_bfloat16_weights(mod):
         if not is_bfloat16_exact(values):
             report.kept.append(f"{_label(call)}: weight {values.dtype} is not bfloat16-valued")
             return None
-        kind = op_name(call).rsplit(".", 1)[-1]
         stored = relax.const(tvm.runtime.tensor(values.astype(ml_dtypes.bfloat16)))
-        x = relax.Var("x", call.args[0].ty)
-        w = relax.Var("w_bf16", stored.ty)
-        bb = relax.BlockBuilder()
-        with bb.function("decode", [x, w], {"Primitive": True}, private=True):
-            with bb.dataflow():
-                decoded = bb.emit(relax.op.astype(w, "float32"))
-                out = bb.emit_output(relax.Call(call.op, [x, decoded], call.attrs))
-            bb.emit_func_output(out)
-        # structurally equal functions (same shapes) are added once
-        gvar = mutator.builder_.add_func(bb.get()["decode"], f"bf16_decode_{kind}")
-        layout = " (stays in its imported layout)" if kind == "conv2d" else ""
+        decoded = mutator.builder_.normalize(relax.op.astype(stored, "float32"))
+        layout = " (stays in its imported layout)" if op_name(call) == "relax.nn.conv2d" else ""
         report.rewritten.append(f"{_label(call)}: weight {list(values.shape)} bfloat16{layout}")
-        return relax.Call(gvar, [call.args[0], stored])
+        return relax.Call(call.op, [call.args[0], decoded], call.attrs)
 
-    return rewrite_calls(mod, rewrite), report
+    mod = rewrite_calls(mod, rewrite)
+    # Each decode goes into a fused function with its consumer, the bfloat16 constant a
+    # parameter (bind_constants=False): the call has an activation argument, so no later
+    # FoldConstant can turn the weight back into float32, and FuseTIR makes one kernel.
+    mod = relax.transform.FuseOpsByPattern(_decode_patterns(), bind_constants=False,
+                                           annotate_codegen=False)(mod)
+    return mod, report
