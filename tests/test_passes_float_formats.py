@@ -200,3 +200,16 @@ def test_fp16_cross_compiles_for_rtx4090(tmp_path):
 
     sources = package.cuda_kernel_sources(built["so"])
     assert sources and "half" in sources[0]
+
+
+def test_kernel_check_feeds_bfloat16_buffers():
+    """The tune stage checks each tuned kernel against the naive one on random inputs; a bf16
+    kernel's weight buffer is bfloat16, which numpy names only through ml_dtypes."""
+    from tvm import te
+
+    from pipeline.tuning.kernel_check import _random_args
+
+    w = te.placeholder((4, 8), "bfloat16", name="w")
+    y = te.compute((4, 8), lambda i, j: w[i, j].astype("float32"), name="y")
+    arrays = _random_args(te.create_prim_func([w, y]), seed=0)
+    assert arrays[0].dtype == ml_dtypes.bfloat16 and arrays[1].dtype == np.float32
