@@ -93,3 +93,25 @@ def test_same_model_same_bytes(tmp_path, recipe):
         (tmp_path / run).mkdir()
         paths.append(_run(tiny_convnet(), recipe, tmp_path / run)[0])
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_float16_of_an_int64_mask_cast_loads_in_onnxruntime(tmp_path):
+    """A mask cast from int64 to float (every BERT's pooling): onnxconverter-common declares
+    its output float16 but keeps ``to=FLOAT``; the recipe makes the Cast agree."""
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT, name="mask_cast"),
+         helper.make_node("Mul", ["x", "mf"], ["y"], name="mul")], "mask",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("m", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path, report = _run(model, "float16", tmp_path, (("x", (1, 4), "float32"),
+                                                     ("m", (1, 4), "int64")))
+    assert report["casts_retargeted"] == ["mask_cast"]
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x, "m": np.array([[1, 0, 1, 0]], np.int64)})[0]
+    assert np.array_equal(y, [[1.0, 0.0, 3.0, 0.0]])

@@ -14,7 +14,9 @@ between formats, so no stage branches on a format's name:
 - ``default_gates``: the thresholds of those comparisons (a model's ``[validation]`` and a
   variant's ``[variants.<v>.validation]`` override them, in that order);
 - ``options``: the variant keys the scheme reads (anything else in the variant is an error);
-- ``summary``: what the reports say the artifact computes.
+- ``summary``: what the reports say the artifact computes;
+- ``ort_session_config``: onnxruntime session config entries for running the quantize
+  stage's model (the reference and the baseline), where it needs any.
 
 Adding a format is one entry here plus what it needs below (a quantize recipe, import
 passes, a codec): see ``pipeline/README.md``. The registry is plain data, cheap to import.
@@ -44,6 +46,7 @@ class Scheme:
     default_gates: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     options: tuple[str, ...] = ()
     summary: str = ""
+    ort_session_config: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def quantized(self) -> bool:
@@ -91,7 +94,12 @@ SCHEMES: dict[str, Scheme] = {
         # the same float32 arithmetic on the same weights as onnxruntime: the fp32 gate
         default_gates=MappingProxyType({"fp32_rel_tol": 1e-4, "bf16_fp32_cosine_min": 0.99}),
         summary="bfloat16 weight storage, float32 compute (weights decoded in the kernel; "
-                "TVM 0.27 has no bfloat16 dot product on x86)"),
+                "TVM 0.27 has no bfloat16 dot product on x86)",
+        # onnxruntime 1.31 folds each decoding Cast into a float32 initializer, and then its
+        # MatMulAddFusion fails on a BERT ("AddInitializedOrtValue Attempt to replace the
+        # existing tensor"); without that one fusion the model loads and runs
+        ort_session_config=MappingProxyType(
+            {"optimization.disable_specified_optimizers": "MatMulAddFusion"})),
 }
 
 

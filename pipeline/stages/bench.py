@@ -164,6 +164,11 @@ def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if art.quantized and art.scheme:  # the scheme's session config for its model
+        from pipeline.schemes import get_scheme
+
+        for key, value in get_scheme(art.scheme).ort_session_config.items():
+            options.add_session_config_entry(key, value)
     provider = "CPUExecutionProvider"
     if art.is_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         provider = "CUDAExecutionProvider"

@@ -123,10 +123,31 @@ def _float16(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         model = onnx.load(str(_preprocess(model_path, Path(scratch))))
     converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    fixed = _fix_float_casts(converted)
     onnx.save(converted, str(out_dir / "model.onnx"))
     return {"op_counts": _op_counts(converted),
             "initializers": _initializer_dtypes(converted),
-            "float32_ops": _float32_ops(converted)}
+            "float32_ops": _float32_ops(converted), "casts_retargeted": fixed}
+
+
+def _fix_float_casts(model) -> list[str]:
+    """onnxconverter-common 1.16 declares the output of a ``Cast(to=FLOAT)`` from a
+    non-float tensor (a BERT's attention mask, int64) as float16 but leaves ``to=FLOAT``:
+    onnxruntime then refuses the model ("Type (tensor(float16)) of output arg ... does not
+    match expected type (tensor(float))") and TVM's importer fails on the float16 x float32
+    Mul after it. Such a Cast is made to cast to float16, as its consumers expect (in place).
+    Returns the names of the Casts changed."""
+    from onnx import TensorProto, helper
+
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    fixed = []
+    for node in model.graph.node:
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if (node.op_type == "Cast" and to is not None and to.i == TensorProto.FLOAT
+                and declared.get(node.output[0]) == TensorProto.FLOAT16):
+            to.CopyFrom(helper.make_attribute("to", TensorProto.FLOAT16))
+            fixed.append(node.name or node.output[0])
+    return fixed
 
 
 def _float32_ops(model) -> list[str]:

@@ -270,15 +270,24 @@ def output_steps(qdq_onnx: Path) -> list[float]:
 
 # ----------------------------------------------------------------------------- runners
 
-def _ort_outputs(model_path: Path, feeds: list[dict],
-                 quantized: bool = False) -> list[list[np.ndarray]]:
+def _ort_outputs(model_path: Path, feeds: list[dict], quantized: bool = False,
+                 config: Mapping[str, str] | None = None) -> list[list[np.ndarray]]:
     """onnxruntime's outputs; for a quantized model, from the session
-    :mod:`pipeline.runtime.ort_reference` picks for this CPU."""
+    :mod:`pipeline.runtime.ort_reference` picks for this CPU (``config``: the scheme's
+    session config entries)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), ort_reference.session_options(quantized),
+    session = ort.InferenceSession(str(model_path),
+                                   ort_reference.session_options(quantized, config=config),
                                    providers=["CPUExecutionProvider"])
     return [list(session.run(None, feed)) for feed in feeds]
+
+
+def _ort_config(art: ArtifactUnderTest) -> Mapping[str, str]:
+    """The artifact's scheme's onnxruntime session config for its quantized model."""
+    from pipeline.schemes import get_scheme
+
+    return get_scheme(art.scheme).ort_session_config if art.scheme else {}
 
 
 def _save_inputs(feed: dict, order: list[str], folder: Path, index: int) -> Path | dict:
@@ -614,8 +623,8 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
 
     records = []
     int8_session = any(_ON_QUANTIZED[c] for c in needs_qdq)
-    ort_quant = (_ort_outputs(Path(art.qdq_onnx), feeds, quantized=int8_session)
-                 if needs_qdq else None)
+    ort_quant = (_ort_outputs(Path(art.qdq_onnx), feeds, quantized=int8_session,
+                              config=_ort_config(art)) if needs_qdq else None)
     if int8_session:
         result["int8_reference"] = ort_reference.reference_description(quantized=True)
     # comparison -> (actual, reference, output steps)
