@@ -86,8 +86,9 @@ SCHEMES: dict[str, Scheme] = {
                 "arithmetic speed, half the weight bytes to read)"),
     "bf16": Scheme(
         name="bf16",
-        description="bfloat16 weights (MatMul/Gemm/Conv, round to nearest even), float32 "
-                    "activations and compute: weights decoded (exactly) inside each kernel",
+        description="bfloat16 weights (MatMul/Gemm/Conv, Gather tables; round to nearest "
+                    "even), float32 activations and compute: weights decoded (exactly) "
+                    "inside each kernel",
         quantize="bfloat16_weights", import_passes=("bf16_weights",),
         compute_dtype="float32",
         comparisons=("tvm_bf16_vs_ort_bf16", "tvm_bf16_vs_ort_fp32", "ort_bf16_vs_ort_fp32"),

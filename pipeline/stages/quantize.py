@@ -5,8 +5,9 @@ quantizer to QDQ, u8 activations x s8 per-channel weights by default (what VNNI 
 calibrated on a folder of ``.npy`` samples or seeded synthetic ones, in a fixed order, so the
 same inputs give the same scales and the same bytes; ``float16``, onnxconverter-common's
 float16 conversion (inputs and outputs stay float32); ``bfloat16_weights``, MatMul/Gemm/Conv
-weights rounded to bfloat16 and stored as bfloat16 initializers, each decoded by a
-``Cast(to=float)``. onnxruntime runs each recipe's model as the reference and the baseline.
+weights and Gather tables rounded to bfloat16 and stored as bfloat16 initializers, each
+decoded by a ``Cast(to=float)``. onnxruntime runs each recipe's model as the reference
+and the baseline.
 """
 
 from __future__ import annotations
@@ -162,16 +163,17 @@ def _float32_ops(model) -> list[str]:
                                                  for o in n.output))
 
 
-# Which input of an op is its weight: those the bfloat16_weights recipe rounds
-WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+# Which input of an op is its weight: those the bfloat16_weights recipe rounds (a Gather's
+# table is an embedding: often the largest weight of a transformer)
+WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 
 
 def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
-    """bfloat16 weight storage, float32 compute: each float32 MatMul/Gemm/Conv weight
-    initializer is rounded to bfloat16 (round to nearest even, :mod:`pipeline.schemes.
-    bfloat16`), stored as a BFLOAT16 initializer ``<name>.bf16`` and decoded by a
-    ``Cast(to=FLOAT)`` named ``<name>``, so onnxruntime computes with exactly the weights
-    TVM keeps. Biases and everything else stay float32."""
+    """bfloat16 weight storage, float32 compute: each float32 MatMul/Gemm/Conv weight and
+    Gather table (an embedding) initializer is rounded to bfloat16 (round to nearest even,
+    :mod:`pipeline.schemes.bfloat16`), stored as a BFLOAT16 initializer ``<name>.bf16``
+    and decoded by a ``Cast(to=FLOAT)`` named ``<name>``, so onnxruntime computes with
+    exactly the weights TVM keeps. Biases and everything else stay float32."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

@@ -9,7 +9,8 @@ float16 storage and element-wise math, float32 sums.
 ``keep_bfloat16_weights``: TVM's ONNX importer evaluates ``Cast(bf16 initializer)`` at
 import time, and ``FoldConstant`` (import cleanup, and again after legalization) would fold
 any cast of a constant: the weights would reach ``model.so`` as float32. This pass finds
-each ``matmul``/``conv2d`` whose weight is a float32 constant holding bfloat16 values only
+each ``matmul``/``conv2d`` (and embedding ``take``) whose weight is a float32 constant
+holding bfloat16 values only
 (low 16 bits zero: the decoded weights of the ``bfloat16_weights`` recipe), stores the weight
 as a bfloat16 constant, and moves the decode (a 16-bit shift, exact: checked against
 ``ml_dtypes`` for all 65536 codes) into a fused primitive function with the consumer (and
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from ._qdq import op_name, rewrite_calls
 
 WEIGHT_OPS = ("relax.matmul", "relax.nn.conv2d")
+# which argument of an op is the weight the bf16 pass keeps in bfloat16: the weight operand
+# of matmul and conv2d, the table of an embedding lookup (ONNX Gather -> take)
+BF16_WEIGHT_ARG = {"relax.matmul": 1, "relax.nn.conv2d": 1, "relax.take": 0}
 
 
 @dataclass
@@ -86,13 +90,15 @@ def _decode_patterns():
     from tvm.relax.dpl import is_const, is_op, wildcard
 
     patterns = []
+    decode = is_op("relax.astype")(is_const())
     for op in WEIGHT_OPS:
         kind = op.rsplit(".", 1)[-1]
-        core = is_op(op)(wildcard(), is_op("relax.astype")(is_const()))
+        core = is_op(op)(wildcard(), decode)
         add = is_op("relax.add")(core, wildcard())
         patterns += [(f"bf16_{kind}_add_relu", is_op("relax.nn.relu")(add)),
                      (f"bf16_{kind}_add", add), (f"bf16_{kind}", core)]
-    return patterns
+    # an embedding lookup decodes only the rows it gathers
+    return patterns + [("bf16_take", is_op("relax.take")(decode, wildcard()))]
 
 
 def keep_bfloat16_weights(mod):
@@ -107,9 +113,10 @@ def keep_bfloat16_weights(mod):
     report = FloatFormatReport()
 
     def rewrite(mutator, call):
-        if op_name(call) not in WEIGHT_OPS:
+        index = BF16_WEIGHT_ARG.get(op_name(call))
+        if index is None:
             return None
-        weight = call.args[1]
+        weight = call.args[index]
         if not isinstance(weight, ir.Constant):
             return None
         values = weight.value.numpy()
@@ -120,7 +127,9 @@ def keep_bfloat16_weights(mod):
         decoded = mutator.builder_.normalize(relax.op.astype(stored, "float32"))
         layout = " (stays in its imported layout)" if op_name(call) == "relax.nn.conv2d" else ""
         report.rewritten.append(f"{_label(call)}: weight {list(values.shape)} bfloat16{layout}")
-        return relax.Call(call.op, [call.args[0], decoded], call.attrs)
+        args = list(call.args)
+        args[index] = decoded
+        return relax.Call(call.op, args, call.attrs)
 
     mod = rewrite_calls(mod, rewrite)
     # Each decode goes into a fused function with its consumer, the bfloat16 constant a
