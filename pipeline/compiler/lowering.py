@@ -73,6 +73,12 @@ def _cpu_float32_layout(target, layout: str):
     return [("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
 
 
+def _cpu_float16_layout(target, layout: str):
+    # float16 convs go channels-last like float32 ones (ConvertLayout is dtype-agnostic);
+    # PackFloat32NCHWc packs float32 convs only, so the fallback is the imported NCHW.
+    return [("NHWC", _convert_nhwc), ("NCHW", _keep_layout)]
+
+
 def _cpu_int8_layout(target, layout: str):
     # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
     # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
@@ -92,6 +98,7 @@ def _cpu_int8_layout(target, layout: str):
 LAYOUT_RULES = {
     ("llvm", "float32"): _cpu_float32_layout,
     ("llvm", "int8"): _cpu_int8_layout,
+    ("llvm", "float16"): _cpu_float16_layout,
 }
 
 

@@ -102,13 +102,21 @@ class ValidationSpec:
     # tol * max(1, max abs ref)) and the artifact vs onnxruntime fp32 (quality kept)
     quantized_rel_tol: float = 1e-4
     quality_cosine_min: float = 0.99
+    # TVM fp16 vs onnxruntime fp16: max abs err <= tol * max(1, max abs ref), ~10 float16
+    # ulps (2^-10 each). onnxruntime's CPU EP runs a float16 model in float32 (casts around
+    # its ops, cast pairs cancelled, weights upcast at load): only the weights are rounded.
+    # TVM also rounds each op's output to float16, about one ulp per op on the way.
+    fp16_rel_tol: float = 1e-2
+    fp16_fp32_cosine_min: float = 0.99  # fp16 artifact vs onnxruntime fp32: quality kept
+    bf16_fp32_cosine_min: float = 0.99  # bf16 artifact vs onnxruntime fp32: quality kept
     gpu_rel_tol: float = 1e-2  # CUDA compiles with fast-math
 
 
 # The thresholds of ValidationSpec (the rest says which inputs to run): a scheme's defaults,
 # a model's [validation] and a variant's [variants.<v>.validation] set them, in that order.
 GATE_KEYS = ("fp32_rel_tol", "int8_cosine_min", "int8_top1_min", "int8_max_steps",
-             "int8_fp32_cosine_min", "quantized_rel_tol", "quality_cosine_min", "gpu_rel_tol")
+             "int8_fp32_cosine_min", "quantized_rel_tol", "quality_cosine_min", "gpu_rel_tol",
+             "fp16_rel_tol", "fp16_fp32_cosine_min", "bf16_fp32_cosine_min")
 
 
 @dataclass(frozen=True)

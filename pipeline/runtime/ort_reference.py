@@ -18,6 +18,8 @@ stage keeps the level the variant asked for.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline.core.targets import host_cpu_flags
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -36,11 +38,15 @@ def reference_description(quantized: bool) -> str:
             "onnxruntime's u8 x s8 kernels saturate on CPUs without VNNI")
 
 
-def session_options(quantized: bool, threads: int | None = None):
-    """SessionOptions for the reference run of a model (see the module docstring)."""
+def session_options(quantized: bool, threads: int | None = None,
+                    config: Mapping[str, str] | None = None):
+    """SessionOptions for the reference run of a model (see the module docstring);
+    ``config``: session config entries (a scheme's ``ort_session_config``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     if quantized and not int8_kernels_exact():

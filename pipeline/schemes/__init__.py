@@ -14,7 +14,9 @@ between formats, so no stage branches on a format's name:
 - ``default_gates``: the thresholds of those comparisons (a model's ``[validation]`` and a
   variant's ``[variants.<v>.validation]`` override them, in that order);
 - ``options``: the variant keys the scheme reads (anything else in the variant is an error);
-- ``summary``: what the reports say the artifact computes.
+- ``summary``: what the reports say the artifact computes;
+- ``ort_session_config``: onnxruntime session config entries for running the quantize
+  stage's model (the reference and the baseline), where it needs any.
 
 Adding a format is one entry here plus what it needs below (a quantize recipe, import
 passes, a codec): see ``pipeline/README.md``. The registry is plain data, cheap to import.
@@ -46,6 +48,7 @@ class Scheme:
     summary: str = ""
     # what the quantize recipe needs beyond the variant's options (bits, block size...)
     quantize_params: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    ort_session_config: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def quantized(self) -> bool:
@@ -73,6 +76,33 @@ SCHEMES: dict[str, Scheme] = {
                  "exclude_nodes"),
         summary="integer compute: 8-bit activations and weights, int32 accumulation, "
                 "requantized with onnxruntime's rounding"),
+    "fp16": Scheme(
+        name="fp16",
+        description="float16 weights and activations (onnxconverter-common conversion, "
+                    "float32 inputs/outputs), float32 accumulation in matmul and conv",
+        quantize="float16", import_passes=("fp16_accumulate_fp32",), compute_dtype="float16",
+        comparisons=("tvm_fp16_vs_ort_fp16", "tvm_fp16_vs_ort_fp32", "ort_fp16_vs_ort_fp32"),
+        default_gates=MappingProxyType({"fp16_rel_tol": 1e-2, "fp16_fp32_cosine_min": 0.99}),
+        summary="float16 storage and element-wise math, matmul/conv accumulate in float32; "
+                "x86 CPUs without AVX512-FP16 convert each op to float32 (float32 "
+                "arithmetic speed, half the weight bytes to read)"),
+    "bf16": Scheme(
+        name="bf16",
+        description="bfloat16 weights (MatMul/Gemm/Conv, Gather tables; round to nearest "
+                    "even), float32 activations and compute: weights decoded (exactly) "
+                    "inside each kernel",
+        quantize="bfloat16_weights", import_passes=("bf16_weights",),
+        compute_dtype="float32",
+        comparisons=("tvm_bf16_vs_ort_bf16", "tvm_bf16_vs_ort_fp32", "ort_bf16_vs_ort_fp32"),
+        # the same float32 arithmetic on the same weights as onnxruntime: the fp32 gate
+        default_gates=MappingProxyType({"fp32_rel_tol": 1e-4, "bf16_fp32_cosine_min": 0.99}),
+        summary="bfloat16 weight storage, float32 compute (weights decoded in the kernel; "
+                "TVM 0.27 has no bfloat16 dot product on x86)",
+        # onnxruntime 1.31 folds each decoding Cast into a float32 initializer, and then its
+        # MatMulAddFusion fails on a BERT ("AddInitializedOrtValue Attempt to replace the
+        # existing tensor"); without that one fusion the model loads and runs
+        ort_session_config=MappingProxyType(
+            {"optimization.disable_specified_optimizers": "MatMulAddFusion"})),
 }
 
 

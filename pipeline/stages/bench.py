@@ -12,7 +12,8 @@ The three are measured back to back on the same input with the same thread count
   ``TVM_NUM_THREADS`` when the runtime starts, so this runs in a subprocess with it set.
 - ``onnxruntime``: CPU execution provider (CUDA for a GPU artifact where onnxruntime has it),
   ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, sequential execution; the
-  fp32 model for an fp32 artifact, the QDQ model for a quantized one.
+  fp32 model for an fp32 artifact, the quantize stage's model for a quantized one (QDQ,
+  float16, bfloat16 weights).
 
 Percentiles use numpy's linear interpolation, as the C++ app does (runtime_cpp/timing.h).
 """
@@ -39,6 +40,8 @@ NO_CUDA = "not run: no CUDA device"
 RUNNERS = ("cpp", "tvm_python", "onnxruntime")
 _LABELS = {"cpp": "C++ binary", "tvm_python": "TVM in Python", "onnxruntime": "onnxruntime"}
 _ROOT = REPO
+# what onnxruntime runs for a quantized scheme: the quantize stage's model
+_ORT_MODEL = {"int8": "QDQ ONNX", "fp16": "float16 ONNX", "bf16": "bfloat16-weight ONNX"}
 RSS_METHOD = ("getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process whose only child is "
               "bin/infer")
 
@@ -161,6 +164,11 @@ def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if art.quantized and art.scheme:  # the scheme's session config for its model
+        from pipeline.schemes import get_scheme
+
+        for key, value in get_scheme(art.scheme).ort_session_config.items():
+            options.add_session_config_entry(key, value)
     provider = "CPUExecutionProvider"
     if art.is_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         provider = "CUDAExecutionProvider"
@@ -172,7 +180,8 @@ def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return {**stats(times), "threads": threads, "provider": provider,
-            "model": "QDQ ONNX" if art.quantized else "fp32 ONNX", "model_path": str(model),
+            "model": _ORT_MODEL.get(art.scheme, "QDQ ONNX") if art.quantized else "fp32 ONNX",
+            "model_path": str(model),
             "version": ort.__version__}
 
 

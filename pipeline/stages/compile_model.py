@@ -49,8 +49,22 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     if schedule_untuned is not None:
         mod, extra = schedule_untuned(mod, target, compute_dtype)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
-              "untuned_scheduler": label, **lowering, **extra}
+              "untuned_scheduler": label, **lowering, **extra, **_float16_note(target,
+                                                                         compute_dtype)}
     return mod, target, report
+
+
+def _float16_note(target, compute_dtype: str) -> dict:
+    """What float16 arithmetic becomes on this CPU, said in the compile report (FACTS.md:
+    LLVM emits AVX512-FP16 instructions where the CPU has them, float32 conversions else)."""
+    if compute_dtype != "float16" or target.kind.name != "llvm":
+        return {}
+    from tvm.target import codegen
+
+    native = codegen.target_has_features("avx512fp16", target)
+    return {"float16_compute": "native AVX512-FP16 arithmetic" if native else
+            "converted to float32 and back around each op (this CPU has no AVX512-FP16): "
+            "float16 storage, float32 arithmetic speed"}
 
 
 def _dlight_schedule(mod, target, compute_dtype: str):

@@ -1,8 +1,13 @@
-"""Stage ``quantize``: fp32 ONNX -> QDQ ONNX with onnxruntime's static quantizer.
+"""Stage ``quantize``: fp32 ONNX -> the ONNX model of the variant's number format.
 
-u8 activations x s8 per-channel weights by default (what VNNI multiplies). Calibration
-reads a folder of ``.npy`` samples or makes seeded synthetic ones, in a fixed order, so the
-same inputs give the same scales and the same bytes.
+The recipes (:data:`RECIPES`, named by the scheme): ``static_qdq``, onnxruntime's static
+quantizer to QDQ, u8 activations x s8 per-channel weights by default (what VNNI multiplies),
+calibrated on a folder of ``.npy`` samples or seeded synthetic ones, in a fixed order, so the
+same inputs give the same scales and the same bytes; ``float16``, onnxconverter-common's
+float16 conversion (inputs and outputs stay float32); ``bfloat16_weights``, MatMul/Gemm/Conv
+weights and Gather tables rounded to bfloat16 and stored as bfloat16 initializers, each
+decoded by a ``Cast(to=float)``. onnxruntime runs each recipe's model as the reference
+and the baseline.
 """
 
 from __future__ import annotations
@@ -55,8 +60,6 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     _check_selection(model_path, config)
     feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
                                 config.ranges)
@@ -73,9 +76,7 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
               "percentile": CalibrationMethod.Percentile}[config.method]
     out = out_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        # Pre-processing fuses Conv+BatchNorm and infers shapes, as onnxruntime recommends.
-        pre = Path(scratch) / "preprocessed.onnx"
-        quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        pre = _preprocess(model_path, Path(scratch))
         quantize_static(
             str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=qtype[config.activation_type], weight_type=qtype[config.weight_type],
@@ -85,11 +86,128 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
             extra_options={"CalibTensorRangeSymmetric": False})
     import onnx
 
-    model = onnx.load(str(out))
+    return {"calibration_samples": len(feeds), "op_counts": _op_counts(onnx.load(str(out)))}
+
+
+def _preprocess(model_path: Path, scratch: Path) -> Path:
+    """onnxruntime's pre-processing, as it recommends before quantizing: shapes inferred,
+    Conv+BatchNorm fused and constants folded in float32 (so a low-precision format rounds
+    the folded weights once). Returns the pre-processed model's path inside ``scratch``."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = scratch / "preprocessed.onnx"
+    quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+    return pre
+
+
+def _op_counts(model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {"calibration_samples": len(feeds), "op_counts": dict(sorted(counts.items()))}
+    return dict(sorted(counts.items()))
+
+
+def _initializer_dtypes(model) -> dict[str, int]:
+    """Initializer count per ONNX element type name (``FLOAT16``, ``BFLOAT16``, ``FLOAT``...)."""
+    from onnx import TensorProto
+
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        name = TensorProto.DataType.Name(init.data_type)
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _float16(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """float16 weights and activations: onnxconverter-common's conversion, inputs and
+    outputs kept float32 (the app's interface does not change). onnxruntime's own
+    ``onnxruntime.transformers.float16`` writes an unsorted graph TVM cannot import
+    (FACTS.md). Ops the converter blocks stay float32 between Casts; the report lists them."""
+    import onnx
+    from onnxconverter_common import float16
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        model = onnx.load(str(_preprocess(model_path, Path(scratch))))
+    converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    fixed = _fix_float_casts(converted)
+    onnx.save(converted, str(out_dir / "model.onnx"))
+    return {"op_counts": _op_counts(converted),
+            "initializers": _initializer_dtypes(converted),
+            "float32_ops": _float32_ops(converted), "casts_retargeted": fixed}
+
+
+def _fix_float_casts(model) -> list[str]:
+    """onnxconverter-common 1.16 declares the output of a ``Cast(to=FLOAT)`` from a
+    non-float tensor (a BERT's attention mask, int64) as float16 but leaves ``to=FLOAT``:
+    onnxruntime then refuses the model ("Type (tensor(float16)) of output arg ... does not
+    match expected type (tensor(float))") and TVM's importer fails on the float16 x float32
+    Mul after it. Such a Cast is made to cast to float16, as its consumers expect (in place).
+    Returns the names of the Casts changed."""
+    from onnx import TensorProto, helper
+
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    fixed = []
+    for node in model.graph.node:
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if (node.op_type == "Cast" and to is not None and to.i == TensorProto.FLOAT
+                and declared.get(node.output[0]) == TensorProto.FLOAT16):
+            to.CopyFrom(helper.make_attribute("to", TensorProto.FLOAT16))
+            fixed.append(node.name or node.output[0])
+    return fixed
+
+
+def _float32_ops(model) -> list[str]:
+    """Nodes (besides Casts) that still compute in float32 after a float16 conversion."""
+    from onnx import TensorProto, shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    return sorted(f"{n.op_type} {n.name or n.output[0]}" for n in model.graph.node
+                  if n.op_type != "Cast" and any(types.get(o) == TensorProto.FLOAT
+                                                 for o in n.output))
+
+
+# Which input of an op is its weight: those the bfloat16_weights recipe rounds (a Gather's
+# table is an embedding: often the largest weight of a transformer)
+WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
+
+
+def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """bfloat16 weight storage, float32 compute: each float32 MatMul/Gemm/Conv weight and
+    Gather table (an embedding) initializer is rounded to bfloat16 (round to nearest even,
+    :mod:`pipeline.schemes.bfloat16`), stored as a BFLOAT16 initializer ``<name>.bf16``
+    and decoded by a ``Cast(to=FLOAT)`` named ``<name>``, so onnxruntime computes with
+    exactly the weights TVM keeps. Biases and everything else stay float32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.schemes import bfloat16
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        model = onnx.load(str(_preprocess(model_path, Path(scratch))))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    weights = sorted({node.input[k] for node in graph.node
+                      for op, k in WEIGHT_INPUTS.items()
+                      if node.op_type == op and len(node.input) > k
+                      and node.input[k] in inits
+                      and inits[node.input[k]].data_type == TensorProto.FLOAT
+                      and len(inits[node.input[k]].dims) >= 2})
+    casts = []
+    for name in weights:
+        codes = bfloat16.encode(numpy_helper.to_array(inits[name]))
+        stored = helper.make_tensor(f"{name}.bf16", TensorProto.BFLOAT16, codes.shape,
+                                    codes.tobytes(), raw=True)
+        graph.initializer.remove(inits[name])
+        graph.initializer.append(stored)
+        casts.append(helper.make_node("Cast", [stored.name], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}.decode"))
+    for i, node in enumerate(casts):  # before every consumer: the graph stays sorted
+        graph.node.insert(i, node)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    return {"op_counts": _op_counts(model), "initializers": _initializer_dtypes(model),
+            "bfloat16_weights": len(weights)}
 
 
 def _check_selection(model_path: Path, config: QuantizeConfig) -> None:
@@ -152,13 +270,10 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
             init.CopyFrom(numpy_helper.from_array(
                 round_scales_to_float16(numpy_helper.to_array(init)), init.name))
     onnx.save(model, str(out_dir / "model.onnx"))
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     # what stays float: MatMuls with a computed weight (attention), Gemm, excluded nodes
     left = sorted(n.name or n.op_type for n in model.graph.node
                   if n.op_type in ("MatMul", "Gemm"))
-    return {"op_counts": dict(sorted(counts.items())), "quantized_matmuls": len(nodes),
+    return {"op_counts": _op_counts(model), "quantized_matmuls": len(nodes),
             "float_matmuls_left": left,
             "scales": "rounded to float16 values (each moves by <= 2**-11 relative)"}
 
@@ -167,4 +282,6 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
 RECIPES = {
     "static_qdq": _static_qdq,
     "matmul_nbits": _matmul_nbits,
+    "float16": _float16,
+    "bfloat16_weights": _bfloat16_weights,
 }

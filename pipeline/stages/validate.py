@@ -18,6 +18,11 @@ comparison                 gates                                                
                            (TVM and onnxruntime run the same quantized ONNX)
 ``tvm_vs_ort_fp32_quality``  cosine >= quality_cosine_min (quantization quality as    w4g32...
                            the artifact delivers it)
+``tvm_fp16_vs_ort_fp16``   max abs err <= fp16_rel_tol * max(1, max abs ref)          fp16
+``tvm_bf16_vs_ort_bf16``   as ``tvm_fp32_vs_ort_fp32`` (float32 compute on the same   bf16
+                           bfloat16-valued weights)
+``tvm_<f>_vs_ort_fp32``    cosine >= <f>_fp32_cosine_min (f: fp16, bf16)              f
+``ort_<f>_vs_ort_fp32``    none (the converted model's own quality)                   f
 ``cpp_vs_tvm_python``      bit-identical on CPU; on GPU max abs err <= gpu_rel_tol *   always
                            max(1, max abs ref)
 =========================  =========================================================  =======
@@ -69,13 +74,30 @@ INT8_QUALITY = "tvm_int8_vs_ort_fp32"
 ORT_QUALITY = "ort_int8_vs_ort_fp32"  # name kept from int8: any quantized ONNX vs fp32
 QUANTIZED = "tvm_vs_ort_quantized"
 QUALITY = "tvm_vs_ort_fp32_quality"
+FP16, FP16_QUALITY, ORT_FP16_QUALITY = ("tvm_fp16_vs_ort_fp16", "tvm_fp16_vs_ort_fp32",
+                                        "ort_fp16_vs_ort_fp32")
+BF16, BF16_QUALITY, ORT_BF16_QUALITY = ("tvm_bf16_vs_ort_bf16", "tvm_bf16_vs_ort_fp32",
+                                        "ort_bf16_vs_ort_fp32")
 CPP = "cpp_vs_tvm_python"
+# comparisons whose reference is onnxruntime on the quantize stage's model; the int8 ones
+# run it in the session pipeline.runtime.ort_reference picks for this CPU
+_ON_QUANTIZED = {INT8: True, INT8_QUALITY: True, ORT_QUALITY: True, QUANTIZED: True,
+                 QUALITY: True, FP16: False, ORT_FP16_QUALITY: False, BF16: False,
+                 ORT_BF16_QUALITY: False}
+# the gate key of each "TVM vs onnxruntime fp32" quality comparison
+_QUALITY_GATES = {INT8_QUALITY: "int8_fp32_cosine_min", QUALITY: "quality_cosine_min",
+                  FP16_QUALITY: "fp16_fp32_cosine_min", BF16_QUALITY: "bf16_fp32_cosine_min"}
 
 _TITLES = {FP32: "TVM fp32 vs onnxruntime fp32", INT8: "TVM int8 vs onnxruntime int8 (QDQ)",
            INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (quality)",
            ORT_QUALITY: "onnxruntime quantized vs onnxruntime fp32 (reported)",
            QUANTIZED: "TVM vs onnxruntime on the same quantized ONNX",
            QUALITY: "TVM quantized vs onnxruntime fp32 (quality)",
+           FP16: "TVM fp16 vs onnxruntime fp16", BF16: "TVM bf16 vs onnxruntime bf16",
+           FP16_QUALITY: "TVM fp16 vs onnxruntime fp32 (quality)",
+           BF16_QUALITY: "TVM bf16 vs onnxruntime fp32 (quality)",
+           ORT_FP16_QUALITY: "onnxruntime fp16 vs onnxruntime fp32 (reported)",
+           ORT_BF16_QUALITY: "onnxruntime bf16 vs onnxruntime fp32 (reported)",
            CPP: "C++ binary vs TVM in Python"}
 QUALITY_HINT = (" (quantization lost too much against fp32: quantize fewer ops, e.g. "
                 "op_types = [\"MatMul\", \"Gemm\"] for a transformer, exclude the nodes that "
@@ -262,15 +284,24 @@ def output_steps(qdq_onnx: Path) -> list[float]:
 
 # ----------------------------------------------------------------------------- runners
 
-def _ort_outputs(model_path: Path, feeds: list[dict],
-                 quantized: bool = False) -> list[list[np.ndarray]]:
+def _ort_outputs(model_path: Path, feeds: list[dict], quantized: bool = False,
+                 config: Mapping[str, str] | None = None) -> list[list[np.ndarray]]:
     """onnxruntime's outputs; for a quantized model, from the session
-    :mod:`pipeline.runtime.ort_reference` picks for this CPU."""
+    :mod:`pipeline.runtime.ort_reference` picks for this CPU (``config``: the scheme's
+    session config entries)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), ort_reference.session_options(quantized),
+    session = ort.InferenceSession(str(model_path),
+                                   ort_reference.session_options(quantized, config=config),
                                    providers=["CPUExecutionProvider"])
     return [list(session.run(None, feed)) for feed in feeds]
+
+
+def _ort_config(art: ArtifactUnderTest) -> Mapping[str, str]:
+    """The artifact's scheme's onnxruntime session config for its quantized model."""
+    from pipeline.schemes import get_scheme
+
+    return get_scheme(art.scheme).ort_session_config if art.scheme else {}
 
 
 def _save_inputs(feed: dict, order: list[str], folder: Path, index: int) -> Path | dict:
@@ -344,26 +375,28 @@ def _judge(gate: _Gate, rows: list[dict], agg: dict) -> dict:
 
 
 def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
-    if comparison == FP32:
+    if comparison in (FP32, BF16):
         # CUDA kernels are compiled with fast-math (FACTS.md): the GPU tolerance applies
         tol = g["gpu_rel_tol"] if is_gpu else g["fp32_rel_tol"]
         return [_Gate("max_abs_err", "<=", tol, scaled=True),
                 _Gate("top1_agreement", "==", 1.0)]
+    if comparison == FP16:
+        # no top-1 gate: two float16 computations may order near-tied scores differently
+        tol = max(g["fp16_rel_tol"], g["gpu_rel_tol"]) if is_gpu else g["fp16_rel_tol"]
+        return [_Gate("max_abs_err", "<=", tol, scaled=True)]
     if comparison == INT8:
         return [_Gate("cosine", ">=", g["int8_cosine_min"]),
                 _Gate("top1_agreement", ">=", g["int8_top1_min"], pooled=True),
                 _Gate("max_err_steps", "<=", g["int8_max_steps"])]
-    if comparison == INT8_QUALITY:
-        return [_Gate("cosine", ">=", g["int8_fp32_cosine_min"])]
     if comparison == QUANTIZED:
         return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"] if is_gpu else
                       g["quantized_rel_tol"], scaled=True)]
-    if comparison == QUALITY:
-        return [_Gate("cosine", ">=", g["quality_cosine_min"])]
+    if comparison in _QUALITY_GATES:
+        return [_Gate("cosine", ">=", g[_QUALITY_GATES[comparison]])]
     if comparison == CPP:
         return [_Gate("max_abs_err", "<=", g["gpu_rel_tol"], scaled=True)] if is_gpu else \
             [_Gate("mismatched_elements", "==", 0)]
-    return []  # onnxruntime's own int8 quality is reported, not gated
+    return []  # onnxruntime's own quantized model's quality is reported, not gated
 
 
 def _class_outputs(fp32_onnx: Path, names: Sequence[str] | None) -> set[int] | None:
@@ -565,7 +598,7 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     if unknown:
         raise ConfigError(f"unknown validation comparison(s) {', '.join(unknown)}; known: "
                           f"{', '.join(c for c in _TITLES if c != CPP)}")
-    needs_qdq = {INT8, INT8_QUALITY, ORT_QUALITY, QUANTIZED, QUALITY} & set(comparisons)
+    needs_qdq = set(_ON_QUANTIZED) & set(comparisons)
     if needs_qdq and art.qdq_onnx is None:
         raise ConfigError(f"{art.name}: comparison(s) {', '.join(sorted(needs_qdq))} need the "
                           "quantized ONNX model, and this artifact has none")
@@ -606,16 +639,21 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
             cpp_errors.append((i, why))
 
     records = []
-    ort_int8 = _ort_outputs(Path(art.qdq_onnx), feeds, quantized=True) if needs_qdq else None
+    quantized_session = any(_ON_QUANTIZED[c] for c in needs_qdq)
+    ort_quant = (_ort_outputs(Path(art.qdq_onnx), feeds, quantized=quantized_session,
+                              config=_ort_config(art)) if needs_qdq else None)
     if INT8 in comparisons:
         result["int8_reference"] = ort_reference.reference_description(quantized=True)
     # comparison -> (actual, reference, output steps)
     pairs = {FP32: lambda: (tvm_py, ort_fp32, None),
-             INT8: lambda: (tvm_py, ort_int8, output_steps(Path(art.qdq_onnx))),
-             INT8_QUALITY: lambda: (tvm_py, ort_fp32, None),
-             ORT_QUALITY: lambda: (ort_int8, ort_fp32, None),
-             QUANTIZED: lambda: (tvm_py, ort_int8, None),
-             QUALITY: lambda: (tvm_py, ort_fp32, None)}
+             INT8: lambda: (tvm_py, ort_quant, output_steps(Path(art.qdq_onnx))),
+             ORT_QUALITY: lambda: (ort_quant, ort_fp32, None)}
+    for same_model in (QUANTIZED, FP16, BF16):
+        pairs[same_model] = lambda: (tvm_py, ort_quant, None)
+    for ort_quality in (ORT_FP16_QUALITY, ORT_BF16_QUALITY):
+        pairs[ort_quality] = lambda: (ort_quant, ort_fp32, None)
+    for quality in _QUALITY_GATES:
+        pairs[quality] = lambda: (tvm_py, ort_fp32, None)
     for comparison in comparisons:
         actual, reference, steps = pairs[comparison]()
         records.append(_record(art, comparison, actual, reference, g, steps, class_outputs))

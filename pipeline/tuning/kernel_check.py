@@ -58,6 +58,10 @@ def _random_args(func, seed: int) -> list[np.ndarray]:
         dtype = str(param.dtype)
         if dtype.startswith("float"):
             arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == "bfloat16":  # numpy has no name for it: ml_dtypes' type
+            import ml_dtypes
+
+            arrays.append(rng.standard_normal(shape).astype(ml_dtypes.bfloat16))
         elif dtype == "bool":
             arrays.append(rng.integers(0, 2, shape).astype(dtype))
         else:

@@ -19,7 +19,37 @@ def _qdq_to_integer(mod):
                  "matched": list(report.matched), "unmatched": list(report.unmatched)}
 
 
+def _float_format(name: str, rewrite):
+    """A pass of :mod:`.float_formats` as an import pass: (mod, report fields)."""
+
+    def run(mod):
+        mod, report = rewrite(mod)
+        print(f"import: {name}: {len(report.rewritten)} op(s) rewritten, "
+              f"{len(report.kept)} kept", flush=True)
+        for entry in report.kept:
+            print(f"import:   kept as imported: {entry}", flush=True)
+        return mod, {name: report.as_dict()}
+
+    return run
+
+
+def _fp16_accumulate_fp32(mod):
+    """float16 matmul/conv2d accumulate in float32; returns (mod, report fields)."""
+    from pipeline.compiler.passes.float_formats import accumulate_in_float32
+
+    return _float_format("fp16_accumulate_fp32", accumulate_in_float32)(mod)
+
+
+def _bf16_weights(mod):
+    """bfloat16-valued weights stored as bfloat16, decoded in the consumer's kernel."""
+    from pipeline.compiler.passes.float_formats import keep_bfloat16_weights
+
+    return _float_format("bf16_weights", keep_bfloat16_weights)(mod)
+
+
 # name -> function(mod) -> (mod, report fields), run in the order a scheme lists them
 IMPORT_PASSES = {
     "qdq_to_integer": _qdq_to_integer,
+    "fp16_accumulate_fp32": _fp16_accumulate_fp32,
+    "bf16_weights": _bf16_weights,
 }
