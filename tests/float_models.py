@@ -99,7 +99,8 @@ def build_in_process(model: onnx.ModelProto, scheme_name: str, shape: tuple[int,
         config = quantize.QuantizeConfig(method="minmax", samples=1, seed=0, data_dir="",
                                          activation_type="uint8", weight_type="int8",
                                          per_channel=True, inputs=inputs)
-        result["quantize"] = quantize.run(fp32, replace(config, recipe=scheme.quantize), qdir)
+        result["quantize"] = quantize.run(
+            fp32, replace(config, recipe=scheme.quantize, **scheme.quantize_params), qdir)
         result["onnx"] = qdir / "model.onnx"
     idir, cdir = work / "import", work / "compile"
     idir.mkdir(exist_ok=True)

@@ -172,11 +172,12 @@ wall_seconds = 60
 """
 
 
-def tiny_mlp(seed: int = 0, k: int = 96, hidden: int = 64, n: int = 48,
-             rows: int = 3) -> onnx.ModelProto:
+def tiny_mlp_rows(seed: int = 0, k: int = 96, hidden: int = 64, n: int = 48,
+                  rows: int = 3) -> onnx.ModelProto:
     """x [1, rows, k] -> MatMul+bias -> Relu -> MatMul -> y [1, rows, n]: two MatMul weights
-    for the block-wise weight-only schemes (k = 96: three groups of 32, and 0.75 of a group
-    of 128, so the padded last group is exercised)."""
+    and several rows (float_models.tiny_mlp has one row), for the block-wise weight-only
+    schemes (k = 96: three groups of 32, and 0.75 of a group of 128, so the padded last group
+    is exercised)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(
                  (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32), "w1"),

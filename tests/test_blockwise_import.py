@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from models import tiny_mlp
+from models import tiny_mlp_rows
 from pipeline.core.errors import UnsupportedModelError
 from pipeline.frontend import blockwise_weights
 from pipeline.stages.import_model import ImportConfig, import_onnx
@@ -23,7 +23,7 @@ INPUTS = (("x", (1, 3, 96), "float32"),)
 
 def _quantized(tmp_path: Path, bits=4, block=32, symmetric=True, fmt=QuantFormat.QOperator,
                opset=17) -> Path:
-    model = tiny_mlp()
+    model = tiny_mlp_rows()
     if opset != 17:
         model.opset_import[0].version = opset
         model.ir_version = 10

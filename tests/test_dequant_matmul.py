@@ -67,12 +67,12 @@ def test_compile_schedules_fused_kernels_by_rule_and_reports_them(tmp_path: Path
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from tvm import relax
 
-    from models import tiny_mlp
+    from models import tiny_mlp_rows
     from pipeline.compiler.lowering import graph_cleanup
     from pipeline.stages.compile_model import lower_and_schedule
     from pipeline.stages.import_model import ImportConfig, import_onnx
 
-    q = MatMulNBitsQuantizer(copy.deepcopy(tiny_mlp(n=64)), bits=4, block_size=32,
+    q = MatMulNBitsQuantizer(copy.deepcopy(tiny_mlp_rows(n=64)), bits=4, block_size=32,
                              is_symmetric=True)
     q.process()
     onnx.save(q.model.model, str(tmp_path / "q.onnx"))

@@ -1,6 +1,7 @@
 """The block-wise weight-only schemes (w4g32, w4g128, w8g128) through the stages."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from doit_runner import doit
 from onnx import numpy_helper
 
-from models import MLP_SPEC, make_project, tiny_mlp
+from models import MLP_SPEC, make_project, tiny_mlp_rows
 from pipeline.core.errors import ConfigError
 from pipeline.schemes import SCHEMES, get_scheme
 from pipeline.stages import quantize
@@ -34,7 +35,7 @@ def test_weight_only_schemes_are_registered_with_their_parameters():
 
 
 def test_quantize_writes_matmul_nbits_with_float16_valued_scales(tmp_path: Path):
-    onnx.save(tiny_mlp(), str(tmp_path / "m.onnx"))
+    onnx.save(tiny_mlp_rows(), str(tmp_path / "m.onnx"))
     out = tmp_path / "out"
     out.mkdir()
     info = quantize.run(tmp_path / "m.onnx", _config(), out)
@@ -50,7 +51,7 @@ def test_quantize_writes_matmul_nbits_with_float16_valued_scales(tmp_path: Path)
 
 
 def test_quantize_keeps_excluded_matmuls_in_float(tmp_path: Path):
-    onnx.save(tiny_mlp(), str(tmp_path / "m.onnx"))
+    onnx.save(tiny_mlp_rows(), str(tmp_path / "m.onnx"))
     out = tmp_path / "out"
     out.mkdir()
     info = quantize.run(tmp_path / "m.onnx", _config(exclude_nodes=("fc2/MatMul",)), out)
@@ -84,10 +85,25 @@ def test_spec_options_of_weight_only_variants_are_checked(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc is needed to cross-compile CUDA")
+def test_w4g32_cross_compiles_for_rtx4090(tmp_path: Path):
+    """The fused dequantize-matmul builds for the RTX 4090 (sm_89) here, with no GPU: DLight
+    schedules it and nvcc compiles it; the kernel unpacks nibbles from the uint8 codes."""
+    from float_models import build_in_process, tiny_mlp
+
+    from pipeline.stages import package
+
+    built = build_in_process(tiny_mlp(), "w4g32", (1, 128), tmp_path, target="rtx4090")
+    assert len(built["import"]["blockwise_layers"]) == 3  # the Gemm stays float32
+    sources = package.cuda_kernel_sources(built["so"])
+    assert any("dequant_matmul" in s and ">> " in s for s in sources), sources[:1]
+
+
+@pytest.mark.slow
 def test_weight_only_variants_build_validate_and_bench_end_to_end(tmp_path: Path):
     """fp32, w4g32 (symmetric) and w8g128 of a tiny MLP through every stage, the C++ app
     included: onnxruntime runs the same MatMulNBits model; the artifact stores packed codes."""
-    project = make_project(tmp_path / "p", tiny_mlp(), MLP_SPEC)
+    project = make_project(tmp_path / "p", tiny_mlp_rows(), MLP_SPEC)
     run = doit(project, "build:tiny_fp32", "build:tiny_w4g32", "build:tiny_w8g128",
                "validate", "bench", "tune=off", "repeat=3", "warmup=1")
     assert run.returncode == 0, run.output
