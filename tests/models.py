@@ -96,6 +96,23 @@ def make_project(root: Path, model: onnx.ModelProto | None = None,
     return root
 
 
+def tiny_bert_project(root: Path, spec_text: str) -> Path:
+    """A project dir with the "tiny" BERT of models/bert_gen.py exported (torch/transformers,
+    seeded random weights) as models/bert.onnx and ``spec_text`` as models/bert.toml."""
+    import sys
+
+    repo_models = str(Path(__file__).resolve().parent.parent / "models")
+    sys.path.insert(0, repo_models)
+    try:
+        import bert_gen
+    finally:
+        sys.path.remove(repo_models)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    bert_gen.export(root / "models" / "bert.onnx", seed=0, config="tiny")
+    (root / "models" / "bert.toml").write_text(spec_text, encoding="utf-8")
+    return root
+
+
 def tiny_token_model(seed: int = 0, vocab: int = 11, seq: int = 8,
                      hidden: int = 16) -> onnx.ModelProto:
     """A text-encoder shape: int64 ``input.ids``, ``token_type_ids`` and ``attention_mask``

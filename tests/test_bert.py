@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from doit_runner import doit
 
-REPO = Path(__file__).resolve().parent.parent
+from models import tiny_bert_project
 
 SPEC = """\
 name = "bert"
@@ -65,15 +63,7 @@ samples = 3
 @pytest.fixture(scope="module")
 def bert_project(tmp_path_factory):
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(REPO / "models"))
-    try:
-        import bert_gen
-    finally:
-        sys.path.remove(str(REPO / "models"))
-    root = tmp_path_factory.mktemp("bert")
-    (root / "models").mkdir()
-    bert_gen.export(root / "models" / "bert.onnx", seed=0, config="tiny")
-    (root / "models" / "bert.toml").write_text(SPEC)
+    root = tiny_bert_project(tmp_path_factory.mktemp("bert"), SPEC)
     run = doit(root, "build:bert_fp32", "build:bert_int8", "validate", "bench", "tune=off",
                "repeat=3", "warmup=1", timeout=1500)
     return root, run

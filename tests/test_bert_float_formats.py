@@ -5,32 +5,22 @@ under onnxruntime and TVM."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import onnx
 import pytest
 from doit_runner import doit
 from test_bert import SPEC
 
-REPO = Path(__file__).resolve().parent.parent
+from models import tiny_bert_project
 
 
 @pytest.fixture(scope="module")
 def bert_project(tmp_path_factory):
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(REPO / "models"))
-    try:
-        import bert_gen
-    finally:
-        sys.path.remove(str(REPO / "models"))
-    root = tmp_path_factory.mktemp("bert")
-    (root / "models").mkdir()
-    bert_gen.export(root / "models" / "bert.onnx", seed=0, config="tiny")
     int8 = SPEC[SPEC.index("[variants.int8]"):SPEC.index("[validation]")]
     spec = SPEC.replace(int8, '[variants.fp16]\nscheme = "fp16"\n\n'
                               '[variants.bf16]\nscheme = "bf16"\n\n')
-    (root / "models" / "bert.toml").write_text(spec)
+    root = tiny_bert_project(tmp_path_factory.mktemp("bert"), spec)
     run = doit(root, "build:bert_fp16", "build:bert_bf16", "validate:bert_fp16@cpu",
                "validate:bert_bf16@cpu", "bench:bert_fp16@cpu", "bench:bert_bf16@cpu",
                "tune=off", "repeat=3", "warmup=1", timeout=1500)
