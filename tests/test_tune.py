@@ -325,3 +325,23 @@ def test_the_estimate_says_how_long_and_how_to_skip_or_cap():
     long = _estimate_line(2000, 60, TuneBudget(trials_per_task=32, max_trials=2000,
                                                wall_seconds=900))
     assert "about 15 min" in long and "the 15-minute cap ends it first" in long
+
+
+def test_gathers_are_recognised_as_unmeasurable_and_matmuls_are_not():
+    """MetaSchedule measures with random inputs: a take/gather reads out of bounds with
+    them (no valid record, or a crash), so the tuner leaves such tasks untuned."""
+    import tvm
+    from tvm import te, topi
+
+    from pipeline.tuning.tuner import reads_by_index
+
+    table = te.placeholder((100, 16), "float32", name="table")
+    ids = te.placeholder((1, 8), "int64", name="ids")
+    gather = te.create_prim_func([table, ids, topi.take(table, ids, axis=0)])
+    a = te.placeholder((8, 16), "float32", name="a")
+    b = te.placeholder((16, 4), "float32", name="b")
+    k = te.reduce_axis((0, 16), name="k")
+    mm = te.compute((8, 4), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k))
+    matmul = te.create_prim_func([a, b, mm])
+    assert reads_by_index(tvm.IRModule({"main": gather}))
+    assert not reads_by_index(tvm.IRModule({"main": matmul}))

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -348,6 +349,18 @@ def _estimate_line(trials: int, tasks: int, budget: TuneBudget) -> str:
             "Ctrl-C (measured records are kept)")
 
 
+# A buffer access whose index holds another buffer access: ``A[idx[i], j]`` (take, gather,
+# embedding lookups). The T.reads/T.writes lines are skipped: they list regions, not loads.
+_INDEXED_LOAD = re.compile(r"\b\w+\[[^\]\n]*\b\w+\[")
+
+
+def reads_by_index(workload_mod) -> bool:
+    """Whether a workload reads a buffer at indices it loads from another buffer."""
+    body = "\n".join(line for line in workload_mod.script().splitlines()
+                     if "T.reads(" not in line and "T.writes(" not in line)
+    return _INDEXED_LOAD.search(body) is not None
+
+
 def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
          select=None) -> TuneOutcome:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
@@ -402,7 +415,14 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
             return budget.trials_per_task if p.records == 0 else 0
         return max(0, budget.trials_per_task - p.records)
 
-    todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))]
+    gathers = [p for p in plans if reads_by_index(p.task.dispatched[0])]
+    if gathers and any(wanted(p) > 0 for p in gathers):
+        progress(f"tune: not tuning {len(gathers)} task(s) that read at data-dependent "
+                 f"indices ({', '.join(p.name for p in gathers)}): MetaSchedule measures "
+                 "with random inputs, which index out of bounds; they keep their "
+                 "untuned schedules (a gather is a copy)")
+    todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))
+            and p not in gathers]
     progress(_summary_line(plans, todo, budget))
     if todo:
         progress(_estimate_line(sum(wanted(p) for p in todo), len(todo), budget))
