@@ -179,7 +179,11 @@ def register_tuning_rule() -> None:
 
 
 def _blocks_after(sch, block) -> list[str]:
-    """Names of the blocks that follow ``block`` in the function (fused epilogues)."""
-    children = sch.get_child_blocks(sch.get_sblock("root"))
-    names = [sch.get(b).name_hint for b in children]
-    return names[names.index(sch.get(block).name_hint) + 1:]
+    """Names of the blocks that follow ``block`` in the function (fused epilogues), in
+    program order. Read from the IR, not with ``get_child_blocks``: that would be a traced
+    instruction whose output count MetaSchedule re-checks on replay."""
+    import re
+
+    names = re.findall(r'T\.sblock\("([^"]+)"\)', sch.mod["main"].script())
+    me = sch.get(block).name_hint
+    return [n for n in names[names.index(me) + 1:] if n != "root"]
