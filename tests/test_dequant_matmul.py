@@ -88,3 +88,49 @@ def test_compile_schedules_fused_kernels_by_rule_and_reports_them(tmp_path: Path
     outs = [relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
             for ex in (plain, fast)]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_tuning_decision_of_the_template_replays(tmp_path: Path):
+    """MetaSchedule replays the template's trace with other sampled decisions (the column
+    unroll, the row tile) when it evolves candidates; an instruction whose output count
+    depended on them (get_loops after a unit loop vanished) failed every BERT tune."""
+    import copy
+    import itertools
+
+    import onnx
+    import tvm
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from models import tiny_mlp_rows
+    from pipeline.compiler.lowering import graph_cleanup, lower_for_target
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.core.targets import get_target, tvm_target
+    from pipeline.stages.import_model import ImportConfig, import_onnx
+
+    q = MatMulNBitsQuantizer(copy.deepcopy(tiny_mlp_rows(n=64, rows=4)), bits=4, block_size=32,
+                             is_symmetric=True)
+    q.process()
+    onnx.save(q.model.model, str(tmp_path / "q.onnx"))
+    target = tvm_target(get_target("cpu"))
+    mod = lower_for_target(graph_cleanup()(import_onnx(
+        tmp_path / "q.onnx", ImportConfig(inputs=(("x", (1, 4, 96), "float32"),)))),
+        target, "float32", "")
+    dm.register_tuning_rule()
+    plan = next(p for p in plan_tasks(mod, target) if "relu" in p.name)
+    workload = plan.task.dispatched[0]
+    ctx = ms.TuneContext(mod=workload, target=target, space_generator="post-order-apply",
+                         task_name=plan.name)
+    (space,) = ctx.generate_design_space()
+    trace = space.trace
+    sampled = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    assert len(sampled) >= 2  # unroll and row tile (+ MetaSchedule's unroll_explicit)
+    choices = [range(len(inst.attrs[0])) for inst in sampled]
+    for decisions in itertools.product(*choices):
+        replay = trace
+        for inst, d in zip(sampled, decisions, strict=True):
+            replay = replay.with_decision(inst, tvm.runtime.convert(d), remove_postproc=False)
+        sch = s_tir.Schedule(workload)
+        replay.apply_to_schedule(sch, remove_postproc=False)

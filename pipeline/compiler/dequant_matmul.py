@@ -140,12 +140,14 @@ def apply_template(sch, block, sample: bool) -> bool:
     sch.reorder(jo, io, ro, ri, ii, ju, jv)
     epilogues = _blocks_after(sch, block)
     acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, io)
+    # Unit loops kept: the loop counts below must not depend on the sampled tile sizes, or
+    # MetaSchedule could not replay the trace with other decisions (get_loops' output count).
+    sch.reverse_compute_at(acc, io, preserve_unit_loops=True)
     fused = [acc]
     for name in epilogues:  # in program order, so each one's producers are placed first
         epilogue = sch.get_sblock(name)
         try:
-            sch.reverse_compute_at(epilogue, io)
+            sch.reverse_compute_at(epilogue, io, preserve_unit_loops=True)
         except Exception:  # noqa: BLE001 - it then runs as its own loop nest, after
             break
         fused.append(epilogue)
