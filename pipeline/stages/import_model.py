@@ -1,8 +1,11 @@
 """Stage ``import``: ONNX -> Relax IRModule with static shapes, cleaned up and, for a QDQ
 model, rewritten to integer arithmetic by the project's quantization-aware passes.
 
-The output is ``module.json`` (``tvm.ir.save_json``: deterministic bytes for equal modules)
-and ``import_report.json`` (what the passes matched, and what stays in fake-quant form).
+The output is ``module.json`` (``tvm.ir.save_json``: deterministic bytes for equal modules),
+holding the IR only: the weights are lifted out of ``main`` into ``module.params``
+(:mod:`pipeline.compiler.params`; a JSON with base64 weights would need several copies of
+them in memory, ~10 GiB for a 2 GiB model), and ``import_report.json`` (what the passes
+matched, and what stays in fake-quant form).
 """
 
 from __future__ import annotations
@@ -110,14 +113,18 @@ def import_onnx(model_path: Path, config: ImportConfig):
             f"\nReplace them in the exporter or pre-process the graph.{hint}")
     fold_batchnorm_into_conv(model)
     shape_dict = {name: list(shape) for name, shape, _ in config.inputs}
-    return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    del model  # the weights now live in the module's constants: one copy, not two
+    return mod
 
 
 def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
-    """Write ``module.json`` and ``import_report.json`` into ``out_dir``."""
+    """Write ``module.json``, ``module.params`` and ``import_report.json`` into ``out_dir``."""
     import tvm
 
     from pipeline.compiler.lowering import graph_cleanup
+    from pipeline.compiler.params import lift_constants
+    from pipeline.runtime.params import save_params
 
     mod = import_onnx(model_path, config)
     mod = graph_cleanup()(mod)
@@ -127,6 +134,10 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
     for name in config.passes:
         mod, fields = IMPORT_PASSES[name](mod)
         report.update(fields)
+    mod, weights = lift_constants(mod)
+    report["weights"] = {"tensors": len(weights),
+                         "bytes": save_params(weights, out_dir / "module.params")}
+    del weights
     (out_dir / "module.json").write_text(tvm.ir.save_json(mod), encoding="utf-8")
     (out_dir / "import_report.json").write_text(json.dumps(report, indent=2, sort_keys=True)
                                                 + "\n", encoding="utf-8")
