@@ -12,6 +12,7 @@ from test_onnx_normalize import IR3_INPUTS, X, Y, ir3_export, x_feed
 
 from models import tiny_convnet
 from pipeline.core.errors import ConfigError, CorruptInputError
+from pipeline.core.hashing import sha256_file
 from pipeline.stages import quantize, source
 
 INPUTS = (("x", (1, 3, 8, 8), "float32"),)
@@ -146,13 +147,49 @@ def test_an_undeclared_input_is_named_with_what_to_do(tmp_path):
     assert "give each an [[inputs]] entry" in message and "initializer" in message
 
 
-def test_a_model_with_external_data_is_read_in(tmp_path):
+def test_a_model_with_external_data_is_read_and_written_with_external_data(tmp_path):
+    from pipeline.frontend.onnx_normalize import DATA_DIGEST_KEY, load_inline
+
     onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
               location="m.data", size_threshold=0)
+    for out in (tmp_path / "out", tmp_path / "again"):
+        out.mkdir()
+        info = source.run(*_cfg(tmp_path / "m.onnx"), out)
+        assert info["external_data"] is True
+        assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # written with its weights outside, the data file's sha256 in the proto, reproducibly
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    stored = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert all(len(t.raw_data) < 1024 for t in stored.graph.initializer)
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size >= 1024
+    digest = {p.key: p.value for p in stored.metadata_props}[DATA_DIGEST_KEY]
+    assert digest == sha256_file(tmp_path / "out" / "model.onnx.data")
+    # the same network and weights as given
+    out = load_inline(tmp_path / "out" / "model.onnx")
+    assert out.SerializeToString() == tiny_convnet().SerializeToString()
+    # other weights, same shapes: model.onnx's own bytes change (doit and recipes hash it)
+    onnx.save(tiny_convnet(seed=1), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "other").mkdir()
+    source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "other")
+    assert (tmp_path / "other" / "model.onnx").read_bytes() != \
+        (tmp_path / "out" / "model.onnx").read_bytes()
+
+
+def test_a_model_over_the_external_data_threshold_is_written_with_external_data(
+        tmp_path, monkeypatch):
+    """What a model past 2 GiB goes through (folding via files, external data out), with
+    the threshold lowered to the tiny model's size."""
+    from pipeline.frontend import onnx_normalize
+
+    monkeypatch.setattr(onnx_normalize, "EXTERNAL_DATA_ABOVE", 100)
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"))
     (tmp_path / "out").mkdir()
-    source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
-    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    info = source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
+    assert info["external_data"] is True and info["tensor_bytes"] > 100
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 0
+    out = onnx_normalize.load_inline(tmp_path / "out" / "model.onnx")
     assert out.SerializeToString() == tiny_convnet().SerializeToString()
 
 
