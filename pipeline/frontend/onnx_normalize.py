@@ -13,6 +13,7 @@ constant plumbing.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -31,8 +32,9 @@ PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto cannot be larger (no ext
 # folded, and is written with external data (the stages after source keep the format):
 # protobuf cannot serialise 2 GiB in one message, and folding may grow a model.
 EXTERNAL_DATA_ABOVE = 2**30
-# Tensors from this size on go to the external data file (smaller ones stay in the proto).
-EXTERNAL_TENSOR_MIN_BYTES = 1024
+# Tensors from this size on go to the external data file (smaller ones, scalars and shape
+# vectors, stay in the proto).
+EXTERNAL_TENSOR_MIN_BYTES = 64
 # model.onnx's metadata entry holding the sha256 of its external data file: the bytes of
 # model.onnx alone then change whenever the weights do (doit's file_dep and the recipe ids
 # downstream hash model.onnx).
@@ -122,17 +124,21 @@ def save_model(model, path: Path, external: bool) -> None:
     from pipeline.core.hashing import sha256_file
 
     path = Path(path)
-    props = [p for p in model.metadata_props if p.key != DATA_DIGEST_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(props)
+    _strip_digest(model)
     if not external:
         onnx.save_model(model, str(path))
         return
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
     data = data_path(path)
     data.unlink(missing_ok=True)  # onnx appends to an existing file
-    onnx.save_model(model, str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data.name,
-                    size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=False)
+    for tensor in model.graph.initializer:  # in graph order: reproducible offsets
+        # integer index/shape tensors stay inline: shape inference cannot read them outside
+        if (tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES
+                and tensor.data_type not in (TensorProto.INT64, TensorProto.INT32)):
+            set_external_data(tensor, data.name)
+    write_external_data_tensors(model, str(path.parent))  # appends each, clears raw_data
     if not data.exists():  # no tensor was large enough: an empty file, so the pair exists
         data.touch()
     entry = model.metadata_props.add()
@@ -176,10 +182,14 @@ def load_inline(path: Path):
 
     model = onnx.load(str(path), load_external_data=False)
     inline_external_data(model, Path(path).parent)
+    _strip_digest(model)
+    return model
+
+
+def _strip_digest(model) -> None:
     props = [p for p in model.metadata_props if p.key != DATA_DIGEST_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(props)
-    return model
 
 
 def drop_weight_inputs(model, declared: set[str]) -> dict:
@@ -266,14 +276,18 @@ def _used_domains(model) -> set[str]:
     return {n.domain for n in model.graph.node}
 
 
-def _fold(model, scratch: Path, through_files: bool):
+def _fold(model, scratch: Path, through_files: bool, data_dir: Path | None = None):
     """onnxruntime basic optimisation (constant folding, no fusions) of ``model``.
 
     ``through_files``: onnxruntime reads ``model`` from a file with external data in
     ``scratch`` (a model past protobuf's limit cannot be handed over serialised); the
-    tensors of ``model`` are moved out into that file (see :func:`save_model`). Returns the
-    folded model, with its data loaded.
+    tensors of ``model`` are moved out into that file (see :func:`save_model`).
+    ``data_dir``: ``model`` was loaded without its external data, which lies there; the
+    data files are linked into ``scratch`` (copied where links cannot be made), so that
+    Python never holds the weights while onnxruntime does. Returns the folded model without
+    its data (``folded.data`` in ``scratch``: :func:`inline_external_data` reads it).
     """
+    import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -288,8 +302,19 @@ def _fold(model, scratch: Path, through_files: bool):
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1  # folding is cheap; one thread cannot reorder a reduction
     opts.inter_op_num_threads = 1
-    if through_files:
-        given = scratch / "given.onnx"
+    given = scratch / "given.onnx"
+    if data_dir is not None:
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        for name in sorted({ExternalDataInfo(t).location for t in _tensors(model.graph)
+                            if uses_external_data(t)}):
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            # a copy, not a link: onnx refuses to read a data file with several hard links
+            # ("hardlink attack"), and the copy costs disk and time, not memory
+            shutil.copyfile(data_dir / name, scratch / name)
+        given.write_bytes(model.SerializeToString())  # the graph: no tensor data in it
+        source = str(given)
+    elif through_files:
         save_model(model, given, external=True)
         source = str(given)
     else:
@@ -302,7 +327,9 @@ def _fold(model, scratch: Path, through_files: bool):
             f"onnxruntime cannot load the model to fold its constants: {e}. The model must "
             "run in onnxruntime (CPU) for every later stage; fix or re-export it.") from None
     del session  # its copy of the weights goes before the folded model is read in
-    return load_inline(scratch / "folded.onnx")  # reads folded.data back in
+    folded = onnx.load(str(scratch / "folded.onnx"), load_external_data=False)
+    _strip_digest(folded)  # (onnxruntime keeps the metadata of given.onnx)
+    return folded
 
 
 def _canonical(folded, original):
@@ -321,7 +348,7 @@ def _canonical(folded, original):
 
 
 def normalize(model, inputs, min_opset: int, work_dir: Path,
-              max_bytes: int = EXTERNAL_DATA_ABOVE):
+              max_bytes: int = EXTERNAL_DATA_ABOVE, data_dir: Path | None = None):
     """Upgrade, fix the declared input shapes and constant-fold ``model``.
 
     Call :func:`drop_weight_inputs` and check the inputs first. Deterministic: the same
@@ -335,6 +362,9 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     work_dir : where onnxruntime writes its scratch copy (removed before returning).
     max_bytes : tensors past this many bytes go to onnxruntime through a file with external
         data (protobuf cannot serialise 2 GiB); ``model`` itself is then consumed.
+    data_dir : ``model`` was loaded without its external data, which lies in this folder
+        (a big model: its weights are read into Python once, after folding, never while
+        onnxruntime holds them too).
 
     Returns
     -------
@@ -342,7 +372,7 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     """
     import onnx
 
-    through_files = tensor_bytes(model) > max_bytes
+    through_files = data_dir is not None or tensor_bytes(model) > max_bytes
     in_names = [i.name for i in model.graph.input]
     out_names = [o.name for o in model.graph.output]
     model, info = upgrade(model, min_opset)
@@ -350,7 +380,7 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     before = Counter(n.op_type for n in model.graph.node)
     domains = _used_domains(model)
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
-        folded = _fold(model, Path(scratch), through_files)
+        folded = _fold(model, Path(scratch), through_files, data_dir)
         after = Counter(n.op_type for n in folded.graph.node)
         new_ops = sorted(set(after) - set(before))
         new_domains = sorted(_used_domains(folded) - domains)
@@ -362,17 +392,20 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
                 "disable; add its name to DISABLED_OPTIMIZERS.")
         removed = {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]}
         if removed:
-            model = _canonical(folded, model)
+            model = _canonical(folded, model)  # (on the graph: its data is still outside)
+            inline_external_data(model, Path(scratch))
         else:  # nothing folded: keep the model as given (its bytes, value_info, opsets)
             del folded
-            if through_files:  # its tensors were moved into the scratch file: read back
-                model = load_inline(Path(scratch) / "given.onnx")
+            if through_files:  # its tensors were moved out into files: read them back
+                model = onnx.load(str(Path(scratch) / "given.onnx"), load_external_data=False)
+                _strip_digest(model)
+                inline_external_data(model, Path(scratch))
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     if got_in != in_names or got_out != out_names:
         raise PipelineError(f"normalisation changed the graph's inputs/outputs from "
                             f"{in_names} -> {out_names} to {got_in} -> {got_out}")
-    if tensor_bytes(model) <= PROTOBUF_LIMIT // 2:
+    if tensor_bytes(model) <= max_bytes:
         onnx.checker.check_model(model)  # (a larger one is checked by path once saved)
     info.update({"nodes_before": sum(before.values()), "nodes_after": len(model.graph.node),
                  "removed_ops": removed})

@@ -64,6 +64,14 @@ def load_params(path: Path) -> list:
                                 f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}. "
                                 "It is truncated or not a TVM param file; rebuild the "
                                 "artifact") from None
+    # TVM's reader does not notice a short file (it reads what is there): the tensors
+    # cannot hold more bytes than the file.
+    held = sum(_nbytes(t) for t in loaded.values())
+    if held > os.path.getsize(path):
+        raise CorruptInputError(f"cannot read the weights file {path}: its {len(loaded)} "
+                                f"tensors need {held} bytes, the file has "
+                                f"{os.path.getsize(path)}: it is truncated; rebuild the "
+                                "artifact")
     names = [param_name(i) for i in range(len(loaded))]
     missing = [n for n in names if n not in loaded]
     if missing:

@@ -28,10 +28,16 @@ class SourceConfig:
     kind: str = "file"  # "generator" (a module in models/) or "file" (a local ONNX file)
 
 
-def load_onnx(path: Path):
-    """``(model, external)``: an ONNX file loaded and checked, its external data read in
-    (``external``: it had some). A corrupt or truncated file, or missing external data,
-    gets a clear error."""
+def load_onnx(path: Path, keep_big_data_outside: bool = False):
+    """``(model, external, data_dir)``: an ONNX file loaded and checked, its external data
+    read in (``external``: it had some; ``data_dir`` None). A corrupt or truncated file, or
+    missing external data, gets a clear error.
+
+    ``keep_big_data_outside``: a model whose tensors exceed
+    :data:`~pipeline.frontend.onnx_normalize.EXTERNAL_DATA_ABOVE` is returned without its
+    external data, ``data_dir`` naming where it lies (read later, once: see
+    ``onnx_normalize.normalize(data_dir=...)``).
+    """
     import onnx
 
     if not path.is_file():
@@ -43,6 +49,15 @@ def load_onnx(path: Path):
             f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
             "truncated; re-export the model (or re-copy the file) and build again.") from None
     external = onnx_normalize.has_external_data(model)
+    if (keep_big_data_outside and external and onnx_normalize.stored_size(model, path.parent)
+            > onnx_normalize.EXTERNAL_DATA_ABOVE):
+        try:
+            onnx.checker.check_model(str(path))  # by path: also checks the data files
+        except Exception as e:
+            raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Copy its "
+                                    "external data next to it (or re-export it) and build "
+                                    "again.") from None
+        return model, external, path.parent
     try:
         onnx_normalize.inline_external_data(model, path.parent)
     except Exception as e:
@@ -54,7 +69,7 @@ def load_onnx(path: Path):
     except Exception as e:
         raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Re-export it with "
                                 "a current exporter.") from None
-    return model, external
+    return model, external, None
 
 
 def _generate(generator: Path, seed: int, out: Path) -> None:
@@ -114,16 +129,17 @@ def run(config: SourceConfig, given: Path, out_dir: Path) -> dict:
     import tempfile
 
     out = out_dir / "model.onnx"
-    if config.kind == "generator":
-        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-            _generate(Path(given), config.seed, Path(scratch) / "model.onnx")
-            model, external = load_onnx(Path(scratch) / "model.onnx")
-    else:
-        model, external = load_onnx(Path(given))
-    declared = {name for name, _, _ in config.inputs}
-    dropped = onnx_normalize.drop_weight_inputs(model, declared)
-    check_inputs(model, config.inputs, config.model)
-    model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        path = Path(given)
+        if config.kind == "generator":
+            path = Path(scratch) / "model.onnx"
+            _generate(Path(given), config.seed, path)
+        model, external, data_dir = load_onnx(path, keep_big_data_outside=True)
+        declared = {name for name, _, _ in config.inputs}
+        dropped = onnx_normalize.drop_weight_inputs(model, declared)
+        check_inputs(model, config.inputs, config.model)
+        model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir,
+                                               data_dir=data_dir)
     norm = {**dropped, **norm}
     norm["summary"] = onnx_normalize.summary(norm)
     weights = onnx_normalize.tensor_bytes(model)

@@ -459,6 +459,14 @@ std::vector<ffi::Tensor> load_weights(const std::string& path, DLDevice dev) {
   check_readable_file("weights file", path, "it must lie next to the model, as in the bundle");
   ffi::Map<ffi::String, ffi::Tensor> loaded =
       ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(path).cast<ffi::Map<ffi::String, ffi::Tensor>>();
+  // TVM's reader does not notice a short file: the tensors cannot hold more than it has.
+  struct stat st;
+  size_t held = 0;
+  for (const auto& kv : loaded) held += device::nbytes(kv.second);
+  if (::stat(path.c_str(), &st) != 0 || held > static_cast<size_t>(st.st_size)) {
+    throw std::runtime_error("weights file " + path + " is truncated (its tensors need " + std::to_string(held) +
+                             " bytes); copy it again from the bundle");
+  }
   if (static_cast<int64_t>(loaded.size()) != kNumParams) {
     throw std::runtime_error("weights file " + path + " holds " + std::to_string(loaded.size()) + " tensors, the model takes " +
                              std::to_string(kNumParams) + " (model.so and model.params from different builds?)");
