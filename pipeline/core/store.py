@@ -2,8 +2,8 @@
 
 Every stage output lives in ``<root>/.store/<stage>/<recipe id>/`` with a ``manifest.json``
 written last (it also records the stage's wall time, its peak memory: :mod:`.memory`, and
-the bytes of its outputs); a directory without a valid manifest is not an artifact. Stable, human paths
-(``artifacts/resnet50_int8/cpu/compile``) are relative symlinks into the store, swapped
+the bytes of its outputs); a directory without a valid manifest is not an artifact. Stable,
+human paths (``artifacts/resnet50_int8/cpu/compile``) are relative symlinks into the store, swapped
 atomically. Because an output is named by its recipe, a stage that doit re-runs (after a
 ``kill -9`` lost doit's records, or a deleted state file) finds its verified output and
 returns at once instead of re-tuning or re-quantizing.
