@@ -96,3 +96,17 @@ def test_lifted_weights_run_bit_identically(tmp_path):
     want = relax.VirtualMachine(embedded, tvm.cpu())["main"](x).numpy()
     got = relax.VirtualMachine(outside, tvm.cpu())["main"](x, *weights).numpy()
     assert got.tobytes() == want.tobytes()
+
+
+def test_a_module_with_lifted_weights_needs_its_params_file(tmp_path):
+    import tvm
+
+    from pipeline.compiler.workloads import load_module
+    from pipeline.core.errors import CorruptInputError
+
+    lifted, weights = lift_constants(_module())
+    (tmp_path / "module.json").write_text(tvm.ir.save_json(lifted))
+    with pytest.raises(CorruptInputError, match="module.params is missing"):
+        load_module(tmp_path / "module.json")
+    save_params(weights, tmp_path / "module.params")
+    assert num_inputs(load_module(tmp_path / "module.json")["main"]) == 1

@@ -57,6 +57,9 @@ def load_params(path: Path) -> list:
     """The tensors of a param file, in ``main``'s order (CPU tensors)."""
     import tvm
 
+    if not Path(path).is_file():
+        raise CorruptInputError(f"the weights file {path} is missing (it belongs next to the "
+                                "module or model.so it was written with); rebuild the artifact")
     try:
         loaded = tvm.runtime.load_param_dict_from_file(str(path))
     except Exception as e:  # noqa: BLE001  (TVM raises its own error types)
