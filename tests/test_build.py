@@ -36,15 +36,19 @@ def test_cpu_model_runs_and_reports_untuned(module_json, tmp_path):
     import tvm
     from tvm import relax
 
+    from pipeline.runtime.vm import model_weights
+
     report = _compile(module_json, tmp_path / "c")
     assert report["tuned"] == [] and any(k.startswith("fused_conv2d") for k in report["untuned"])
     io = json.loads((tmp_path / "c" / "io.json").read_text())
     assert io["inputs"] == [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}]
     assert io["outputs"][0]["shape"] == [1, 10]
+    assert io["params"]["count"] > 0  # the weights are in model.params, after the inputs
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "c" / "model.so")),
                               tvm.cpu())
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    got = vm["main"](tvm.runtime.tensor(x),
+                     *model_weights(tmp_path / "c" / "model.so", tvm.cpu())).numpy()
     assert_close_fp32(got, ort_run(module_json.parent / "m.onnx", {"x": x}))
 
 
