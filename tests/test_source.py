@@ -209,3 +209,31 @@ def test_missing_external_data_gets_a_clear_error(tmp_path):
     (tmp_path / "m.data").unlink()
     with pytest.raises(CorruptInputError, match="cannot read the external data .* next to it"):
         source.run(*_cfg(tmp_path / "m.onnx"), tmp_path)
+
+
+def test_the_big_decoder_generator_in_its_tiny_shape(tmp_path):
+    """examples/big_decoder's generator (ONNX external data out, one copy of the weights)
+    in its test shape: the source stage keeps the external data, and the network computes
+    what the generated file does."""
+    decoder_gen = REPO / "examples" / "big_decoder" / "models" / "decoder_gen.py"
+    wrapper = tmp_path / "tiny_decoder.py"
+    wrapper.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('decoder_gen', {str(decoder_gen)!r})\n"
+        "gen = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(gen)\n"
+        "def generate(out_path, seed):\n"
+        "    gen.export(out_path, seed, 'tiny')\n")
+    (tmp_path / "out").mkdir()
+    info = source.run(*_cfg(generator=wrapper, inputs=(("input_ids", (1, 4), "int64"),)),
+                      tmp_path / "out")
+    assert info["external_data"] is True
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 10_000
+    exec_globals: dict = {}
+    exec(wrapper.read_text(), exec_globals)
+    exec_globals["generate"](tmp_path / "given.onnx", 0)
+    ids = np.array([[3, 1, 4, 1]], np.int64)
+    want = ort.InferenceSession(str(tmp_path / "given.onnx")).run(None, {"input_ids": ids})
+    got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(
+        None, {"input_ids": ids})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)

@@ -30,7 +30,11 @@ def export(out_path: Path, seed: int, config: str = "decoder2g") -> int:
     layers, d, heads, ffn, vocab, seq = CONFIGS[config]
     dh = d // heads
     rng = np.random.default_rng(seed)
-    inits: list = []
+    # Tensors go straight into the model's graph, one at a time: helper.make_graph and
+    # make_model would copy every weight twice (three copies of 2.3 GiB at once).
+    model = helper.make_model(helper.make_graph([], f"decoder_{config}", [], []),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    inits = model.graph.initializer
     nodes: list = []
 
     def weight(name: str, shape, scale: float = 0.02, value: float | None = None) -> str:
@@ -38,11 +42,11 @@ def export(out_path: Path, seed: int, config: str = "decoder2g") -> int:
             arr = (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
         else:
             arr = np.full(shape, value, np.float32)
-        inits.append(numpy_helper.from_array(arr, name))
+        inits.add().CopyFrom(numpy_helper.from_array(arr, name))
         return name
 
     def const(name: str, arr) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        inits.add().CopyFrom(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
     def node(op: str, inputs: list[str], out: str, **attrs) -> str:
@@ -91,11 +95,11 @@ def export(out_path: Path, seed: int, config: str = "decoder2g") -> int:
     out = layer_norm(x, "final_ln")
     nodes.append(helper.make_node("Identity", [out], ["hidden"], name="hidden"))
 
-    graph = helper.make_graph(
-        nodes, f"decoder_{config}",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq])],
-        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, seq, d])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.node.extend(nodes)
+    model.graph.input.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                           [1, seq]))
+    model.graph.output.append(helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
+                                                            [1, seq, d]))
     model.ir_version = 8  # what onnxruntime 1.31 reads
     weights = sum(len(t.raw_data) for t in inits)
     out_path = Path(out_path)
