@@ -43,9 +43,12 @@ def _mib(kib: int | None) -> float | None:
 @contextlib.contextmanager
 def measure() -> Iterator[dict]:
     """Fill the yielded dict with ``peak_rss_mib`` (this process, during the block),
+    ``rss_at_start_mib`` (what the process held already: doit runs every stage in one
+    process, and memory an earlier stage freed is not always returned to the system),
     ``children_peak_rss_mib`` and ``method``."""
     result: dict = {}
     reset = _reset_peak()
+    start = _status_kib("VmRSS")
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     try:
         yield result
@@ -55,7 +58,7 @@ def measure() -> Iterator[dict]:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result.update(
-            peak_rss_mib=_mib(peak),
+            peak_rss_mib=_mib(peak), rss_at_start_mib=_mib(start),
             children_peak_rss_mib=_mib(children) if children > children_before else None,
             method=("VmHWM, reset at the stage's start" if reset else
                     "ru_maxrss of the whole process (an upper bound: not resettable here)")
