@@ -273,10 +273,8 @@ def _run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         link(stable, final)
-        child = (f", largest child {peak['children_peak_rss_mib']:.0f} MiB"
-                 if peak.get("children_peak_rss_mib") else "")
         _say(f"{stage}: built {rid[:12]} in {time.monotonic() - start:.1f} s, peak RSS "
-             f"{peak['peak_rss_mib']:.0f} MiB{child} -> {stable}")
+             f"{peak['peak_rss_mib']:.0f} MiB -> {stable}")
         return StageResult(final, rid, reused=False)
 
 
