@@ -11,6 +11,7 @@ is measured by the bench stage (``peak_rss_mb`` in ``bench.json``, from a small 
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,9 @@ def measure() -> Iterator[dict]:
     process, and memory an earlier stage freed is not always returned to the system) and
     ``method``."""
     result: dict = {}
+    # What an earlier stage left to the garbage collector (TVM objects in reference cycles
+    # keep a whole module's weights alive) goes first: it is not this stage's memory.
+    gc.collect()
     reset = _reset_peak()
     start = _status_kib("VmRSS")
     try:
