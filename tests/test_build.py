@@ -64,3 +64,24 @@ def test_rtx4090_cross_compiles_for_sm_89(module_json, tmp_path):
     assert report["untuned_scheduler"] == "dlight"
     assert '"arch":"sm_89"' in report["target"]
     assert (tmp_path / "g" / "model.so").stat().st_size > 0
+
+
+def test_a_model_without_weights_still_gets_an_empty_params_file(tmp_path):
+    """Every stage output exists whatever the model (doit's file_dep): a graph with no
+    initializer compiles to a model.so and a model.params holding no tensor."""
+    from onnx import TensorProto, helper
+
+    from pipeline.runtime.params import load_params
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    importer.run(tmp_path / "m.onnx", importer.ImportConfig((("x", (2, 3), "float32"),)),
+                 tmp_path)
+    _compile(tmp_path / "module.json", tmp_path / "c")
+    io = json.loads((tmp_path / "c" / "io.json").read_text())
+    assert io["params"]["count"] == 0
+    assert load_params(tmp_path / "c" / "model.params") == []

@@ -675,7 +675,7 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     shutil.copyfile(model_so, paths["model"])
     os.chmod(paths["model"], 0o644)
     members = ["README.txt", "bin", "lib", "model.so", "src"] + (["kernels"] if kernels else [])
-    if config.params:
+    if weights.is_file():  # (also with no tensors in it: every stage output always exists)
         _link_or_copy(weights, out_dir / "model.params")
         members.append("model.params")
     paths["readme"].write_text(_readme(config, sorted(libs), bool(kernels)), encoding="utf-8")
@@ -688,7 +688,7 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
               "lib_dir": lib_dir, "src_dir": src, "readme": paths["readme"], "build_log": log}
     if kernels:
         result["kernels_dir"] = paths["kernels_dir"]
-    if config.params:
+    if weights.is_file():
         result["params"] = paths["params"]
     return result
 
