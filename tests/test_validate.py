@@ -59,8 +59,8 @@ def build_artifact(tmp: Path, name: str, model: onnx.ModelProto, quantized: bool
         package.run(dirs["compile"] / "model.so", config, dirs["package"])
     else:
         shutil.copytree(app_from, dirs["package"])
-        for name in ("model.so", "model.params"):  # the weights go with the model
-            shutil.copyfile(dirs["compile"] / name, dirs["package"] / name)
+        for file in ("model.so", "model.params"):  # the weights go with the model
+            shutil.copyfile(dirs["compile"] / file, dirs["package"] / file)
     variant = "int8" if quantized else "fp32"
     return ArtifactUnderTest(
         name=f"{name}_{variant}", model=name, variant=variant, target="cpu", is_gpu=False,
