@@ -35,6 +35,8 @@ def main() -> None:
     import tvm
     from tvm import relax
 
+    from pipeline.runtime.vm import model_weights
+
     compiled = REPO / "artifacts" / args.artifact / "cpu" / "compile"
     if not (compiled / "model.so").exists():
         sys.exit(f"error: {compiled}/model.so not found: run `doit build:{args.artifact}` first")
@@ -44,6 +46,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     inputs = [tvm.runtime.tensor(rng.standard_normal(i["shape"]).astype(i["dtype"]), dev)
               for i in io["inputs"]]
+    inputs += model_weights(compiled / "model.so", dev)  # model.params: after the inputs
     for _ in range(3):
         vm["main"](*inputs)
 

@@ -36,15 +36,19 @@ def test_cpu_model_runs_and_reports_untuned(module_json, tmp_path):
     import tvm
     from tvm import relax
 
+    from pipeline.runtime.vm import model_weights
+
     report = _compile(module_json, tmp_path / "c")
     assert report["tuned"] == [] and any(k.startswith("fused_conv2d") for k in report["untuned"])
     io = json.loads((tmp_path / "c" / "io.json").read_text())
     assert io["inputs"] == [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}]
     assert io["outputs"][0]["shape"] == [1, 10]
+    assert io["params"]["count"] > 0  # the weights are in model.params, after the inputs
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "c" / "model.so")),
                               tvm.cpu())
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    got = vm["main"](tvm.runtime.tensor(x),
+                     *model_weights(tmp_path / "c" / "model.so", tvm.cpu())).numpy()
     assert_close_fp32(got, ort_run(module_json.parent / "m.onnx", {"x": x}))
 
 
@@ -60,3 +64,24 @@ def test_rtx4090_cross_compiles_for_sm_89(module_json, tmp_path):
     assert report["untuned_scheduler"] == "dlight"
     assert '"arch":"sm_89"' in report["target"]
     assert (tmp_path / "g" / "model.so").stat().st_size > 0
+
+
+def test_a_model_without_weights_still_gets_an_empty_params_file(tmp_path):
+    """Every stage output exists whatever the model (doit's file_dep): a graph with no
+    initializer compiles to a model.so and a model.params holding no tensor."""
+    from onnx import TensorProto, helper
+
+    from pipeline.runtime.params import load_params
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    importer.run(tmp_path / "m.onnx", importer.ImportConfig((("x", (2, 3), "float32"),)),
+                 tmp_path)
+    _compile(tmp_path / "module.json", tmp_path / "c")
+    io = json.loads((tmp_path / "c" / "io.json").read_text())
+    assert io["params"]["count"] == 0
+    assert load_params(tmp_path / "c" / "model.params") == []

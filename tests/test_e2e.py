@@ -122,3 +122,65 @@ def test_a_three_input_int64_model_builds_validates_and_benches(tmp_path):
         capture_output=True, text=True)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "element 3 is 11, outside the model's range [0, 10]" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_a_model_with_external_data_goes_through_every_stage(tmp_path):
+    """ONNX external data in, through every stage: the source and quantize stages keep it
+    (model.onnx + model.onnx.data), import and compile keep the weights out of module.json
+    and model.so (module.params, model.params), the app loads them from the unpacked
+    bundle, validate and bench pass, and every manifest records the stage's peak memory."""
+    import json
+    import tarfile
+
+    import onnx
+
+    from models import TINY_SPEC, tiny_convnet
+
+    project = make_project(tmp_path / "p")
+    onnx.save(tiny_convnet(), str(project / "models" / "tiny.onnx"), save_as_external_data=True,
+              location="tiny.onnx.data", size_threshold=0)
+    assert (project / "models" / "tiny.onnx.data").stat().st_size > 1000
+    assert "tiny.onnx" in TINY_SPEC
+    run = doit(project, "build:tiny_fp32", "build:tiny_int8", "validate", "bench", "tune=off",
+               "repeat=3", "warmup=1")
+    assert run.returncode == 0, run.output
+    root = project / "artifacts"
+    for stage in ("source", "quantize"):
+        folder = root / "tiny" / "source" if stage == "source" else root / "tiny_int8" / stage
+        assert (folder / "model.onnx.data").stat().st_size > 100, stage
+        stored = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        assert all(len(t.raw_data) < 64 for t in stored.graph.initializer), stage
+    for variant in ("fp32", "int8"):
+        art = root / f"tiny_{variant}" / "cpu"
+        module = json.loads((art.parent / "import" / "module.json").read_text())
+        assert not module.get("b64ndarrays"), "weights left in module.json"
+        assert (art.parent / "import" / "module.params").stat().st_size > 1000
+        io = json.loads((art / "compile" / "io.json").read_text())
+        assert io["params"]["count"] > 0 and io["params"]["bytes"] > 1000
+        assert (art / "model.params").resolve() == (art / "package" / "model.params").resolve()
+        report = json.loads((art / "validate" / "validation.json").read_text())
+        assert report["status"] == "pass", report
+        assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
+        for stage in ("import", "compile", "package", "smoke", "validate", "bench"):
+            folder = art.parent / stage if stage == "import" else art / stage
+            memory = json.loads((folder / "manifest.json").read_text())["memory"]
+            assert memory["peak_rss_mib"] > 10, (stage, memory)
+
+    # The bundle, unpacked elsewhere, runs with its weights file and gives the smoke output
+    art = root / "tiny_fp32" / "cpu"
+    with tarfile.open(art / "tiny_fp32-cpu.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    bundle = tmp_path / "unpacked" / "tiny_fp32-cpu"
+    assert (bundle / "model.params").is_file() and "model.params" in \
+        (bundle / "README.txt").read_text()
+    infer = [str(bundle / "bin" / "infer"), "--input", str(art / "smoke" / "input.npy"),
+             "--output", str(tmp_path / "y.npy")]
+    proc = subprocess.run(infer, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "y.npy").tobytes() == \
+        np.load(art / "smoke" / "output_cpp.npy").tobytes()
+    (bundle / "model.params").unlink()  # without its weights: a clear error, not a crash
+    proc = subprocess.run(infer, capture_output=True, text=True)
+    assert proc.returncode == 2 and "weights file" in proc.stderr and \
+        "model.params" in proc.stderr, proc.stderr

@@ -27,8 +27,10 @@ def test_batchnorm_folded_and_numerics_kept(tmp_path):
     import tvm
     from tvm import relax
 
+    from pipeline.compiler.workloads import load_module
+
     module_json = _import(tmp_path, tiny_convnet(with_bn=True))
-    mod = tvm.ir.load_json(module_json.read_text())
+    mod = load_module(module_json)  # the IR, its weights (module.params) bound back
     text = mod.script()
     assert "batch_norm" not in text and "R.nn.conv2d" in text
     ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "num-cores": 2}))

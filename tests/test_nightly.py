@@ -101,7 +101,7 @@ compile: built 0123456789ab in 0.8 s -> {art}/tiny_fp32/cpu/compile
 package: reusing verified output 89abcdef0123 -> {art}/tiny_fp32/cpu/package
 .  build:tiny_fp32
 .  validate:tiny_fp32@cpu
-validate: built fedcba987654 in 0.1 s -> {art}/tiny_fp32/cpu/validate
+validate: built fedcba987654 in 0.1 s, peak RSS 512 MiB -> {art}/tiny_fp32/cpu/validate
 ERROR: validation failed
 TaskFailed - taskid:validate:tiny_fp32@cpu
 validation failed:

@@ -180,7 +180,8 @@ def _golden_configs():
                      "range": [0, 30521], "onnx_name": "input.ids"}],
             outputs=[{"name": "logits", "shape": [1, 1000], "dtype": "float16"},
                      {"name": "index", "shape": [1], "dtype": "int32"},
-                     {"name": "mask", "shape": [1, 8], "dtype": "uint8"}]),
+                     {"name": "mask", "shape": [1, 8], "dtype": "uint8"}],
+            params=12),
     }
 
 

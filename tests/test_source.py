@@ -12,6 +12,7 @@ from test_onnx_normalize import IR3_INPUTS, X, Y, ir3_export, x_feed
 
 from models import tiny_convnet
 from pipeline.core.errors import ConfigError, CorruptInputError
+from pipeline.core.hashing import sha256_file
 from pipeline.stages import quantize, source
 
 INPUTS = (("x", (1, 3, 8, 8), "float32"),)
@@ -146,14 +147,60 @@ def test_an_undeclared_input_is_named_with_what_to_do(tmp_path):
     assert "give each an [[inputs]] entry" in message and "initializer" in message
 
 
-def test_a_model_with_external_data_is_read_in(tmp_path):
+def test_a_model_with_external_data_is_read_and_written_with_external_data(tmp_path):
+    from pipeline.frontend.onnx_normalize import DATA_DIGEST_KEY, load_inline
+
     onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"), save_as_external_data=True,
               location="m.data", size_threshold=0)
-    (tmp_path / "out").mkdir()
-    source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]
-    out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    for out in (tmp_path / "out", tmp_path / "again"):
+        out.mkdir()
+        info = source.run(*_cfg(tmp_path / "m.onnx"), out)
+        assert info["external_data"] is True
+        assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # written with its weights outside, the data file's sha256 in the proto, reproducibly
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    stored = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert all(len(t.raw_data) < 64 for t in stored.graph.initializer)
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size >= 1024
+    digest = {p.key: p.value for p in stored.metadata_props}[DATA_DIGEST_KEY]
+    assert digest == sha256_file(tmp_path / "out" / "model.onnx.data")
+    # the same network and weights as given
+    out = load_inline(tmp_path / "out" / "model.onnx")
     assert out.SerializeToString() == tiny_convnet().SerializeToString()
+    # other weights, same shapes: model.onnx's own bytes change (doit and recipes hash it)
+    onnx.save(tiny_convnet(seed=1), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    (tmp_path / "other").mkdir()
+    source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "other")
+    assert (tmp_path / "other" / "model.onnx").read_bytes() != \
+        (tmp_path / "out" / "model.onnx").read_bytes()
+
+
+def test_a_model_over_the_external_data_threshold_is_written_with_external_data(
+        tmp_path, monkeypatch):
+    """What a model past 2 GiB goes through (folding via files, external data out), with
+    the threshold lowered to the tiny model's size."""
+    from pipeline.frontend import onnx_normalize
+
+    monkeypatch.setattr(onnx_normalize, "EXTERNAL_DATA_ABOVE", 100)
+    onnx.save(tiny_convnet(), str(tmp_path / "m.onnx"))
+    (tmp_path / "out").mkdir()
+    info = source.run(*_cfg(tmp_path / "m.onnx"), tmp_path / "out")
+    assert info["external_data"] is True and info["tensor_bytes"] > 100
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 0
+    out = onnx_normalize.load_inline(tmp_path / "out" / "model.onnx")
+    assert out.SerializeToString() == tiny_convnet().SerializeToString()
+    # given with external data, past the threshold: its weights stay in files until folded
+    # (onnxruntime reads them from a scratch copy); the same result
+    (tmp_path / "ext").mkdir()
+    onnx.save(tiny_convnet(), str(tmp_path / "ext" / "m.onnx"), save_as_external_data=True,
+              location="w.bin", size_threshold=0)
+    (tmp_path / "out2").mkdir()
+    source.run(*_cfg(tmp_path / "ext" / "m.onnx"), tmp_path / "out2")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "out2" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == ["m.onnx", "w.bin"]
 
 
 def test_missing_external_data_gets_a_clear_error(tmp_path):
@@ -162,3 +209,31 @@ def test_missing_external_data_gets_a_clear_error(tmp_path):
     (tmp_path / "m.data").unlink()
     with pytest.raises(CorruptInputError, match="cannot read the external data .* next to it"):
         source.run(*_cfg(tmp_path / "m.onnx"), tmp_path)
+
+
+def test_the_big_decoder_generator_in_its_tiny_shape(tmp_path):
+    """examples/big_decoder's generator (ONNX external data out, one copy of the weights)
+    in its test shape: the source stage keeps the external data, and the network computes
+    what the generated file does."""
+    decoder_gen = REPO / "examples" / "big_decoder" / "models" / "decoder_gen.py"
+    wrapper = tmp_path / "tiny_decoder.py"
+    wrapper.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('decoder_gen', {str(decoder_gen)!r})\n"
+        "gen = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(gen)\n"
+        "def generate(out_path, seed):\n"
+        "    gen.export(out_path, seed, 'tiny')\n")
+    (tmp_path / "out").mkdir()
+    info = source.run(*_cfg(generator=wrapper, inputs=(("input_ids", (1, 4), "int64"),)),
+                      tmp_path / "out")
+    assert info["external_data"] is True
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 10_000
+    exec_globals: dict = {}
+    exec(wrapper.read_text(), exec_globals)
+    exec_globals["generate"](tmp_path / "given.onnx", 0)
+    ids = np.array([[3, 1, 4, 1]], np.int64)
+    want = ort.InferenceSession(str(tmp_path / "given.onnx")).run(None, {"input_ids": ids})
+    got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(
+        None, {"input_ids": ids})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)

@@ -54,11 +54,13 @@ def build_artifact(tmp: Path, name: str, model: onnx.ModelProto, quantized: bool
     if app_from is None:
         io = json.loads((dirs["compile"] / "io.json").read_text())
         config = package.PackageConfig.for_target("tiny", get_target("cpu"), io["inputs"],
-                                                  io["outputs"])
+                                                  io["outputs"],
+                                                  params=io["params"]["count"])
         package.run(dirs["compile"] / "model.so", config, dirs["package"])
     else:
         shutil.copytree(app_from, dirs["package"])
-        shutil.copyfile(dirs["compile"] / "model.so", dirs["package"] / "model.so")
+        for file in ("model.so", "model.params"):  # the weights go with the model
+            shutil.copyfile(dirs["compile"] / file, dirs["package"] / file)
     variant = "int8" if quantized else "fp32"
     return ArtifactUnderTest(
         name=f"{name}_{variant}", model=name, variant=variant, target="cpu", is_gpu=False,

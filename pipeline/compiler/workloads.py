@@ -45,9 +45,18 @@ def plan_tasks(mod, target) -> list[TaskPlan]:
 
 
 def load_module(module_json: Path):
+    """The import stage's module, its weights (``module.params`` next to it) bound back as
+    constants: the very module the import stage lifted them from."""
     import tvm
 
-    return tvm.ir.load_json(module_json.read_text(encoding="utf-8"))
+    from pipeline.compiler.params import bind_params, num_inputs
+    from pipeline.runtime.params import load_params, params_path
+
+    mod = tvm.ir.load_json(Path(module_json).read_text(encoding="utf-8"))
+    main = mod["main"]
+    if num_inputs(main) < len(main.params):  # lifted weights: the file must be there
+        mod = bind_params(mod, load_params(params_path(module_json)))
+    return mod
 
 
 def io_signature(mod) -> dict:
@@ -64,7 +73,10 @@ def io_signature(mod) -> dict:
     # TVM 0.27 names struct info "ty": Var.ty, Function.ret_ty.
     ret = func.ret_ty
     outs = ret.fields if isinstance(ret, relax.TupleType) else [ret]
-    return {"inputs": [tensor(p.name, p.ty) for p in func.params],
+    from pipeline.compiler.params import num_inputs
+
+    inputs = func.params[:num_inputs(func)]  # lifted weights, if any, follow the inputs
+    return {"inputs": [tensor(p.name, p.ty) for p in inputs],
             "outputs": [tensor(f"output{i}", s) for i, s in enumerate(outs)]}
 
 

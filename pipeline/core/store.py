@@ -1,8 +1,9 @@
 """The content-addressed artifact store: publish atomically, verify by hash, reuse by recipe.
 
 Every stage output lives in ``<root>/.store/<stage>/<recipe id>/`` with a ``manifest.json``
-written last; a directory without a valid manifest is not an artifact. Stable, human paths
-(``artifacts/resnet50_int8/cpu/compile``) are relative symlinks into the store, swapped
+written last (it also records the stage's wall time, its peak memory: :mod:`.memory`, and
+the bytes of its outputs); a directory without a valid manifest is not an artifact. Stable,
+human paths (``artifacts/resnet50_int8/cpu/compile``) are relative symlinks into the store, swapped
 atomically. Because an output is named by its recipe, a stage that doit re-runs (after a
 ``kill -9`` lost doit's records, or a deleted state file) finds its verified output and
 returns at once instead of re-tuning or re-quantizing.
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core import memory
 from pipeline.core.errors import PipelineError, StageFailed
 from pipeline.core.hashing import canonical_json, recipe_id, sha256_file, tool_versions
 
@@ -249,7 +251,8 @@ def _run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
         tmp.mkdir()
         start = time.monotonic()
         try:
-            info = produce(tmp) or {}
+            with memory.measure() as peak:
+                info = produce(tmp) or {}
             outputs = manifest_outputs(tmp)
             if not outputs:
                 raise StageFailed(stage, "produced no output files", artifact_dir=tmp)
@@ -257,7 +260,8 @@ def _run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
             manifest = {"stage": stage, "recipe_id": rid, "config": config,
                         "upstream": digests, "tools": tool_versions(stage),
                         "outputs": outputs, "stats": stats, "info": info,
-                        "seconds": round(time.monotonic() - start, 3)}
+                        "seconds": round(time.monotonic() - start, 3), "memory": peak,
+                        "output_bytes": sum(st[0] for st in stats.values())}
             # The manifest is written last: its presence means every output is complete.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str)
                                         + "\n",
@@ -269,7 +273,8 @@ def _run_stage(root: Path, stage: str, config: dict, upstream: dict[str, Path],
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         link(stable, final)
-        _say(f"{stage}: built {rid[:12]} in {time.monotonic() - start:.1f} s -> {stable}")
+        _say(f"{stage}: built {rid[:12]} in {time.monotonic() - start:.1f} s, peak RSS "
+             f"{peak['peak_rss_mib']:.0f} MiB -> {stable}")
         return StageResult(final, rid, reused=False)
 
 

@@ -37,6 +37,7 @@ from pipeline.schemes.blockwise import (
 
 OP_TYPE = "MatMulNBits"
 DOMAIN = "com.microsoft"
+OP_TYPES = (OP_TYPE, "DequantizeLinear")  # the nodes whose constants extract() reads
 STAND_IN_PREFIX = "blockwise_weight_"
 
 

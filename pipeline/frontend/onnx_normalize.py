@@ -12,6 +12,8 @@ constant plumbing.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -26,6 +28,17 @@ ORT_MAX_IR_VERSION = 13
 # its IR version (and onnxruntime says what it cannot read).
 _FIRST_TYPE_AFTER_IR13 = 25
 PROTOBUF_LIMIT = 2**31 - 1  # one serialised ModelProto cannot be larger (no external data)
+# A model whose tensors add up to more goes through files with ONNX external data when it is
+# folded, and is written with external data (the stages after source keep the format):
+# protobuf cannot serialise 2 GiB in one message, and folding may grow a model.
+EXTERNAL_DATA_ABOVE = 2**30
+# Tensors from this size on go to the external data file (smaller ones, scalars and shape
+# vectors, stay in the proto).
+EXTERNAL_TENSOR_MIN_BYTES = 64
+# model.onnx's metadata entry holding the sha256 of its external data file: the bytes of
+# model.onnx alone then change whenever the weights do (doit's file_dep and the recipe ids
+# downstream hash model.onnx).
+DATA_DIGEST_KEY = "onnx2deploy.external_data_sha256"
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 # onnxruntime level-1 ("basic") optimisers that rewrite the network rather than fold or
@@ -64,12 +77,9 @@ def _tensors(graph):
                 yield from _tensors(sub)
 
 
-def check_size(model, base_dir: Path, max_bytes: int = PROTOBUF_LIMIT) -> None:
-    """Refuse, before loading its external data, a model too large for one model.onnx.
-
-    ``model`` is loaded with ``load_external_data=False``; each externally stored tensor
-    counts its ``length`` (or the rest of its file).
-    """
+def stored_size(model, base_dir: Path) -> int:
+    """Bytes of ``model`` with its external data (loaded with ``load_external_data=False``;
+    each externally stored tensor counts its ``length``, or the rest of its file)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     total = model.ByteSize()
@@ -79,12 +89,75 @@ def check_size(model, base_dir: Path, max_bytes: int = PROTOBUF_LIMIT) -> None:
             where = base_dir / ext.location
             size = where.stat().st_size if where.is_file() else 0
             total += ext.length if ext.length else max(size - (ext.offset or 0), 0)
-    if total > max_bytes:
-        raise UnsupportedModelError(
-            f"the model is {_gib(total)} with its external data, over the {_gib(max_bytes)} "
-            "the pipeline keeps in one model.onnx (protobuf's limit; ONNX external data is not "
-            "supported by the later stages yet). Use a smaller model, or store its weights "
-            "in a narrower type (fp16) so it fits.")
+    return total
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of ``model``'s tensors as loaded (the part external data would hold); cheap,
+    and valid past protobuf's 2 GiB, where ``ByteSize`` is not."""
+    return sum(t.ByteSize() for t in _tensors(model.graph))
+
+
+def has_external_data(model) -> bool:
+    """Whether some tensor of ``model`` (loaded without its data) is stored externally."""
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in _tensors(model.graph))
+
+
+def data_path(model_path: Path) -> Path:
+    """Where :func:`save_model` puts a model's external data: ``model.onnx.data``."""
+    return Path(model_path).with_name(Path(model_path).name + ".data")
+
+
+def save_model(model, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``; with ``external``, its tensors of at least
+    :data:`EXTERNAL_TENSOR_MIN_BYTES` go to :func:`data_path` (ONNX external data, one file,
+    in graph order: equal models give equal bytes), and ``model.onnx`` records that file's
+    sha256 under :data:`DATA_DIGEST_KEY`.
+
+    With ``external`` the tensors of ``model`` are moved out (onnx clears them in place):
+    do not use ``model`` afterwards. Never more than one copy of the weights in memory.
+    """
+    import onnx
+
+    from pipeline.core.hashing import sha256_file
+
+    path = Path(path)
+    _strip_digest(model)
+    if not external:
+        onnx.save_model(model, str(path))
+        return
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
+    data = data_path(path)
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    for tensor in model.graph.initializer:  # in graph order: reproducible offsets
+        # integer index/shape tensors stay inline: shape inference cannot read them outside
+        if (tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES
+                and tensor.data_type not in (TensorProto.INT64, TensorProto.INT32)):
+            set_external_data(tensor, data.name)
+    write_external_data_tensors(model, str(path.parent))  # appends each, clears raw_data
+    if not data.exists():  # no tensor was large enough: an empty file, so the pair exists
+        data.touch()
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DATA_DIGEST_KEY, sha256_file(data)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())  # the tensors now point into the data file
+    os.replace(tmp, path)
+
+
+def check(model, path: Path | None = None) -> None:
+    """``onnx.checker`` on ``model``, or, past protobuf's limit, on the file at ``path``
+    (which then holds it with external data)."""
+    import onnx
+
+    if path is not None and (tensor_bytes(model) > EXTERNAL_DATA_ABOVE or
+                             has_external_data(model)):
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(model)
 
 
 def inline_external_data(model, base_dir: Path) -> None:
@@ -100,6 +173,23 @@ def inline_external_data(model, base_dir: Path) -> None:
     for tensor in _tensors(model.graph):
         if tensor.data_location == TensorProto.DEFAULT:
             tensor.ClearField("data_location")
+
+
+def load_inline(path: Path):
+    """An ONNX file with its external data read in, as if it had been stored inline (no
+    :data:`DATA_DIGEST_KEY` entry either)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inline_external_data(model, Path(path).parent)
+    _strip_digest(model)
+    return model
+
+
+def _strip_digest(model) -> None:
+    props = [p for p in model.metadata_props if p.key != DATA_DIGEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
 
 
 def drop_weight_inputs(model, declared: set[str]) -> dict:
@@ -186,16 +276,25 @@ def _used_domains(model) -> set[str]:
     return {n.domain for n in model.graph.node}
 
 
-def _fold(model, scratch: Path, max_bytes: int):
-    """onnxruntime basic optimisation (constant folding, no fusions) of ``model``."""
+def _fold(model, scratch: Path, through_files: bool, data_dir: Path | None = None):
+    """onnxruntime basic optimisation (constant folding, no fusions) of ``model``.
+
+    ``through_files``: onnxruntime reads ``model`` from a file with external data in
+    ``scratch`` (a model past protobuf's limit cannot be handed over serialised); the
+    tensors of ``model`` are moved out into that file (see :func:`save_model`).
+    ``data_dir``: ``model`` was loaded without its external data, which lies there; the
+    data files are linked into ``scratch`` (copied where links cannot be made), so that
+    Python never holds the weights while onnxruntime does. Returns the folded model without
+    its data (``folded.data`` in ``scratch``: :func:`inline_external_data` reads it).
+    """
     import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(scratch / "folded.onnx")
-    # Large initializers go to a side file, so a model that folding grows past the protobuf
-    # limit is written anyway and then refused below with a clear message.
+    # Large initializers go to a side file: a model folding grows past the protobuf limit
+    # is written anyway.
     opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                   "folded.data")
     opts.add_session_config_entry(
@@ -203,21 +302,33 @@ def _fold(model, scratch: Path, max_bytes: int):
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1  # folding is cheap; one thread cannot reorder a reduction
     opts.inter_op_num_threads = 1
+    given = scratch / "given.onnx"
+    if data_dir is not None:
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        for name in sorted({ExternalDataInfo(t).location for t in _tensors(model.graph)
+                            if uses_external_data(t)}):
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            # a copy, not a link: onnx refuses to read a data file with several hard links
+            # ("hardlink attack"), and the copy costs disk and time, not memory
+            shutil.copyfile(data_dir / name, scratch / name)
+        given.write_bytes(model.SerializeToString())  # the graph: no tensor data in it
+        source = str(given)
+    elif through_files:
+        save_model(model, given, external=True)
+        source = str(given)
+    else:
+        source = model.SerializeToString()
     try:
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(DISABLED_OPTIMIZERS))
     except Exception as e:
         raise UnsupportedModelError(
             f"onnxruntime cannot load the model to fold its constants: {e}. The model must "
             "run in onnxruntime (CPU) for every later stage; fix or re-export it.") from None
-    folded = onnx.load(str(scratch / "folded.onnx"))  # reads folded.data back in
-    size = folded.ByteSize()
-    if size > max_bytes:
-        raise UnsupportedModelError(
-            f"after constant folding the model is {_gib(size)}, over the {_gib(max_bytes)} "
-            "the pipeline keeps in one model.onnx (protobuf's limit; ONNX external data is not "
-            "supported by the later stages). Folding materialises computed constants such as "
-            "ConstantOfShape weights; use a smaller model or one with fewer/narrower weights.")
+    del session  # its copy of the weights goes before the folded model is read in
+    folded = onnx.load(str(scratch / "folded.onnx"), load_external_data=False)
+    _strip_digest(folded)  # (onnxruntime keeps the metadata of given.onnx)
     return folded
 
 
@@ -237,7 +348,7 @@ def _canonical(folded, original):
 
 
 def normalize(model, inputs, min_opset: int, work_dir: Path,
-              max_bytes: int = PROTOBUF_LIMIT):
+              max_bytes: int = EXTERNAL_DATA_ABOVE, data_dir: Path | None = None):
     """Upgrade, fix the declared input shapes and constant-fold ``model``.
 
     Call :func:`drop_weight_inputs` and check the inputs first. Deterministic: the same
@@ -249,7 +360,11 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     inputs : the spec's ``(name, shape, dtype)`` tuples.
     min_opset : default-domain opset to upgrade to.
     work_dir : where onnxruntime writes its scratch copy (removed before returning).
-    max_bytes : largest serialised model accepted (before and after folding).
+    max_bytes : tensors past this many bytes go to onnxruntime through a file with external
+        data (protobuf cannot serialise 2 GiB); ``model`` itself is then consumed.
+    data_dir : ``model`` was loaded without its external data, which lies in this folder
+        (a big model: its weights are read into Python once, after folding, never while
+        onnxruntime holds them too).
 
     Returns
     -------
@@ -257,12 +372,7 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     """
     import onnx
 
-    size = model.ByteSize()
-    if size > max_bytes:
-        raise UnsupportedModelError(
-            f"the model is {_gib(size)}, over the {_gib(max_bytes)} the pipeline keeps in one "
-            "model.onnx (protobuf's limit; ONNX external data is not supported by the later "
-            "stages). Use a smaller model.")
+    through_files = data_dir is not None or tensor_bytes(model) > max_bytes
     in_names = [i.name for i in model.graph.input]
     out_names = [o.name for o in model.graph.output]
     model, info = upgrade(model, min_opset)
@@ -270,26 +380,33 @@ def normalize(model, inputs, min_opset: int, work_dir: Path,
     before = Counter(n.op_type for n in model.graph.node)
     domains = _used_domains(model)
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
-        folded = _fold(model, Path(scratch), max_bytes)
-    after = Counter(n.op_type for n in folded.graph.node)
-    new_ops = sorted(set(after) - set(before))
-    new_domains = sorted(_used_domains(folded) - domains)
-    if new_ops or new_domains:
-        raise PipelineError(
-            f"onnxruntime's basic optimisation rewrote the network (new operators "
-            f"{new_ops}, new domains {new_domains}) instead of only folding constants: this "
-            "onnxruntime has an optimiser pipeline/onnx_normalize.py does not disable; add its "
-            "name to DISABLED_OPTIMIZERS.")
-    removed = {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]}
-    if removed:
-        model = _canonical(folded, model)
-    # else nothing folded: keep the model as given (its bytes, its value_info, its opsets)
+        folded = _fold(model, Path(scratch), through_files, data_dir)
+        after = Counter(n.op_type for n in folded.graph.node)
+        new_ops = sorted(set(after) - set(before))
+        new_domains = sorted(_used_domains(folded) - domains)
+        if new_ops or new_domains:
+            raise PipelineError(
+                f"onnxruntime's basic optimisation rewrote the network (new operators "
+                f"{new_ops}, new domains {new_domains}) instead of only folding constants: "
+                "this onnxruntime has an optimiser pipeline/onnx_normalize.py does not "
+                "disable; add its name to DISABLED_OPTIMIZERS.")
+        removed = {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]}
+        if removed:
+            model = _canonical(folded, model)  # (on the graph: its data is still outside)
+            inline_external_data(model, Path(scratch))
+        else:  # nothing folded: keep the model as given (its bytes, value_info, opsets)
+            del folded
+            if through_files:  # its tensors were moved out into files: read them back
+                model = onnx.load(str(Path(scratch) / "given.onnx"), load_external_data=False)
+                _strip_digest(model)
+                inline_external_data(model, Path(scratch))
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     if got_in != in_names or got_out != out_names:
         raise PipelineError(f"normalisation changed the graph's inputs/outputs from "
                             f"{in_names} -> {out_names} to {got_in} -> {got_out}")
-    onnx.checker.check_model(model)
+    if tensor_bytes(model) <= max_bytes:
+        onnx.checker.check_model(model)  # (a larger one is checked by path once saved)
     info.update({"nodes_before": sum(before.values()), "nodes_after": len(model.graph.node),
                  "removed_ops": removed})
     return model, info

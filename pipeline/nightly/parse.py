@@ -37,7 +37,8 @@ _DOIT_ERROR = re.compile(r"^(TaskFailed|TaskError|UnmetDependency|SetupError|Dep
                          r" - taskid:(\S+)\s*$")
 
 
-_STAGE = re.compile(r"^(\w+): (?:built (\w+) in [\d.]+ s|reusing verified output (\w+)) -> (.+)$")
+_STAGE = re.compile(r"^(\w+): (?:built (\w+) in [\d.]+ s(?:, peak RSS \d+ MiB)?|"
+                    r"reusing verified output (\w+)) -> (.+)$")
 
 
 def parse_doit_output(output: str) -> dict[str, dict]:

@@ -16,7 +16,11 @@ from pipeline.core.errors import StageFailed
 
 
 def python_vm_outputs(model_so: Path, feeds: list[np.ndarray], device: str = "cpu"):
-    """Run ``main`` of an exported Relax executable in Python; returns numpy outputs."""
+    """Run ``main`` of an exported Relax executable in Python; returns numpy outputs.
+
+    The weights (``model.params`` next to ``model.so``, when the compile stage lifted them)
+    follow the inputs, as the C++ app passes them.
+    """
     import tvm
     from tvm import relax
 
@@ -24,9 +28,35 @@ def python_vm_outputs(model_so: Path, feeds: list[np.ndarray], device: str = "cp
     module = _load_cuda_module(model_so, dev) if device == "cuda" else \
         tvm.runtime.load_module(str(model_so))
     vm = relax.VirtualMachine(module, dev)
-    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
+    out = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds], *model_weights(model_so, dev))
     outs = [out] if hasattr(out, "numpy") else list(out)  # one tensor, or a tuple of them
     return [o.numpy() for o in outs]
+
+
+_WEIGHTS: dict[tuple, list] = {}
+
+
+def model_weights(model_so: Path, dev) -> list:
+    """The weights ``main`` takes after its inputs, on ``dev``: ``model.params`` next to
+    ``model.so`` (none if there is no such file: weights inside the executable).
+
+    Kept for the last file loaded (validate runs one model on several inputs; a 2 GiB model
+    is read once), keyed by the file's path, size and mtime.
+    """
+    from pipeline.runtime.params import load_params, params_path
+
+    path = params_path(model_so)
+    if not path.is_file():
+        return []
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dev))
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()  # one model's weights at a time
+        weights = load_params(path)
+        if dev.dlpack_device_type() != 1:  # not the CPU: copy once
+            weights = [w.copyto(dev) for w in weights]
+        _WEIGHTS[key] = weights
+    return _WEIGHTS[key]
 
 
 def cuda_compile_mode() -> str:

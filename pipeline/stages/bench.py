@@ -66,6 +66,9 @@ args = json.loads(sys.argv[1])
 dev = tvm.cuda(0) if args["device"] == "cuda" else tvm.cpu(0)
 vm = relax.VirtualMachine(tvm.runtime.load_module(args["model"]), dev)
 inputs = [tvm.runtime.tensor(np.load(p), dev) for p in args["inputs"]]
+if args["params"]:  # the weights follow the inputs (pipeline.runtime.params)
+    weights = tvm.runtime.load_param_dict_from_file(args["params"])
+    inputs += [weights[k].copyto(dev) for k in sorted(weights, key=lambda k: int(k[6:]))]
 main = vm["main"]
 times = []
 for i in range(args["warmup"] + args["repeat"]):
@@ -138,7 +141,9 @@ def _bench_cpp(art: ArtifactUnderTest, inputs: Path | dict, threads: int, warmup
 def _bench_tvm_python(art: ArtifactUnderTest, paths: list[Path], threads: int, warmup: int,
                       repeat: int, out_dir: Path) -> dict:
     result = out_dir / "tvm_python_latency.json"
+    params = Path(art.package_dir) / "model.params"
     args = {"model": str(Path(art.package_dir) / "model.so"), "inputs": [str(p) for p in paths],
+            "params": str(params) if params.is_file() else "",
             "device": "cuda" if art.is_gpu else "cpu", "warmup": warmup, "repeat": repeat,
             "result": str(result)}
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}

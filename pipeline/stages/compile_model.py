@@ -2,7 +2,9 @@
 
 Applies the tuning records, schedules GPU kernels without records with DLight, and lists by
 name every kernel that falls back to an untuned schedule (never silent). The exported Relax
-VM executable carries the weights; for an LLVM target its bytes are reproducible.
+VM executable holds the code only: the weights, as the compiled ``main`` takes them (in the
+target's layout, folded), go to ``model.params`` next to it (TVM's param file, which the C++
+app loads with the runtime library alone). For an LLVM target the bytes are reproducible.
 """
 
 from __future__ import annotations
@@ -109,8 +111,12 @@ def _dlight_schedule(mod, target, compute_dtype: str):
 
 def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
         out_dir: Path) -> dict:
-    """Write ``model.so``, ``io.json`` and ``compile_report.json`` into ``out_dir``."""
+    """Write ``model.so``, ``model.params``, ``io.json`` and ``compile_report.json`` into
+    ``out_dir``."""
     import tvm
+
+    from pipeline.compiler.params import lift_constants
+    from pipeline.runtime.params import save_params
 
     mod = load_module(module_json)
     io = io_signature(mod)
@@ -128,6 +134,12 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
               f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record: "
               f"{'; '.join(parts)}. Tune them with `doit build:<artifact> tune=missing` (see "
               "README, Tuning).", flush=True)
+    # The weights leave the module after lowering (layout conversions folded into them):
+    # main(inputs..., weights...), the weights in model.params.
+    mod, weights = lift_constants(mod)
+    io["params"] = {"file": "model.params", "count": len(weights),
+                    "bytes": save_params(weights, out_dir / "model.params")}
+    del weights
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_dir / "model.so"))
     (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")

@@ -1,12 +1,16 @@
 """Stage ``import``: ONNX -> Relax IRModule with static shapes, cleaned up and, for a QDQ
 model, rewritten to integer arithmetic by the project's quantization-aware passes.
 
-The output is ``module.json`` (``tvm.ir.save_json``: deterministic bytes for equal modules)
-and ``import_report.json`` (what the passes matched, and what stays in fake-quant form).
+The output is ``module.json`` (``tvm.ir.save_json``: deterministic bytes for equal modules),
+holding the IR only: the weights are lifted out of ``main`` into ``module.params``
+(:mod:`pipeline.compiler.params`; a JSON with base64 weights would need several copies of
+them in memory, ~10 GiB for a 2 GiB model), and ``import_report.json`` (what the passes
+matched, and what stays in fake-quant form).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +97,26 @@ def fold_batchnorm_into_conv(model) -> int:
 def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = None):
     """from_onnx with the spec's static shapes; every unsupported op named in one error.
 
-    MatMulNBits nodes (block-wise INT4/INT8 weights) are taken out before the import and
-    become fused dequantize-matmul kernels after it (:mod:`pipeline.frontend.blockwise_weights`);
-    ``report`` receives the format of each such layer.
+    A model with ONNX external data is read without it: each weight goes from its file
+    straight into its TVM tensor (one copy in memory, not the protobuf's and then TVM's);
+    only the weights of BatchNorm folding and of block-wise layers are read into the
+    protobuf first. MatMulNBits nodes and blocked DequantizeLinear (block-wise INT4/INT8
+    weights) are taken out before the import and become fused dequantize-matmul kernels
+    after it (:mod:`pipeline.frontend.blockwise_weights`); ``report`` receives the format of
+    each such layer.
     """
     import onnx
-    from tvm.relax.frontend.onnx import from_onnx
 
     from pipeline.compiler.passes.weight_only import bind_blockwise_weights
     from pipeline.frontend import blockwise_weights
+    from pipeline.frontend.onnx_normalize import has_external_data
 
-    model = onnx.load(str(model_path))
+    model = onnx.load(str(model_path), load_external_data=False)
+    base_dir = Path(model_path).parent
+    if has_external_data(model):
+        _load_data_of(model, base_dir, {name for node in model.graph.node
+                                        if node.op_type in blockwise_weights.OP_TYPES
+                                        for name in node.input})
     blockwise = blockwise_weights.extract(model)
     missing = unsupported_ops(model)
     if missing:
@@ -117,20 +130,85 @@ def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = No
             f"{model_path}: {len(missing)} operator type(s) are not supported by TVM's ONNX "
             "importer:\n  - " + "\n  - ".join(lines) +
             f"\nReplace them in the exporter or pre-process the graph.{hint}")
+    if has_external_data(model):
+        _load_data_of(model, base_dir, {name for node in model.graph.node
+                                        if node.op_type in ("Conv", "BatchNormalization")
+                                        for name in node.input})
     fold_batchnorm_into_conv(model)
     shape_dict = {name: list(shape) for name, shape, _ in config.inputs}
     shape_dict.update({name: [w.k, w.n] for name, w in blockwise.weights.items()})
-    mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    with _weights_from_files(base_dir):
+        mod = from_onnx_module(model, shape_dict)
+    del model  # the weights now live in the module's constants: one copy, not two
     if report is not None and blockwise.weights:
         report.update(blockwise.report())
     return bind_blockwise_weights(mod, blockwise.weights)
 
 
+def from_onnx_module(model, shape_dict):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+
+
+def _load_data_of(model, base_dir: Path, names: set[str]) -> None:
+    """Read the external data of the initializers ``names`` into the protobuf."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if tensor.name in names and uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+@contextlib.contextmanager
+def _weights_from_files(base_dir: Path):
+    """While TVM's importer runs: an initializer stored externally is read from its file
+    (a memory map) into its TVM tensor, never into the protobuf. TVM 0.27's importer turns
+    each initializer into a tensor in ``ONNXGraphImporter._parse_array``; that one method is
+    wrapped, and restored afterwards."""
+    import numpy as np
+    import tvm
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.helper import tensor_dtype_to_np_dtype
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    importer = onnx_frontend.ONNXGraphImporter
+    stock = importer._parse_array
+
+    def parse_array(self, tensor_proto):
+        if not uses_external_data(tensor_proto):
+            return stock(self, tensor_proto)
+        info = ExternalDataInfo(tensor_proto)
+        dtype = np.dtype(tensor_dtype_to_np_dtype(tensor_proto.data_type))
+        shape = tuple(int(d) for d in tensor_proto.dims)
+        count = int(np.prod(shape, dtype=np.int64))
+        if info.length and info.length != count * dtype.itemsize:
+            raise UnsupportedModelError(f"initializer {tensor_proto.name}: {info.length} bytes "
+                                        f"of external data for {shape} {dtype}")
+        mapped = np.memmap(base_dir / info.location, dtype=dtype, mode="r",
+                           offset=info.offset or 0, shape=shape)
+        try:
+            return tvm.runtime.tensor(np.asarray(mapped))
+        finally:
+            del mapped
+
+    importer._parse_array = parse_array
+    try:
+        yield
+    finally:
+        importer._parse_array = stock
+
+
 def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
-    """Write ``module.json`` and ``import_report.json`` into ``out_dir``."""
+    """Write ``module.json``, ``module.params`` and ``import_report.json`` into ``out_dir``."""
     import tvm
 
     from pipeline.compiler.lowering import graph_cleanup
+    from pipeline.compiler.params import lift_constants
+    from pipeline.runtime.params import save_params
 
     report: dict = {"integer_pass": False, "passes": list(config.passes)}
     mod = import_onnx(model_path, config, report)
@@ -140,6 +218,10 @@ def run(model_path: Path, config: ImportConfig, out_dir: Path) -> dict:
     for name in config.passes:
         mod, fields = IMPORT_PASSES[name](mod)
         report.update(fields)
+    mod, weights = lift_constants(mod)
+    report["weights"] = {"tensors": len(weights),
+                         "bytes": save_params(weights, out_dir / "module.params")}
+    del weights
     (out_dir / "module.json").write_text(tvm.ir.save_json(mod), encoding="utf-8")
     (out_dir / "import_report.json").write_text(json.dumps(report, indent=2, sort_keys=True)
                                                 + "\n", encoding="utf-8")

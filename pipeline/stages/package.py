@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 from pipeline.core.errors import ConfigError, CorruptInputError, StageFailed, collect
 from pipeline.core.project import REPO
 from pipeline.core.targets import TARGETS, TargetSpec, get_target
+from pipeline.runtime.params import params_path
 
 STAGE = "package"
 
@@ -121,6 +121,9 @@ class PackageConfig:
     outputs: tuple[TensorSpec, ...]
     cuda_arch: str = ""  # e.g. "sm_89"; defaults to the targets table's for a known target
     build_type: str = "Release"  # CMake build type
+    # weight tensors main() takes after the inputs, from model.params next to model.so
+    # (the compile stage's; 0: the weights are inside model.so)
+    params: int = 0
 
     def __post_init__(self) -> None:
         for attr in ("inputs", "outputs"):
@@ -146,6 +149,8 @@ class PackageConfig:
                             "for a cuda target")
         if self.target_kind == "llvm" and self.cuda_arch:
             problems.append(f"cuda_arch {self.cuda_arch!r} given for an llvm target")
+        if not isinstance(self.params, int) or isinstance(self.params, bool) or self.params < 0:
+            problems.append(f"params {self.params!r} must be a count of weight tensors (>= 0)")
         if self.build_type not in BUILD_TYPES:
             problems.append(f"build_type {self.build_type!r} is not one of "
                             f"{', '.join(BUILD_TYPES)}")
@@ -162,7 +167,8 @@ class PackageConfig:
 
     @classmethod
     def for_target(cls, model_name: str, target: TargetSpec, inputs: Sequence[Any],
-                   outputs: Sequence[Any], build_type: str = "Release") -> PackageConfig:
+                   outputs: Sequence[Any], build_type: str = "Release",
+                   params: int = 0) -> PackageConfig:
         """Build a config from a :class:`~pipeline.core.targets.TargetSpec` and a plain io spec.
 
         Parameters
@@ -175,13 +181,17 @@ class PackageConfig:
             ``{"name", "shape", "dtype"}`` per tensor, inputs in the model's argument order.
         build_type : str
             CMake build type of the app.
+        params : int
+            Weight tensors ``main`` takes after the inputs (``model.params`` next to
+            ``model.so``); 0 when the weights are inside ``model.so``.
 
         Returns
         -------
         PackageConfig
         """
         return cls(model_name, target.name, target.kind, inputs, outputs,
-                   cuda_arch=target.arch if target.kind == "cuda" else "", build_type=build_type)
+                   cuda_arch=target.arch if target.kind == "cuda" else "", build_type=build_type,
+                   params=params)
 
     @property
     def is_cuda(self) -> bool:
@@ -195,7 +205,7 @@ class PackageConfig:
         """Plain data (JSON-ready), e.g. for the stage's recipe hash."""
         return {"model": self.model, "target": self.target,
                 "target_kind": self.target_kind, "cuda_arch": self.cuda_arch,
-                "build_type": self.build_type,
+                "build_type": self.build_type, "params": self.params,
                 "inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs]}
 
@@ -220,7 +230,8 @@ class PackageStageConfig:
                      "onnx_name": self.onnx_names.get(t["name"])}
             inputs.append({**t, **{k: v for k, v in extra.items() if v}})
         return PackageConfig.for_target(self.artifact, get_target(self.target["name"]),
-                                        inputs, io["outputs"])
+                                        inputs, io["outputs"],
+                                        params=int(io.get("params", {}).get("count", 0)))
 
 
 def _c_string(value: str) -> str:
@@ -267,6 +278,7 @@ def render_sources(config: PackageConfig) -> dict[str, str]:
     context = {"model_name": config.model, "target_name": config.target,
                "target_kind": config.target_kind, "is_cuda": config.is_cuda,
                "cuda_arch": config.cuda_arch, "build_type": config.build_type,
+               "num_params": config.params,
                "inputs": [dict(s.to_dict(), range=list(s.range), onnx_name=s.onnx_name)
                           for s in config.inputs],
                "outputs": [s.to_dict() for s in config.outputs]}
@@ -459,6 +471,8 @@ def _readme(config: PackageConfig, libs: list[str], has_kernels: bool) -> str:
         "Layout",
         "  bin/infer    inference app (finds lib/ and model.so relative to itself)",
         "  model.so     the compiled model (TVM Relax executable)",
+        *(["  model.params its weights (TVM param file, loaded next to model.so)"]
+          if config.params else []),
         "  lib/         TVM runtime libraries: " + ", ".join(libs),
         "  src/         the app's sources; rebuild with:",
         "               cmake -S src -B build && cmake --build build",
@@ -504,15 +518,18 @@ def _write_bundle(out_dir: Path, root: str, members: list[str], bundle: Path) ->
     """A tar.gz of ``members`` (top-level names in out_dir) under ``root/``, reproducibly.
 
     Sorted members, fixed mtime/owner/mode and a gzip header without name or time: the
-    same files always give the same bytes.
+    same files always give the same bytes. Files are streamed into the archive (a bundle of
+    a 2 GiB model never holds it in memory).
     """
     entries = {root: out_dir}
     for member in members:
         path = out_dir / member
         for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
             entries[f"{root}/{item.relative_to(out_dir).as_posix()}"] = item
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    with open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name in sorted(entries):
             path = entries[name]
             info = tarfile.TarInfo(name)
@@ -523,15 +540,20 @@ def _write_bundle(out_dir: Path, root: str, members: list[str], bundle: Path) ->
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tar.addfile(info)
             else:
-                data = path.read_bytes()
-                info.size = len(data)
+                info.size = path.stat().st_size
                 info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
-                tar.addfile(info, io.BytesIO(data))
-    tmp = bundle.with_name(bundle.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                               compresslevel=6) as gz:
-        gz.write(buf.getvalue())
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
     os.replace(tmp, bundle)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (a 2 GiB weights file is not copied
+    inside the store), else a copy. Store outputs are never modified in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]:
@@ -540,7 +562,8 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     Renders ``src/`` (app sources plus the ``runtime_cpp`` headers; for CUDA, the model's
     kernel sources too), configures and builds it with CMake in ``out_dir/build`` (log:
     ``out_dir/build.log``; the build tree is removed once it succeeded), then lays out
-    ``bin/infer``, ``lib/`` (the TVM runtime libraries the app needs), ``model.so``,
+    ``bin/infer``, ``lib/`` (the TVM runtime libraries the app needs), ``model.so`` (and
+    its ``model.params`` when ``config.params`` says it takes weights),
     ``kernels/`` (CUDA only) and ``README.txt``, and packs them with ``src/`` into
     ``<model>-<target>.tar.gz``, which unpacks to one folder of that name.
 
@@ -557,7 +580,8 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     -------
     dict of str to Path
         ``bundle``, ``binary``, ``model``, ``lib_dir``, ``src_dir``, ``readme``, ``build_log``,
-        and ``kernels_dir`` when CUDA kernels were compiled ahead of time.
+        ``kernels_dir`` when CUDA kernels were compiled ahead of time, and ``params`` when
+        the model takes its weights from ``model.params``.
 
     Raises
     ------
@@ -581,6 +605,11 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
         raise CorruptInputError(f"compiled model {model_so} is not a shared library (no ELF "
                                 "header); export it with Executable.export_library")
     _check_model_matches_target(model_so, config)
+    weights = params_path(model_so)
+    if config.params and not weights.is_file():
+        raise CorruptInputError(f"compiled model {model_so} takes {config.params} weight "
+                                f"tensors, but {weights} does not exist; package the compile "
+                                "stage's model.so with its model.params")
     wheel = _wheel_paths(config)
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -590,6 +619,7 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     paths = {"src_dir": out_dir / "src", "build_dir": out_dir / "build", "bin_dir": out_dir / "bin",
              "lib_dir": out_dir / "lib", "model": out_dir / "model.so",
              "readme": out_dir / "README.txt", "build_log": out_dir / "build.log",
+             "params": out_dir / "model.params",
              "kernels_dir": out_dir / "kernels", "bundle": out_dir / config.bundle_name}
     # Start clean: leftovers of an earlier run (another target's libs) must not reach the bundle.
     for path in paths.values():
@@ -644,9 +674,12 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
     os.chmod(bin_dir / "infer", 0o755)
     shutil.copyfile(model_so, paths["model"])
     os.chmod(paths["model"], 0o644)
+    members = ["README.txt", "bin", "lib", "model.so", "src"] + (["kernels"] if kernels else [])
+    if weights.is_file():  # (also with no tensors in it: every stage output always exists)
+        _link_or_copy(weights, out_dir / "model.params")
+        members.append("model.params")
     paths["readme"].write_text(_readme(config, sorted(libs), bool(kernels)), encoding="utf-8")
 
-    members = ["README.txt", "bin", "lib", "model.so", "src"] + (["kernels"] if kernels else [])
     _write_bundle(out_dir, config.bundle_name.removesuffix(".tar.gz"), members, paths["bundle"])
     # The build tree (caches with absolute paths, object files) is no output; on failure it
     # stays for inspection.
@@ -655,6 +688,8 @@ def run(model_so: Path, config: PackageConfig, out_dir: Path) -> dict[str, Path]
               "lib_dir": lib_dir, "src_dir": src, "readme": paths["readme"], "build_log": log}
     if kernels:
         result["kernels_dir"] = paths["kernels_dir"]
+    if weights.is_file():
+        result["params"] = paths["params"]
     return result
 
 

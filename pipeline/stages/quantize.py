@@ -71,32 +71,42 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
         def get_next(self):
             return next(self._it, None)
 
+    from pipeline.frontend import onnx_normalize
+
+    # A source written with ONNX external data (given so, or past 1 GiB) stays so here.
+    external = onnx_normalize.data_path(model_path).is_file()
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     out = out_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        pre = _preprocess(model_path, Path(scratch))
+        pre = _preprocess(model_path, Path(scratch), external)
         quantize_static(
-            str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+            str(pre), str(Path(scratch) / "quantized.onnx"), Reader(),
+            quant_format=QuantFormat.QDQ, use_external_data_format=external,
             activation_type=qtype[config.activation_type], weight_type=qtype[config.weight_type],
             per_channel=config.per_channel, calibrate_method=method,
             op_types_to_quantize=list(config.op_types) or None,
             nodes_to_exclude=list(config.exclude_nodes) or None,
             extra_options={"CalibTensorRangeSymmetric": False})
-    import onnx
+        # Written again by the pipeline: the same external-data layout as the source's
+        # (model.onnx.data, its sha256 in model.onnx), and nothing of the scratch names.
+        model = onnx_normalize.load_inline(Path(scratch) / "quantized.onnx")
+    onnx_normalize.save_model(model, out, external)
+    return {"calibration_samples": len(feeds), "op_counts": _op_counts(model),
+            "external_data": external}
 
-    return {"calibration_samples": len(feeds), "op_counts": _op_counts(onnx.load(str(out)))}
 
-
-def _preprocess(model_path: Path, scratch: Path) -> Path:
+def _preprocess(model_path: Path, scratch: Path, external: bool = False) -> Path:
     """onnxruntime's pre-processing, as it recommends before quantizing: shapes inferred,
     Conv+BatchNorm fused and constants folded in float32 (so a low-precision format rounds
     the folded weights once). Returns the pre-processed model's path inside ``scratch``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = scratch / "preprocessed.onnx"
-    quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+    quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True,
+                      save_as_external_data=external, all_tensors_to_one_file=True,
+                      external_data_location=pre.name + ".data")
     return pre
 
 

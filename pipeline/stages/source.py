@@ -28,8 +28,16 @@ class SourceConfig:
     kind: str = "file"  # "generator" (a module in models/) or "file" (a local ONNX file)
 
 
-def load_onnx(path: Path):
-    """Load and check an ONNX file; a corrupt, truncated or too large file gets a clear error."""
+def load_onnx(path: Path, keep_big_data_outside: bool = False):
+    """``(model, external, data_dir)``: an ONNX file loaded and checked, its external data
+    read in (``external``: it had some; ``data_dir`` None). A corrupt or truncated file, or
+    missing external data, gets a clear error.
+
+    ``keep_big_data_outside``: a model whose tensors exceed
+    :data:`~pipeline.frontend.onnx_normalize.EXTERNAL_DATA_ABOVE` is returned without its
+    external data, ``data_dir`` naming where it lies (read later, once: see
+    ``onnx_normalize.normalize(data_dir=...)``).
+    """
     import onnx
 
     if not path.is_file():
@@ -40,7 +48,16 @@ def load_onnx(path: Path):
         raise CorruptInputError(
             f"cannot parse ONNX file {path}: {type(e).__name__}: {e}. The file is corrupt or "
             "truncated; re-export the model (or re-copy the file) and build again.") from None
-    onnx_normalize.check_size(model, path.parent)
+    external = onnx_normalize.has_external_data(model)
+    if (keep_big_data_outside and external and onnx_normalize.stored_size(model, path.parent)
+            > onnx_normalize.EXTERNAL_DATA_ABOVE):
+        try:
+            onnx.checker.check_model(str(path))  # by path: also checks the data files
+        except Exception as e:
+            raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Copy its "
+                                    "external data next to it (or re-export it) and build "
+                                    "again.") from None
+        return model, external, path.parent
     try:
         onnx_normalize.inline_external_data(model, path.parent)
     except Exception as e:
@@ -48,11 +65,11 @@ def load_onnx(path: Path):
                                 f"{type(e).__name__}: {e}. Copy the data files next to it "
                                 "(or re-export the model) and build again.") from None
     try:
-        onnx.checker.check_model(model)
+        onnx_normalize.check(model, path)
     except Exception as e:
         raise CorruptInputError(f"ONNX file {path} fails onnx.checker: {e}. Re-export it with "
                                 "a current exporter.") from None
-    return model
+    return model, external, None
 
 
 def _generate(generator: Path, seed: int, out: Path) -> None:
@@ -100,23 +117,42 @@ def check_inputs(model, declared, where: str) -> None:
 
 
 def run(config: SourceConfig, given: Path, out_dir: Path) -> dict:
-    """Write ``out_dir/model.onnx``: checked, normalised, inputs exactly as declared."""
-    import onnx
+    """Write ``out_dir/model.onnx``: checked, normalised, inputs exactly as declared.
+
+    A model given with ONNX external data, or whose tensors exceed
+    :data:`~pipeline.frontend.onnx_normalize.EXTERNAL_DATA_ABOVE`, is written with external
+    data too: ``model.onnx`` plus ``model.onnx.data`` (every later stage reads and writes
+    that format; ``model.onnx`` records the data file's sha256, so its own bytes change with
+    the weights). Weights are never held twice in memory (generated models come through a
+    scratch file, read back, then deleted).
+    """
+    import tempfile
 
     out = out_dir / "model.onnx"
-    if config.kind == "generator":
-        _generate(Path(given), config.seed, out)
-        model = load_onnx(out)
-    else:
-        model = load_onnx(Path(given))
-    declared = {name for name, _, _ in config.inputs}
-    dropped = onnx_normalize.drop_weight_inputs(model, declared)
-    check_inputs(model, config.inputs, config.model)
-    model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        path = Path(given)
+        if config.kind == "generator":
+            path = Path(scratch) / "model.onnx"
+            _generate(Path(given), config.seed, path)
+        model, external, data_dir = load_onnx(path, keep_big_data_outside=True)
+        declared = {name for name, _, _ in config.inputs}
+        dropped = onnx_normalize.drop_weight_inputs(model, declared)
+        check_inputs(model, config.inputs, config.model)
+        model, norm = onnx_normalize.normalize(model, config.inputs, MIN_OPSET, out_dir,
+                                               data_dir=data_dir)
     norm = {**dropped, **norm}
     norm["summary"] = onnx_normalize.summary(norm)
-    onnx.save_model(model, str(out))
+    weights = onnx_normalize.tensor_bytes(model)
+    external = external or weights > onnx_normalize.EXTERNAL_DATA_ABOVE
     ops = sorted({n.op_type for n in model.graph.node})
+    nodes = len(model.graph.node)
+    onnx_normalize.save_model(model, out, external)
+    del model
+    if external:
+        import onnx
+
+        onnx.checker.check_model(str(out))  # by path: the proto may be past 2 GiB
     opset_before, opset = norm["opset"]
     return {"opset": opset, "upgraded_from": opset_before if opset_before < opset else None,
-            "nodes": len(model.graph.node), "op_types": ops, "normalisation": norm}
+            "nodes": nodes, "op_types": ops, "normalisation": norm,
+            "tensor_bytes": weights, "external_data": external}

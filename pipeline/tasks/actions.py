@@ -106,7 +106,7 @@ def smoke(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
                                     out))
 
 
-DELIVERABLES = ("model.so", "bin", "src")
+DELIVERABLES = ("model.so", "model.params", "bin", "src")
 
 
 def unlink_deliverables(artifact_dir: Path) -> None:
@@ -137,7 +137,8 @@ def deliverables_current(artifact_dir: Path) -> bool:
 
 
 def link_deliverables(artifact_dir: Path) -> None:
-    """Top-level convenience links: ``model.so``, ``bin``, ``src``, the bundle, all into
+    """Top-level convenience links: ``model.so`` (and its ``model.params``), ``bin``,
+    ``src``, the bundle, all into
     the package the stable ``package`` link names (a bundle of an older package goes)."""
     from pipeline.core.store import link
 

@@ -166,11 +166,12 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                              stages.compile_,
                              CompileConfig(target=tcfg, compute_dtype=scheme.compute_dtype,
                                            layout=layout),
-                             {"module": module,
+                             {"module": module, "weights": p.import_ / "module.params",
                               "database": p.tune / "database_tuning_record.json",
                               "workloads": p.tune / "database_workload.json"},
                              p.compile, "model.so")
-    upstream = {"model": p.compile / "model.so", "io": p.compile / "io.json"}
+    upstream = {"model": p.compile / "model.so", "weights": p.compile / "model.params",
+                "io": p.compile / "io.json"}
     for folder in STAGE_DATA_DIRS["package"]:  # templates/, runtime_cpp/
         for f in _files(REPO / folder):
             upstream[f"{folder}/{f.relative_to(REPO / folder).as_posix()}"] = f
@@ -187,7 +188,9 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                            SmokeConfig(target=tcfg, seed=0, gpu_rel_tol=gates.gpu_rel_tol,
                                        input_ranges=_compiled_input_ranges(spec)),
                            {"binary": p.package / "bin" / "infer",
-                            "model": p.package / "model.so", "io": p.compile / "io.json"},
+                            "model": p.package / "model.so",
+                            "weights": p.package / "model.params",
+                            "io": p.compile / "io.json"},
                            p.smoke, "smoke.json")
     return tasks
 
@@ -204,6 +207,7 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     scheme = get_scheme(variant.scheme)
     p = artifact_paths(project, spec, variant, target.name)
     upstream = {"binary": p.package / "bin" / "infer", "model": p.package / "model.so",
+                "weights": p.package / "model.params",
                 "io": p.compile / "io.json", "fp32_onnx": p.source / "model.onnx"}
     if p.quantize:
         upstream["qdq_onnx"] = p.quantize / "model.onnx"

@@ -4,9 +4,12 @@
 // Runs the Relax executable model.so through the TVM runtime of the pip wheel, reading its
 // inputs from .npy files and checking them against the shapes and dtypes the model was
 // compiled for. Exit status: 0 ok, 1 runtime failure, 2 bad arguments or input files.
+// The weights live next to model.so in model.params (TVM's param file), loaded once and
+// passed to main() after the inputs.
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
@@ -62,6 +65,8 @@ const std::vector<TensorSpec> kInputs = {
 const std::vector<TensorSpec> kOutputs = {
     { "y", { 1, 4 }, npy::DType::kFloat32 },
 };
+// Weight tensors main() takes after the inputs, from model.params (0: inside model.so).
+const int64_t kNumParams = 0;
 const DLDeviceType kDeviceType = kDLCPU;
 
 const char kUsage[] =
@@ -71,7 +76,8 @@ const char kUsage[] =
     "  --input PATH     input .npy file (a regular file); for a model with several inputs,\n"
     "                   repeat --input NAME=PATH once per input\n"
     "  --output PATH    write the output as .npy (NAME=PATH per output if several)\n"
-    "  --model PATH     compiled model (default: model.so in the folder above bin/)\n"
+    "  --model PATH     compiled model (default: model.so in the folder above bin/); its\n"
+    "                   weights are read from the .params file next to it\n"
     "  --warmup N       untimed runs first (default 0)\n"
     "  --repeat N       timed runs (default 1)\n"
     "  --threads N      TVM thread pool size, 1 to the number of CPU cores of this machine\n"
@@ -331,6 +337,57 @@ std::string exe_dir(const char* argv0) {
   return slash == std::string::npos ? "." : exe.substr(0, slash);
 }
 
+/*! \brief "model.so" -> "model.params": the weights file that goes with a compiled model. */
+std::string params_path(const std::string& model_path) {
+  const size_t slash = model_path.rfind('/');
+  const size_t dot = model_path.rfind('.');
+  const std::string stem =
+      dot != std::string::npos && (slash == std::string::npos || dot > slash) ? model_path.substr(0, dot) : model_path;
+  return stem + ".params";
+}
+
+/*!
+ * \brief The weights main() takes after the inputs, on `dev`, in order (param_0000, ...).
+ *
+ * runtime.LoadParamsFromFile reads each tensor once into its own buffer (peak memory: one
+ * copy of the weights); on a GPU each is copied to the device once and the host copy freed.
+ */
+std::vector<ffi::Tensor> load_weights(const std::string& path, DLDevice dev) {
+  std::vector<ffi::Tensor> weights;
+  if (kNumParams == 0) return weights;
+  check_readable_file("weights file", path, "it must lie next to the model, as in the bundle");
+  ffi::Map<ffi::String, ffi::Tensor> loaded =
+      ffi::Function::GetGlobalRequired("runtime.LoadParamsFromFile")(path).cast<ffi::Map<ffi::String, ffi::Tensor>>();
+  // TVM's reader does not notice a short file: the tensors cannot hold more than it has.
+  struct stat st;
+  size_t held = 0;
+  for (const auto& kv : loaded) held += device::nbytes(kv.second);
+  if (::stat(path.c_str(), &st) != 0 || held > static_cast<size_t>(st.st_size)) {
+    throw std::runtime_error("weights file " + path + " is truncated (its tensors need " + std::to_string(held) +
+                             " bytes); copy it again from the bundle");
+  }
+  if (static_cast<int64_t>(loaded.size()) != kNumParams) {
+    throw std::runtime_error("weights file " + path + " holds " + std::to_string(loaded.size()) + " tensors, the model takes " +
+                             std::to_string(kNumParams) + " (model.so and model.params from different builds?)");
+  }
+  for (int64_t i = 0; i < kNumParams; ++i) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "param_%04lld", static_cast<long long>(i));
+    auto found = loaded.find(name);
+    if (found == loaded.end()) throw std::runtime_error("weights file " + path + " has no tensor " + name);
+    ffi::Tensor host = (*found).second;
+    if (dev.device_type == kDLCPU) {
+      weights.push_back(host);
+      continue;
+    }
+    const std::vector<int64_t> shape(host.shape().begin(), host.shape().end());
+    ffi::Tensor on_dev = device::empty(shape, host.dtype(), dev);
+    device::copy_from_host(on_dev, host.data_ptr(), device::nbytes(host));
+    weights.push_back(on_dev);
+  }
+  return weights;
+}
+
 struct RunTimes {
   std::vector<double> with_copies, without_copies;
 };
@@ -441,6 +498,7 @@ int run(const Options& opt, const std::string& bin_dir, const std::string& model
   vm->GetFunction("vm_initialization").value()(static_cast<int>(dev.device_type), dev.device_id, 2,
                                                static_cast<int>(kDLCPU), 0, 2);
   const ffi::Function main_fn = vm->GetFunction("main").value();
+  const std::vector<ffi::Tensor> weights = load_weights(params_path(model_path), dev);
 
   std::vector<ffi::Tensor> dev_inputs;
   std::vector<ffi::AnyView> args;
@@ -448,6 +506,7 @@ int run(const Options& opt, const std::string& bin_dir, const std::string& model
     dev_inputs.push_back(device::empty(kInputs[k].shape, to_dl(kInputs[k].dtype), dev));
   }
   for (const ffi::Tensor& t : dev_inputs) args.emplace_back(t);
+  for (const ffi::Tensor& t : weights) args.emplace_back(t);
 
   std::vector<npy::Array> host_outputs(kOutputs.size());
   for (size_t k = 0; k < kOutputs.size(); ++k) {

@@ -1,0 +1,83 @@
+"""Model weights kept outside the compiled module: TVM's param files, in ``main``'s order.
+
+The import stage writes ``module.params`` next to ``module.json`` (the IR then holds no
+weights, only their shapes), the compile stage ``model.params`` next to ``model.so`` (the
+weights as the compiled ``main`` takes them, after layout conversion and folding). Both are
+TVM's own serialisation (``runtime.SaveParamsToFile``), which the TVM runtime library loads
+with no Python (``runtime.LoadParamsFromFile``: what the C++ app calls). Tensors are named
+``param_0000``, ``param_0001``, ... in the order ``main`` takes them after its inputs, and
+written in that order (TVM's map keeps insertion order), so equal weights give equal bytes.
+Loading reads each tensor once into its own buffer: peak memory is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.core.errors import CorruptInputError
+
+PREFIX = "param_"
+
+
+def param_name(index: int) -> str:
+    """The name of ``main``'s ``index``-th weight (the C++ app makes the same: ``param_%04d``)."""
+    return f"{PREFIX}{index:04d}"
+
+
+def params_path(module_file: Path) -> Path:
+    """The weights file that goes with ``module.json`` or ``model.so``: same stem, ``.params``."""
+    module_file = Path(module_file)
+    return module_file.with_name(module_file.name.rsplit(".", 1)[0] + ".params")
+
+
+def save_params(tensors: Sequence, path: Path) -> int:
+    """Write ``tensors`` (TVM tensors, ``main``'s order) to ``path``; returns their bytes.
+
+    An empty list still writes a (small) file: every stage output exists whatever the model.
+    """
+    import tvm
+
+    named = {param_name(i): t for i, t in enumerate(tensors)}
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tvm.runtime.save_param_dict_to_file(named, str(tmp))
+    os.replace(tmp, path)
+    return sum(_nbytes(t) for t in tensors)
+
+
+def _nbytes(tensor) -> int:
+    n = 1
+    for d in tensor.shape:
+        n *= int(d)
+    return n * tensor.dtype.itemsize
+
+
+def load_params(path: Path) -> list:
+    """The tensors of a param file, in ``main``'s order (CPU tensors)."""
+    import tvm
+
+    if not Path(path).is_file():
+        raise CorruptInputError(f"the weights file {path} is missing (it belongs next to the "
+                                "module or model.so it was written with); rebuild the artifact")
+    try:
+        loaded = tvm.runtime.load_param_dict_from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (TVM raises its own error types)
+        raise CorruptInputError(f"cannot read the weights file {path}: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}. "
+                                "It is truncated or not a TVM param file; rebuild the "
+                                "artifact") from None
+    # TVM's reader does not notice a short file (it reads what is there): the tensors
+    # cannot hold more bytes than the file.
+    held = sum(_nbytes(t) for t in loaded.values())
+    if held > os.path.getsize(path):
+        raise CorruptInputError(f"cannot read the weights file {path}: its {len(loaded)} "
+                                f"tensors need {held} bytes, the file has "
+                                f"{os.path.getsize(path)}: it is truncated; rebuild the "
+                                "artifact")
+    names = [param_name(i) for i in range(len(loaded))]
+    missing = [n for n in names if n not in loaded]
+    if missing:
+        raise CorruptInputError(f"weights file {path} does not hold {', '.join(missing[:3])}: "
+                                "not written by this pipeline; rebuild the artifact")
+    return [loaded[n] for n in names]

@@ -1,0 +1,112 @@
+"""Weights out of the IR and back (pipeline.compiler.params, pipeline.runtime.params)."""
+
+import numpy as np
+import pytest
+
+from models import tiny_convnet
+from pipeline.compiler.params import bind_params, lift_constants, num_inputs
+from pipeline.runtime.params import load_params, param_name, params_path, save_params
+
+
+def _module():
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.lowering import graph_cleanup
+
+    mod = from_onnx(tiny_convnet(), shape_dict={"x": [1, 3, 8, 8]}, keep_params_in_input=False)
+    return graph_cleanup()(mod)
+
+
+def test_lift_then_bind_gives_the_same_module_and_a_light_json(tmp_path):
+    import tvm
+
+    mod = _module()
+    lifted, weights = lift_constants(mod)
+    main = lifted["main"]
+    assert num_inputs(main) == 1 and len(main.params) == 1 + len(weights) > 1
+    assert [p.name for p in main.params[1:]] == [param_name(i) for i in range(len(weights))]
+    assert '"b64ndarrays": []' in tvm.ir.save_json(lifted).replace(" ", "").replace(
+        '"b64ndarrays":[]', '"b64ndarrays": []') or "b64ndarrays" not in tvm.ir.save_json(lifted)
+    tvm.ir.assert_structural_equal(bind_params(lifted, weights), mod)
+    with pytest.raises(ValueError, match="already takes lifted weights"):
+        lift_constants(lifted)
+    with pytest.raises(ValueError, match="not from the same build"):
+        bind_params(lifted, weights[:-1])
+
+
+def test_a_tied_weight_is_lifted_once():
+    import tvm
+    from tvm import relax
+
+    w = relax.const(np.arange(6, dtype=np.float32).reshape(2, 3))
+    x = relax.Var("x", relax.TensorType([2, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.add(x, w))
+            out = bb.emit_output(relax.op.multiply(a, w))
+        bb.emit_func_output(out)
+    lifted, weights = lift_constants(bb.get())
+    assert len(weights) == 1 and len(lifted["main"].params) == 2
+    tvm.ir.assert_structural_equal(bind_params(lifted, weights)["main"].body,
+                                   bb.get()["main"].body, map_free_vars=True)
+
+
+def test_param_files_round_trip_byte_identically(tmp_path):
+    import tvm
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,), (2, 2, 2)]]
+    arrays.append(np.arange(7, dtype=np.int64))
+    tensors = [tvm.runtime.tensor(a) for a in arrays]
+    assert save_params(tensors, tmp_path / "a.params") == sum(a.nbytes for a in arrays)
+    save_params(tensors, tmp_path / "b.params")
+    assert (tmp_path / "a.params").read_bytes() == (tmp_path / "b.params").read_bytes()
+    back = load_params(tmp_path / "a.params")
+    assert [b.numpy().tobytes() for b in back] == [a.tobytes() for a in arrays]
+    assert params_path(tmp_path / "model.so") == tmp_path / "model.params"
+    assert params_path(tmp_path / "module.json") == tmp_path / "module.params"
+
+
+def test_a_truncated_param_file_is_a_clear_error(tmp_path):
+    import tvm
+
+    from pipeline.core.errors import CorruptInputError
+
+    save_params([tvm.runtime.tensor(np.ones(1000, np.float32))], tmp_path / "w.params")
+    data = (tmp_path / "w.params").read_bytes()
+    (tmp_path / "w.params").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptInputError, match="cannot read the weights file .* rebuild"):
+        load_params(tmp_path / "w.params")
+
+
+def test_lifted_weights_run_bit_identically(tmp_path):
+    """The compile stage's order: lower, lift, build; main(x, *weights) == the embedded."""
+    import tvm
+    from tvm import relax
+
+    from pipeline.stages.compile_model import lower_and_schedule
+
+    low, target, _ = lower_and_schedule(_module(), "cpu", "float32", None, "")
+    embedded = tvm.compile(low, target=target)
+    lifted, weights = lift_constants(low)
+    outside = tvm.compile(lifted, target=target)
+    x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 3, 8, 8))
+                           .astype(np.float32))
+    want = relax.VirtualMachine(embedded, tvm.cpu())["main"](x).numpy()
+    got = relax.VirtualMachine(outside, tvm.cpu())["main"](x, *weights).numpy()
+    assert got.tobytes() == want.tobytes()
+
+
+def test_a_module_with_lifted_weights_needs_its_params_file(tmp_path):
+    import tvm
+
+    from pipeline.compiler.workloads import load_module
+    from pipeline.core.errors import CorruptInputError
+
+    lifted, weights = lift_constants(_module())
+    (tmp_path / "module.json").write_text(tvm.ir.save_json(lifted))
+    with pytest.raises(CorruptInputError, match="module.params is missing"):
+        load_module(tmp_path / "module.json")
+    save_params(weights, tmp_path / "module.params")
+    assert num_inputs(load_module(tmp_path / "module.json")["main"]) == 1
