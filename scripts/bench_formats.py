@@ -5,7 +5,7 @@ For each artifact (``<model>_<variant>`` on the cpu target) this runs the real t
 they wrote and prints one markdown table:
 
 - bits stored per MatMul weight (codes + scales + zero points, from the import report),
-  ``model.so`` and bundle sizes;
+  ``model.so`` + ``model.params`` (the weights) and bundle sizes;
 - latency in one run, same threads: the C++ app, onnxruntime running the very ONNX the
   artifact was validated against (fp32 for fp32, the quantized model otherwise), and for the
   block-wise schemes also onnxruntime's fastest path for the same weights (the MatMulNBits
@@ -98,7 +98,9 @@ def collect(model: str, variant: str, threads: int, repeat: int) -> dict:
     bundle = next(art.glob("*.tar.gz"), None)
     row = {"artifact": name, "scheme": bench["scheme"], "validation": validation["status"],
            "bits_per_weight": imported.get("blockwise_bits_per_weight"),
-           "model_so_mb": (art / "model.so").stat().st_size / 2**20,
+           # the executable and its weights file (model.params) together
+           "model_mb": sum(f.stat().st_size for f in (art / "model.so", art / "model.params")
+                           if f.is_file()) / 2**20,
            "bundle_mb": bundle.stat().st_size / 2**20 if bundle else None,
            "cpp_ms": bench["cpp"]["median_ms"], "ort_ms": bench["onnxruntime"]["median_ms"],
            "ratio": bench["ratio"],
@@ -119,14 +121,14 @@ def _fmt(v, spec=".2f"):
 def table(rows: list[dict]) -> str:
     fp32 = {r["artifact"].rsplit("_", 1)[0]: r["cpp_ms"] for r in rows
             if r["scheme"] == "fp32"}
-    lines = ["| artifact | bits/weight | model.so MB | bundle MB | C++ ms | onnxruntime ms "
+    lines = ["| artifact | bits/weight | model.so + params MB | bundle MB | C++ ms | onnxruntime ms "
              "(same ONNX) | ratio | onnxruntime acc-4 ms | vs TVM fp32 | cosine vs fp32 | "
              "SQNR dB | validate |", "|" + "---|" * 12]
     for r in rows:
         base = fp32.get(r["artifact"].rsplit("_", 1)[0])
         speedup = f"{base / r['cpp_ms']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['artifact']} | {_fmt(r['bits_per_weight'])} | {r['model_so_mb']:.1f} | "
+            f"| {r['artifact']} | {_fmt(r['bits_per_weight'])} | {r['model_mb']:.1f} | "
             f"{_fmt(r['bundle_mb'], '.1f')} | {r['cpp_ms']:.3f} | {r['ort_ms']:.3f} | "
             f"{r['ratio']:.2f} | {_fmt(r.get('ort_fastest_ms'), '.3f')} | {speedup} | "
             f"{_fmt(r['cosine'], '.4f')} | {_fmt(r['sqnr_db'], '.1f')} | {r['validation']} |")

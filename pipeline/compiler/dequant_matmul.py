@@ -3,7 +3,7 @@
 ``Y[m, n] = sum_k X[m, k] * (code[k, n] - zero[k // B, n]) * scale[k // B, n]``, with the
 codes, scales and zero points in the packed layout of :mod:`pipeline.schemes.blockwise`.
 The weight is unpacked inside the reduction, in registers: no float weight ever exists in
-memory, so ``model.so`` holds 4 (or 8) bits per weight plus the group scales, and a
+memory, so ``model.params`` holds 4 (or 8) bits per weight plus the group scales, and a
 one-row matmul (a decoder step) reads 8x fewer bytes than fp32.
 
 INT4 is stored in ``uint8`` and unpacked with shifts and masks: TVM 0.27 miscompiles ``int4``
