@@ -94,7 +94,8 @@ def collect(model: str, variant: str, threads: int, repeat: int) -> dict:
     imported = json.loads((REPO / "artifacts" / name / "import" / "import_report.json")
                           .read_text())
     quality = next((r for r in validation["records"] if r["comparison"] in
-                    ("tvm_vs_ort_fp32_quality", "tvm_int8_vs_ort_fp32")), None)
+                    ("tvm_vs_ort_fp32_quality", "tvm_int8_vs_ort_fp32",
+                     "tvm_fp16_vs_ort_fp32", "tvm_bf16_vs_ort_fp32")), None)
     bundle = next(art.glob("*.tar.gz"), None)
     row = {"artifact": name, "scheme": bench["scheme"], "validation": validation["status"],
            "bits_per_weight": imported.get("blockwise_bits_per_weight"),
