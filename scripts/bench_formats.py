@@ -122,7 +122,8 @@ def _fmt(v, spec=".2f"):
 def table(rows: list[dict]) -> str:
     fp32 = {r["artifact"].rsplit("_", 1)[0]: r["cpp_ms"] for r in rows
             if r["scheme"] == "fp32"}
-    lines = ["| artifact | bits/weight | model.so + params MB | bundle MB | C++ ms | onnxruntime ms "
+    lines = ["| artifact | bits/weight | model.so + params MB | bundle MB | C++ ms | "
+             "onnxruntime ms "
              "(same ONNX) | ratio | onnxruntime acc-4 ms | vs TVM fp32 | cosine vs fp32 | "
              "SQNR dB | validate |", "|" + "---|" * 12]
     for r in rows:
