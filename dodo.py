@@ -95,12 +95,12 @@ def task_source():
 
 
 def task_quantize():
-    """Stage 2: the variant's scheme quantizes the ONNX with onnxruntime (int8: static QDQ)."""
+    """Stage 2: the scheme quantizes the ONNX with onnxruntime (int8 QDQ, w4g32 MatMulNBits...)."""
     yield from _group("quantize")
 
 
 def task_import():
-    """Stage 3: Relax IRModule; BatchNorm folded; the scheme's passes (int8: integer compute)."""
+    """Stage 3: Relax IRModule, weights in module.params; the scheme's passes; packed 4-bit kept."""
     yield from _group("import")
 
 
