@@ -212,10 +212,10 @@ def test_missing_external_data_gets_a_clear_error(tmp_path):
 
 
 def test_the_big_decoder_generator_in_its_tiny_shape(tmp_path):
-    """examples/big_decoder's generator (ONNX external data out, one copy of the weights)
+    """models/big_decoder's generator (ONNX external data out, one copy of the weights)
     in its test shape: the source stage keeps the external data, and the network computes
     what the generated file does."""
-    decoder_gen = REPO / "examples" / "big_decoder" / "models" / "decoder_gen.py"
+    decoder_gen = REPO / "models" / "big_decoder" / "models" / "decoder_gen.py"
     wrapper = tmp_path / "tiny_decoder.py"
     wrapper.write_text(
         "import importlib.util\n"
