@@ -116,8 +116,7 @@ def extract(model, scale_dtype: str = "auto") -> Extracted:
                             "activations are supported so far")
             continue
         codes = numpy_helper.to_array(inits[b_name])
-        dtype = _scale_dtype(scales, scale_dtype)
-        weight = from_matmul_nbits(codes, scales, zero_points, k, n, bits, block, dtype)
+        weight = from_matmul_nbits(codes, scales, zero_points, k, n, bits, block, scale_dtype)
         stand_in = out.add(model, weight, label)
         product = node.output[0] if not bias else f"{node.output[0]}.{STAND_IN_PREFIX}matmul"
         replacement = [helper.make_node("MatMul", [a_name, stand_in], [product],
@@ -139,15 +138,6 @@ def extract(model, scale_dtype: str = "auto") -> Extracted:
     if out.weights:
         _drop_unused_opsets(model)
     return out
-
-
-def _scale_dtype(scales, requested: str) -> str:
-    import numpy as np
-
-    if requested != "auto":
-        return requested
-    exact = np.array_equal(scales.astype(np.float16).astype(np.float32), scales)
-    return "float16" if exact else "float32"
 
 
 def _extract_blocked_dequantize(model, inits, scale_dtype: str, out: Extracted,
@@ -186,7 +176,7 @@ def _extract_blocked_dequantize(model, inits, scale_dtype: str, out: Extracted,
                             "channels) with float32 scales")
             continue
         weight = from_blocked_dequantize(codes, scales, zero, int(attrs["block_size"]),
-                                         _scale_dtype(scales, scale_dtype))
+                                         scale_dtype)
         matmul = users[0]
         matmul.input[1] = out.add(model, weight, label)
         graph.node.remove(dq)

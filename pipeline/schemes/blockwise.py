@@ -107,25 +107,14 @@ def from_matmul_nbits(b_quant: np.ndarray, scales: np.ndarray, zero_points: np.n
     b_quant = np.asarray(b_quant, dtype=np.uint8).reshape(n, n_blocks, blob)
     # codes [N, n_blocks * block_size] in input-channel order, then [K, N]
     codes = unpack_rows(b_quant.reshape(n, n_blocks * blob).T, bits, n_blocks * block_size)[:k]
-    scales = np.asarray(scales, dtype=np.float32).reshape(n, n_blocks).T
-    if scale_dtype == "float16":
-        half = scales.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), scales):
-            raise UnsupportedModelError(
-                "the MatMulNBits scales are not float16 values, so storing them in half "
-                "precision would change the weights; quantize with the pipeline's recipe "
-                "(it rounds scales to float16) or store float32 scales")
-        scales = half
-    elif scale_dtype != "float32":
-        raise ValueError(f"scale_dtype {scale_dtype!r}: float16 or float32")
+    scales = _stored_scales(np.asarray(scales).reshape(n, n_blocks).T, scale_dtype)
     zeros = None
     if zero_points is not None:
         zp_bytes = -(-n_blocks * bits // 8)
         zp = np.asarray(zero_points, dtype=np.uint8).reshape(n, zp_bytes)
         zeros = pack_rows(unpack_rows(zp.T, bits, n_blocks), bits)
     return BlockwiseWeight(k=k, n=n, bits=bits, block_size=block_size,
-                           codes=pack_rows(codes, bits), scales=np.ascontiguousarray(scales),
-                           zeros=zeros)
+                           codes=pack_rows(codes, bits), scales=scales, zeros=zeros)
 
 
 def from_blocked_dequantize(codes: np.ndarray, scales: np.ndarray,
@@ -149,19 +138,35 @@ def from_blocked_dequantize(codes: np.ndarray, scales: np.ndarray,
     unsigned = (codes.astype(np.int16) + offset).astype(np.uint8)
     zeros = (np.zeros((n_blocks, n), np.int16) if zero_points is None
              else np.asarray(zero_points).astype(np.int16).reshape(n_blocks, n)) + offset
-    scales = np.asarray(scales, dtype=np.float32).reshape(n_blocks, n)
-    if scale_dtype == "float16":
-        if not np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
-            raise UnsupportedModelError("block-wise scales that are not float16 values "
-                                        "cannot be stored in half precision")
-        scales = scales.astype(np.float16)
+    scales = _stored_scales(np.asarray(scales).reshape(n_blocks, n), scale_dtype)
     default = np.full_like(zeros, 1 << (bits - 1))
     return BlockwiseWeight(
         k=k, n=n, bits=bits, block_size=block_size, codes=pack_rows(unsigned, bits),
-        scales=np.ascontiguousarray(scales),
+        scales=scales,
         # the kernel's default zero point is 2 ** (bits - 1): store none when all are that
         zeros=None if np.array_equal(zeros, default) else pack_rows(zeros.astype(np.uint8),
                                                                       bits))
+
+
+def _stored_scales(scales: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """The scales as the kernel stores them: ``"float16"`` (exact only for float16 values:
+    anything else raises rather than change the weights onnxruntime computes with),
+    ``"float32"``, or ``"auto"`` (float16 when exact, else float32)."""
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    half = scales.astype(np.float16)
+    exact = np.array_equal(half.astype(np.float32), scales)
+    if scale_dtype == "auto":
+        scale_dtype = "float16" if exact else "float32"
+    if scale_dtype == "float32":
+        return scales
+    if scale_dtype != "float16":
+        raise ValueError(f"scale_dtype {scale_dtype!r}: float16, float32 or auto")
+    if not exact:
+        raise UnsupportedModelError(
+            "the block-wise scales are not float16 values, so storing them in half precision "
+            "would change the weights; quantize with the pipeline's recipe (it rounds scales "
+            "to float16) or store float32 scales")
+    return half
 
 
 def dequantize(weight: BlockwiseWeight) -> np.ndarray:

@@ -6,13 +6,15 @@ calibrated on a folder of ``.npy`` samples or seeded synthetic ones, in a fixed 
 same inputs give the same scales and the same bytes; ``float16``, onnxconverter-common's
 float16 conversion (inputs and outputs stay float32); ``bfloat16_weights``, MatMul/Gemm/Conv
 weights and Gather tables rounded to bfloat16 and stored as bfloat16 initializers, each
-decoded by a ``Cast(to=float)``. onnxruntime runs each recipe's model as the reference
-and the baseline.
+decoded by a ``Cast(to=float)``; ``matmul_nbits``, onnxruntime's MatMulNBits quantizer
+(block-wise INT4/INT8 MatMul weights, scales rounded to float16 values). onnxruntime runs
+each recipe's model as the reference and the baseline.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,21 +113,15 @@ def _preprocess(model_path: Path, scratch: Path, external: bool = False) -> Path
 
 
 def _op_counts(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
 
 def _initializer_dtypes(model) -> dict[str, int]:
     """Initializer count per ONNX element type name (``FLOAT16``, ``BFLOAT16``, ``FLOAT``...)."""
     from onnx import TensorProto
 
-    counts: dict[str, int] = {}
-    for init in model.graph.initializer:
-        name = TensorProto.DataType.Name(init.data_type)
-        counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(TensorProto.DataType.Name(init.data_type)
+                               for init in model.graph.initializer).items()))
 
 
 def _float16(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -220,13 +216,14 @@ def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -
             "bfloat16_weights": len(weights)}
 
 
-def _check_selection(model_path: Path, config: QuantizeConfig) -> None:
+def _check_selection(model_path: Path, config: QuantizeConfig, graph=None) -> None:
     """ConfigError for a selection onnxruntime would silently ignore: op types none of which
     the model has (nothing would be quantized), node names it does not have. Op types the
     model lacks among others are fine: ["MatMul", "Gemm"] suits every transformer."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    if graph is None:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
     op_types = {n.op_type for n in graph.node}
     names = {n.name for n in graph.node}
     problems = []
@@ -261,7 +258,7 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     from pipeline.schemes.blockwise import round_scales_to_float16
 
     model = onnx.load(str(model_path))
-    _check_selection(model_path, config)
+    _check_selection(model_path, config, model.graph)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
         model, bits=config.bits, block_size=config.block_size,

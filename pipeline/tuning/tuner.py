@@ -415,14 +415,15 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
             return budget.trials_per_task if p.records == 0 else 0
         return max(0, budget.trials_per_task - p.records)
 
-    gathers = [p for p in plans if reads_by_index(p.task.dispatched[0])]
-    if gathers and any(wanted(p) > 0 for p in gathers):
+    # (printed as TVMScript to be read: only for the tasks this run would tune)
+    gathers = [p for p in plans if wanted(p) > 0 and reads_by_index(p.task.dispatched[0])]
+    if gathers:
         progress(f"tune: not tuning {len(gathers)} task(s) that read at data-dependent "
                  f"indices ({', '.join(p.name for p in gathers)}): MetaSchedule measures "
                  "with random inputs, which index out of bounds; they keep their "
                  "untuned schedules (a gather is a copy)")
-    todo = [p for p in plans if wanted(p) > 0 and (select is None or select(p))
-            and p not in gathers]
+    todo = [p for p in plans if wanted(p) > 0 and p not in gathers
+            and (select is None or select(p))]
     progress(_summary_line(plans, todo, budget))
     if todo:
         progress(_estimate_line(sum(wanted(p) for p in todo), len(todo), budget))

@@ -62,8 +62,11 @@ def bind_blockwise_weights(mod, weights: dict):
 
 
 def _drop_params(mod, names: set[str]):
-    """``mod`` with the named parameters removed from every Relax function's signature."""
+    """``mod`` with the named parameters removed from every Relax function's signature
+    (``num_input``, which the importer set, counts them no more)."""
     from tvm import relax
+
+    from pipeline.compiler.params import NUM_INPUT, num_inputs
 
     for gvar, func in list(mod.functions.items()):
         if not isinstance(func, relax.Function):
@@ -71,11 +74,6 @@ def _drop_params(mod, names: set[str]):
         keep = [p for p in func.params if p.name not in names]
         if len(keep) == len(func.params):
             continue
-        attrs = dict(func.attrs) if func.attrs is not None else {}
-        if "num_input" in attrs:
-            attrs["num_input"] = int(attrs["num_input"]) - (len(func.params) - len(keep))
-        new = relax.Function(keep, func.body, func.ret_ty, func.is_pure)
-        for key, value in attrs.items():
-            new = new.with_attr(key, value)
-        mod[gvar] = new
+        new = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        mod[gvar] = new.with_attr(NUM_INPUT, num_inputs(func) - (len(func.params) - len(keep)))
     return mod
