@@ -112,6 +112,25 @@ def _preprocess(model_path: Path, scratch: Path, external: bool = False) -> Path
     return pre
 
 
+def _load_preprocessed(model_path: Path, out_dir: Path):
+    """``(model, external)``: the source after :func:`_preprocess`, its tensors read in, and
+    whether the source came with ONNX external data (the recipe's output then does too)."""
+    from pipeline.frontend import onnx_normalize
+
+    external = onnx_normalize.data_path(model_path).is_file()
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        model = onnx_normalize.load_inline(_preprocess(model_path, Path(scratch), external))
+    return model, external
+
+
+def _save(model, out_dir: Path, external: bool) -> None:
+    """Write a recipe's ``model.onnx`` (with ``model.onnx.data`` when ``external``: a model
+    past protobuf's 2 GiB limit must be). ``model`` is emptied of its tensors when external."""
+    from pipeline.frontend import onnx_normalize
+
+    onnx_normalize.save_model(model, out_dir / "model.onnx", external)
+
+
 def _op_counts(model) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
@@ -129,17 +148,17 @@ def _float16(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     outputs kept float32 (the app's interface does not change). onnxruntime's own
     ``onnxruntime.transformers.float16`` writes an unsorted graph TVM cannot import
     (FACTS.md). Ops the converter blocks stay float32 between Casts; the report lists them."""
-    import onnx
     from onnxconverter_common import float16
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        model = onnx.load(str(_preprocess(model_path, Path(scratch))))
+    model, external = _load_preprocessed(model_path, out_dir)
     converted = float16.convert_float_to_float16(model, keep_io_types=True)
     fixed = _fix_float_casts(converted)
-    onnx.save(converted, str(out_dir / "model.onnx"))
-    return {"op_counts": _op_counts(converted),
-            "initializers": _initializer_dtypes(converted),
-            "float32_ops": _float32_ops(converted), "casts_retargeted": fixed}
+    report = {"op_counts": _op_counts(converted),
+              "initializers": _initializer_dtypes(converted),
+              "float32_ops": _float32_ops(converted), "casts_retargeted": fixed,
+              "external_data": external}
+    _save(converted, out_dir, external)
+    return report
 
 
 def _fix_float_casts(model) -> list[str]:
@@ -185,13 +204,11 @@ def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -
     :mod:`pipeline.schemes.bfloat16`), stored as a BFLOAT16 initializer ``<name>.bf16``
     and decoded by a ``Cast(to=FLOAT)`` named ``<name>``, so onnxruntime computes with
     exactly the weights TVM keeps. Biases and everything else stay float32."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from pipeline.schemes import bfloat16
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        model = onnx.load(str(_preprocess(model_path, Path(scratch))))
+    model, external = _load_preprocessed(model_path, out_dir)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     weights = sorted({node.input[k] for node in graph.node
@@ -211,9 +228,10 @@ def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -
                                       name=f"{name}.decode"))
     for i, node in enumerate(casts):  # before every consumer: the graph stays sorted
         graph.node.insert(i, node)
-    onnx.save(model, str(out_dir / "model.onnx"))
-    return {"op_counts": _op_counts(model), "initializers": _initializer_dtypes(model),
-            "bfloat16_weights": len(weights)}
+    report = {"op_counts": _op_counts(model), "initializers": _initializer_dtypes(model),
+              "bfloat16_weights": len(weights), "external_data": external}
+    _save(model, out_dir, external)
+    return report
 
 
 def _check_selection(model_path: Path, config: QuantizeConfig, graph=None) -> None:
@@ -251,13 +269,14 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     """
     import logging
 
-    import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from pipeline.frontend import onnx_normalize
     from pipeline.schemes.blockwise import round_scales_to_float16
 
-    model = onnx.load(str(model_path))
+    external = onnx_normalize.data_path(model_path).is_file()
+    model = onnx_normalize.load_inline(model_path)
     _check_selection(model_path, config, model.graph)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
@@ -276,13 +295,14 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
         if init.name in scales:
             init.CopyFrom(numpy_helper.from_array(
                 round_scales_to_float16(numpy_helper.to_array(init)), init.name))
-    onnx.save(model, str(out_dir / "model.onnx"))
     # what stays float: MatMuls with a computed weight (attention), Gemm, excluded nodes
     left = sorted(n.name or n.op_type for n in model.graph.node
                   if n.op_type in ("MatMul", "Gemm"))
-    return {"op_counts": _op_counts(model), "quantized_matmuls": len(nodes),
-            "float_matmuls_left": left,
-            "scales": "rounded to float16 values (each moves by <= 2**-11 relative)"}
+    report = {"op_counts": _op_counts(model), "quantized_matmuls": len(nodes),
+              "float_matmuls_left": left, "external_data": external,
+              "scales": "rounded to float16 values (each moves by <= 2**-11 relative)"}
+    _save(model, out_dir, external)
+    return report
 
 
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
