@@ -243,3 +243,56 @@ scheme = "w8g128"
 trials_per_task = 4
 wall_seconds = 60
 """
+
+
+def two_sensitivities_mlp(seed: int = 0, k: int = 128) -> onnx.ModelProto:
+    """x [1, k] -> MatMul "benign" -> Relu -> MatMul "sensitive" -> y [1, k], for the mixed
+    precision search: one layer that 4 bits suit, one that only a float format keeps.
+
+    The sensitive layer's input channels 0, 32, 64 ... carry a weight 100x the others, but the
+    benign layer feeds them zeros: they add nothing to the output, yet they set each group's
+    scale, so a 4- or 8-bit grid rounds every other weight of the group to a few steps."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(1 / np.sqrt(k))
+    w0 = (rng.standard_normal((k, k)) * scale).astype(np.float32)
+    w1 = (rng.standard_normal((k, k)) * scale).astype(np.float32)
+    w0[:, ::32] = 0.0
+    w1[::32] *= 100.0
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="benign"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w1"], ["y"], name="sensitive")]
+    graph = helper.make_graph(
+        nodes, "two_sensitivities", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+MIXED_SPEC = """\
+name = "tiny"
+description = "two MatMul layers, one sensitive to quantization, for the mixed scheme"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "x"
+shape = [1, 128]
+dtype = "float32"
+
+[[outputs]]
+name = "y"
+
+[calibration]
+samples = 4
+
+[variants.fp32]
+scheme = "fp32"
+
+[variants.mixed]
+scheme = "mixed"
+symmetric = true
+budget = {metric = "cosine", min = 0.98}
+"""

@@ -74,6 +74,12 @@ class VariantSpec:
     # in (0: as the inputs, float32; 4: int8 activations, its fastest CPU path). TVM always
     # computes in float32, so 0 keeps the two bit-for-bit comparable.
     accuracy_level: int = 0
+    # scheme mixed: candidate formats per layer (empty: pipeline.schemes.mixed's default),
+    # the accuracy budget ({metric = "cosine", min = 0.999}: vs fp32, worst calibration
+    # sample) and a pinned assignment file (relative to the project; empty: search)
+    formats: tuple = ()
+    budget: dict = field(default_factory=dict)
+    assignment: str = ""
     # [variants.<name>.validation]: gate thresholds for this variant only (see GATE_KEYS)
     validation: dict = field(default_factory=dict)
 
@@ -315,6 +321,8 @@ def _parse_variant(vname: str, table, problems: list[str],
     if variant.accuracy_level not in (0, 1, 2, 3, 4):
         problems.append(f"{where}.accuracy_level: {variant.accuracy_level!r} not one of 0 "
                         "(unset: float32), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
+    if scheme_name == "mixed":
+        variant = _check_mixed(variant, where, problems)
     if variant.layout and variant.layout not in CPU_FP32_LAYOUTS:
         problems.append(f"{where}.layout: {variant.layout!r} not one of "
                         f"{', '.join(CPU_FP32_LAYOUTS)} (or leave it out)")
@@ -331,12 +339,44 @@ def _parse_variant(vname: str, table, problems: list[str],
                    validation={k: float(v) for k, v in gates.items() if k in GATE_KEYS})
 
 
+def _check_mixed(variant: VariantSpec, where: str, problems: list[str]) -> VariantSpec:
+    """The mixed scheme's keys: known formats, a budget ``{metric = "cosine", min = x}``
+    (needed unless an assignment is pinned)."""
+    from pipeline.schemes.mixed import BUDGET_METRICS, check_formats
+
+    formats = variant.formats
+    if not isinstance(formats, (list, tuple)) or not all(isinstance(f, str) for f in formats):
+        problems.append(f"{where}.formats: {formats!r} must be a list of format names, e.g. "
+                        '["w4g32", "w8g128", "fp32"]')
+        formats = ()
+    problems += [f"{where}.formats: {p}" for p in check_formats(formats)]
+    budget = variant.budget
+    if not isinstance(budget, dict):
+        budget = {}
+    metric, low = budget.get("metric", "cosine"), budget.get("min")
+    if metric not in BUDGET_METRICS or isinstance(low, bool) or not isinstance(
+            low, (int, float)) or not 0 < low <= 1:
+        if budget or not variant.assignment:
+            problems.append(f"{where}.budget: {variant.budget!r}; give the accuracy budget as "
+                            'budget = {metric = "cosine", min = 0.999} (cosine of the outputs '
+                            "to the fp32 model's, worst calibration sample; min in (0, 1])")
+    return replace(variant, formats=tuple(formats))
+
+
+def mixed_budget(variant: VariantSpec) -> float:
+    """The mixed scheme's budget: the least cosine to fp32 (0 when none is set)."""
+    return float(variant.budget.get("min", 0.0)) if isinstance(variant.budget, dict) else 0.0
+
+
 def variant_validation(spec: ModelSpec, variant: VariantSpec) -> ValidationSpec:
     """The validation settings of one variant: its scheme's default gates, overridden by the
-    model's ``[validation]`` table, overridden by the variant's own."""
+    model's ``[validation]`` table, overridden by the variant's own. A mixed variant's budget
+    is its quality gate unless it sets that gate itself."""
     from pipeline.schemes import get_scheme
 
     gates = dict(get_scheme(variant.scheme).default_gates)
+    if variant.scheme == "mixed" and mixed_budget(variant):
+        gates["quality_cosine_min"] = mixed_budget(variant)
     gates.update({k: getattr(spec.validation, k) for k in spec.validation_set
                   if k in GATE_KEYS})
     gates.update(variant.validation)

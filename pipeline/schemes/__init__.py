@@ -131,6 +131,20 @@ SCHEMES.update({s.name: s for s in (_blockwise(4, 32), _blockwise(4, 128),
                                     _blockwise(8, 128))})
 
 
+SCHEMES["mixed"] = Scheme(
+    name="mixed",
+    description="a format per MatMul layer (block-wise INT4/INT8, bf16, fp32), the cheapest "
+                "that keeps the model within the variant's accuracy budget, chosen by search",
+    quantize="mixed", import_passes=("bf16_weights",), compute_dtype="float32",
+    comparisons=("tvm_vs_ort_quantized", "tvm_vs_ort_fp32_quality", "ort_int8_vs_ort_fp32"),
+    # the quality gate is the variant's budget (core.spec.variant_validation)
+    default_gates=MappingProxyType({"quantized_rel_tol": 1e-4, "quality_cosine_min": 0.99}),
+    options=("formats", "budget", "assignment", "symmetric"),
+    summary="per-layer formats chosen under an accuracy budget (see assignment.json): "
+            "block-wise layers run the fused dequantize-matmul, bf16 layers decode in the "
+            "kernel, fp32 layers as in fp32; float32 arithmetic")
+
+
 def get_scheme(name: str) -> Scheme:
     """Look a scheme up by name; an unknown name fails listing the known ones."""
     try:

@@ -9,6 +9,8 @@ float32 subnormals round like any other value (bfloat16 has the same exponent ra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -36,3 +38,24 @@ def is_bfloat16_exact(values: np.ndarray) -> bool:
     """Whether every element of a float32 array is a bfloat16 value (low 16 bits zero)."""
     values = np.ascontiguousarray(values)
     return values.dtype == np.float32 and not np.any(values.view(np.uint32) & 0xFFFF)
+
+
+def store_bfloat16(model, weights: Sequence[str]) -> int:
+    """Each named float32 initializer rounded to bfloat16, stored as ``<name>.bf16`` and
+    decoded by a ``Cast(to=FLOAT)`` named ``<name>`` (in place). Returns how many."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    casts = []
+    for name in weights:
+        codes = encode(numpy_helper.to_array(inits[name]))
+        stored = helper.make_tensor(f"{name}.bf16", TensorProto.BFLOAT16, codes.shape,
+                                    codes.tobytes(), raw=True)
+        graph.initializer.remove(inits[name])
+        graph.initializer.append(stored)
+        casts.append(helper.make_node("Cast", [stored.name], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}.decode"))
+    for i, node in enumerate(casts):  # before every consumer: the graph stays sorted
+        graph.node.insert(i, node)
+    return len(casts)

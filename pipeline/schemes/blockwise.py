@@ -22,6 +22,8 @@ against onnxruntime). Pure numpy: the import pass and the tests use it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,3 +189,34 @@ def round_scales_to_float16(scales: np.ndarray) -> np.ndarray:
     tiny = np.float16(np.finfo(np.float16).smallest_subnormal)
     half = np.where((half == 0) & (scales != 0), np.copysign(tiny, scales), half)
     return np.clip(half.astype(np.float32), -65504.0, 65504.0)
+
+
+def quantize_blockwise(model, bits: int, block_size: int, symmetric: bool,
+                       nodes: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                       accuracy_level: int = 0):
+    """onnxruntime's ``MatMulNBitsQuantizer`` on the MatMuls named in ``nodes`` (None: all
+    but ``exclude``), scales rounded to float16 values (what the artifact stores: onnxruntime
+    must compute with the very same weights; each weight moves by at most 2**-11 of its
+    quantization step). Returns the new model (``model`` itself is changed too)."""
+    import logging
+
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    if nodes is not None:
+        # onnxruntime 1.31 ignores nodes_to_include with its default algorithm: exclude the rest
+        exclude = [n.name for n in model.graph.node
+                   if n.op_type == "MatMul" and n.name not in set(nodes)]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
+                                     is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level or None,
+                                     nodes_to_exclude=list(exclude))
+    quantizer.process()
+    model = quantizer.model.model
+    scales = {n.input[2] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    for init in model.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(
+                round_scales_to_float16(numpy_helper.to_array(init)), init.name))
+    return model

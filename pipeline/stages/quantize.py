@@ -41,6 +41,11 @@ class QuantizeConfig:
     block_size: int = 0
     symmetric: bool = False
     accuracy_level: int = 0
+    # scheme mixed (pipeline.schemes.mixed): candidate formats, the least cosine to fp32,
+    # a pinned assignment file (empty: search)
+    formats: tuple[str, ...] = ()
+    budget_min: float = 0.0
+    assignment: str = ""
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -204,9 +209,9 @@ def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -
     :mod:`pipeline.schemes.bfloat16`), stored as a BFLOAT16 initializer ``<name>.bf16``
     and decoded by a ``Cast(to=FLOAT)`` named ``<name>``, so onnxruntime computes with
     exactly the weights TVM keeps. Biases and everything else stay float32."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-    from pipeline.schemes import bfloat16
+    from pipeline.schemes.bfloat16 import store_bfloat16
 
     model, external = _load_preprocessed(model_path, out_dir)
     graph = model.graph
@@ -217,17 +222,7 @@ def _bfloat16_weights(model_path: Path, config: QuantizeConfig, out_dir: Path) -
                       and node.input[k] in inits
                       and inits[node.input[k]].data_type == TensorProto.FLOAT
                       and len(inits[node.input[k]].dims) >= 2})
-    casts = []
-    for name in weights:
-        codes = bfloat16.encode(numpy_helper.to_array(inits[name]))
-        stored = helper.make_tensor(f"{name}.bf16", TensorProto.BFLOAT16, codes.shape,
-                                    codes.tobytes(), raw=True)
-        graph.initializer.remove(inits[name])
-        graph.initializer.append(stored)
-        casts.append(helper.make_node("Cast", [stored.name], [name], to=TensorProto.FLOAT,
-                                      name=f"{name}.decode"))
-    for i, node in enumerate(casts):  # before every consumer: the graph stays sorted
-        graph.node.insert(i, node)
+    store_bfloat16(model, weights)
     report = {"op_counts": _op_counts(model), "initializers": _initializer_dtypes(model),
               "bfloat16_weights": len(weights), "external_data": external}
     _save(model, out_dir, external)
@@ -267,34 +262,20 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     stores them in half precision, and onnxruntime must compute with the very same weights.
     Rounding a scale moves each weight by at most 2**-11 of its quantization step.
     """
-    import logging
-
-    from onnx import numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     from pipeline.frontend import onnx_normalize
-    from pipeline.schemes.blockwise import round_scales_to_float16
+    from pipeline.schemes.blockwise import quantize_blockwise
 
     external = onnx_normalize.data_path(model_path).is_file()
     model = onnx_normalize.load_inline(model_path)
     _check_selection(model_path, config, model.graph)
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=config.bits, block_size=config.block_size,
-        is_symmetric=config.symmetric, accuracy_level=config.accuracy_level or None,
-        nodes_to_exclude=list(config.exclude_nodes))
-    quantizer.process()
-    model = quantizer.model.model
+    model = quantize_blockwise(model, config.bits, config.block_size, config.symmetric,
+                               exclude=config.exclude_nodes,
+                               accuracy_level=config.accuracy_level)
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
         raise ConfigError(f"{model_path}: no MatMul with a constant weight to quantize (the "
                           f"{config.bits}-bit weight-only schemes quantize MatMul weights); "
                           "use fp32 or int8 for this model")
-    scales = {n.input[2] for n in nodes}
-    for init in model.graph.initializer:
-        if init.name in scales:
-            init.CopyFrom(numpy_helper.from_array(
-                round_scales_to_float16(numpy_helper.to_array(init)), init.name))
     # what stays float: MatMuls with a computed weight (attention), Gemm, excluded nodes
     left = sorted(n.name or n.op_type for n in model.graph.node
                   if n.op_type in ("MatMul", "Gemm"))
@@ -305,10 +286,56 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     return report
 
 
+def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """A format per MatMul layer (:mod:`pipeline.schemes.mixed`): searched under the budget on
+    the calibration samples, or read from a pinned assignment file. Writes ``model.onnx``
+    (each layer in its format, as the single-format recipes write it) and
+    ``assignment.json`` (the reviewable choice, with each layer's size and sensitivity)."""
+    from pipeline.frontend import onnx_normalize
+    from pipeline.schemes import mixed
+
+    external = onnx_normalize.data_path(model_path).is_file()
+    model = onnx_normalize.load_inline(model_path)
+    mixed.name_matmuls(model)
+    feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
+                                config.ranges)
+    formats = config.formats or mixed.DEFAULT_FORMATS
+    if config.assignment:
+        assignment = mixed.read_assignment(Path(config.assignment), model)
+        layers, steps, how = mixed.layers_of(model), [], f"pinned: {config.assignment}"
+    else:
+        found = mixed.search(model, feeds, formats, config.budget_min, config.symmetric)
+        assignment, layers, steps = found.assignment, found.layers, found.steps
+        how = f"searched over {', '.join(formats)} (fp32 the last resort)"
+    quantized = mixed.apply(model, assignment, config.symmetric)
+    achieved = mixed.model_cosine(quantized, model, feeds)
+    mixed.write_assignment(out_dir / "assignment.json", assignment, config.budget_min, layers,
+                           config.symmetric)
+    fp32_bytes = sum(layer.bytes("fp32", config.symmetric) for layer in layers)
+    chosen_bytes = sum(layer.bytes(assignment[layer.node], config.symmetric)
+                       for layer in layers)
+    report = {"op_counts": _op_counts(quantized), "assignment": how,
+              "budget": {"metric": "cosine", "min": config.budget_min},
+              "cosine_vs_fp32": achieved, "meets_budget": achieved >= config.budget_min,
+              "formats": dict(sorted(Counter(assignment.values()).items())),
+              "matmul_weight_bytes": {"chosen": chosen_bytes, "fp32": fp32_bytes},
+              "layers": [{"node": layer.node, "k": layer.k, "n": layer.n,
+                          "format": assignment[layer.node],
+                          "bytes": layer.bytes(assignment[layer.node], config.symmetric),
+                          "sensitivity": layer.sensitivity} for layer in layers],
+              "search_steps": steps, "external_data": external}
+    print(f"quantize: mixed: {report['formats']}, cosine to fp32 {achieved:.6f} (budget "
+          f"{config.budget_min}), MatMul weights {chosen_bytes / 2**20:.1f} MiB of "
+          f"{fp32_bytes / 2**20:.1f} MiB fp32", flush=True)
+    _save(quantized, out_dir, external)
+    return report
+
+
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
 RECIPES = {
     "static_qdq": _static_qdq,
     "matmul_nbits": _matmul_nbits,
     "float16": _float16,
     "bfloat16_weights": _bfloat16_weights,
+    "mixed": _mixed,
 }

@@ -17,7 +17,13 @@ from doit.tools import config_changed
 from pipeline.core.code_digest import STAGE_DATA_DIRS
 from pipeline.core.hashing import recipe_of, tool_versions
 from pipeline.core.project import REPO, Project, artifact_paths
-from pipeline.core.spec import ModelSpec, VariantSpec, input_ranges, variant_validation
+from pipeline.core.spec import (
+    ModelSpec,
+    VariantSpec,
+    input_ranges,
+    mixed_budget,
+    variant_validation,
+)
 from pipeline.core.store import MANIFEST, intact
 from pipeline.core.targets import TargetSpec, target_config, target_key
 from pipeline.runtime.artifact import tvm_input_name
@@ -129,8 +135,13 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
             per_channel=variant.per_channel, inputs=_inputs(spec), recipe=scheme.quantize,
             ranges=input_ranges(spec), op_types=variant.op_types,
             exclude_nodes=variant.exclude_nodes, symmetric=variant.symmetric,
-            accuracy_level=variant.accuracy_level, **scheme.quantize_params)
+            accuracy_level=variant.accuracy_level, formats=variant.formats,
+            budget_min=mixed_budget(variant),
+            assignment=str(project.root / variant.assignment) if variant.assignment else "",
+            **scheme.quantize_params)
         upstream = {"model": model}
+        if variant.assignment:  # a pinned mixed-precision assignment: its content counts
+            upstream["assignment"] = project.root / variant.assignment
         if cal.data_dir:
             _data_files(upstream, "calibration", project.root / cal.data_dir)
         tasks["quantize"] = _task(project, name,

@@ -1,0 +1,154 @@
+"""The mixed scheme: a format per layer, searched under an accuracy budget
+(pipeline.schemes.mixed, the quantize stage's ``mixed`` recipe) and built end to end."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from doit_runner import doit
+
+from models import MIXED_SPEC, make_project, two_sensitivities_mlp
+from pipeline.core.errors import ConfigError
+from pipeline.core.spec import parse_spec, variant_validation
+from pipeline.schemes import mixed
+from pipeline.stages import quantize
+
+BUDGET = 0.98
+
+
+def _feeds(n: int = 4) -> list[dict]:
+    return [{"x": np.random.default_rng(i).standard_normal((1, 128)).astype(np.float32)}
+            for i in range(n)]
+
+
+def _config(**kw) -> quantize.QuantizeConfig:
+    base = dict(method="minmax", samples=4, seed=0, data_dir="", activation_type="uint8",
+                weight_type="int8", per_channel=True, inputs=(("x", (1, 128), "float32"),),
+                recipe="mixed", symmetric=True, budget_min=BUDGET)
+    base.update(kw)
+    return quantize.QuantizeConfig(**base)
+
+
+def _bytes(assignment: dict[str, str], model) -> int:
+    return sum(layer.bytes(assignment[layer.node], True) for layer in mixed.layers_of(model))
+
+
+def test_the_search_keeps_the_sensitive_layer_precise_and_packs_the_other():
+    model = two_sensitivities_mlp()
+    found = mixed.search(model, _feeds(), mixed.DEFAULT_FORMATS, BUDGET, True, log=lambda _: None)
+    assert found.assignment["benign"].startswith("w4"), found.assignment
+    assert found.assignment["sensitive"] in ("bf16", "fp32"), found.assignment
+    sensitivity = {layer.node: layer.sensitivity for layer in found.layers}
+    assert sensitivity["sensitive"]["w4g32"] > 10 * sensitivity["benign"]["w4g32"]
+    # the real quantized model (MatMulNBits + bfloat16 Casts) meets the budget, as estimated
+    real = mixed.model_cosine(mixed.apply(model, found.assignment, True), model, _feeds())
+    assert real >= BUDGET and real == pytest.approx(found.cosine_estimated, abs=1e-5)
+    # no single format that is cheaper meets the budget, and the mix is cheaper than
+    # every single format that does
+    for fmt in mixed.DEFAULT_FORMATS:
+        uniform = {layer.node: fmt for layer in found.layers}
+        meets = mixed.model_cosine(mixed.apply(model, uniform, True), model, _feeds()) >= BUDGET
+        if meets:
+            assert _bytes(found.assignment, model) < _bytes(uniform, model), fmt
+        else:
+            assert fmt in ("w4g32", "w4g128", "w8g128"), fmt
+
+
+def test_decoded_weights_are_the_ones_the_quantized_model_computes_with():
+    """The search's trial weights come from each format's own quantizer and decoder: running
+    the fp32 graph with them gives what onnxruntime gives on the real MatMulNBits model."""
+    model = two_sensitivities_mlp()
+    layers = mixed.layers_of(model)
+    decoded = mixed.decoded_weights(model, layers, "w4g32", True)
+    x = _feeds(1)[0]["x"]
+    hidden = np.maximum(x @ decoded["benign"], 0)
+    import onnxruntime as ort
+
+    real = mixed.apply(model, {"benign": "w4g32", "sensitive": "w4g32"}, True)
+    session = ort.InferenceSession(real.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, hidden @ decoded["sensitive"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_recipe_writes_the_assignment_and_a_pinned_one_is_used(tmp_path: Path):
+    source = tmp_path / "fp32.onnx"
+    onnx.save(two_sensitivities_mlp(), str(source))
+    (tmp_path / "searched").mkdir()
+    report = quantize.run(source, _config(), tmp_path / "searched")
+    written = json.loads((tmp_path / "searched" / "assignment.json").read_text())
+    assert written["format"] == mixed.ASSIGNMENT_FORMAT and written["budget"]["min"] == BUDGET
+    assert written["layers"]["sensitive"] in ("bf16", "fp32")
+    assert report["meets_budget"] and report["cosine_vs_fp32"] >= BUDGET
+    assert [row["node"] for row in report["layers"]] == ["benign", "sensitive"]
+    assert report["matmul_weight_bytes"]["chosen"] < report["matmul_weight_bytes"]["fp32"]
+    # a reviewed copy, edited to put everything in 8 bits, is taken as it is
+    pinned = tmp_path / "reviewed.json"
+    pinned.write_text(json.dumps({**written, "layers": {"benign": "w8g128",
+                                                        "sensitive": "w8g128"}}))
+    (tmp_path / "pinned").mkdir()
+    report = quantize.run(source, _config(assignment=str(pinned)), tmp_path / "pinned")
+    assert report["formats"] == {"w8g128": 2} and report["assignment"].startswith("pinned")
+    assert not report["meets_budget"]  # said, not hidden: validate's gate will fail it
+    nbits = [n for n in onnx.load(str(tmp_path / "pinned" / "model.onnx")).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert [a.i for n in nbits for a in n.attribute if a.name == "bits"] == [8, 8]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"benign": "w4g32"}, "sensitive: missing"),
+    ({"benign": "w4g32", "sensitive": "int3"}, "unknown format 'int3'"),
+    ({"benign": "w4g32", "sensitive": "fp32", "other": "fp32"}, "other: no such MatMul"),
+])
+def test_a_pinned_assignment_that_does_not_fit_the_model_is_refused(tmp_path, layers, message):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"format": mixed.ASSIGNMENT_FORMAT, "layers": layers}))
+    with pytest.raises(ConfigError) as e:
+        mixed.read_assignment(path, two_sensitivities_mlp())
+    assert message in str(e.value)
+
+
+def test_spec_checks_the_budget_and_formats_and_the_budget_is_the_quality_gate():
+    import tomllib
+
+    data = tomllib.loads(MIXED_SPEC)
+    spec = parse_spec(data, "tiny.toml")
+    gates = variant_validation(spec, spec.variants["mixed"])
+    assert gates.quality_cosine_min == BUDGET
+    bad = json.loads(json.dumps(data))
+    bad["variants"]["mixed"]["budget"] = {"metric": "top1", "min": 2}
+    bad["variants"]["mixed"]["formats"] = ["w4g32", "int3"]
+    with pytest.raises(ConfigError) as e:
+        parse_spec(bad, "tiny.toml")
+    assert "budget" in str(e.value) and "unknown format 'int3'" in str(e.value)
+    del bad["variants"]["mixed"]["budget"]
+    bad["variants"]["mixed"]["formats"] = ["w4g32"]
+    with pytest.raises(ConfigError, match="accuracy budget"):
+        parse_spec(bad, "tiny.toml")
+
+
+@pytest.mark.slow
+def test_mixed_builds_validates_and_benches_end_to_end(tmp_path: Path):
+    """Searched, built (MatMulNBits and bf16 layers in one model, each in its own kernel),
+    validated against onnxruntime on the same model and against fp32 with the budget as the
+    gate, run by the C++ app; a rebuild reuses the search."""
+    project = make_project(tmp_path / "p", two_sensitivities_mlp(), MIXED_SPEC)
+    run = doit(project, "build:tiny_mixed", "validate:tiny_mixed@cpu", "bench:tiny_mixed@cpu",
+               "tune=off", "repeat=3", "warmup=1")
+    assert run.returncode == 0, run.output
+    art = project / "artifacts" / "tiny_mixed"
+    report = json.loads((art / "cpu" / "validate" / "validation.json").read_text())
+    assert report["status"] == "pass", report
+    quality = next(r for r in report["records"] if r["comparison"] == "tvm_vs_ort_fp32_quality")
+    assert quality["metrics"]["cosine"] >= BUDGET
+    imported = json.loads((art / "import" / "import_report.json").read_text())
+    assert [x["bits"] for x in imported["blockwise_layers"]] == [4]
+    assert len(imported["bf16_weights"]["rewritten"]) == (
+        1 if json.loads((art / "quantize" / "assignment.json").read_text())["layers"][
+            "sensitive"] == "bf16" else 0)
+    assignment = json.loads((art / "quantize" / "assignment.json").read_text())
+    assert assignment["layers"]["sensitive"] in ("bf16", "fp32")
+    again = doit(project, "build:tiny_mixed", "tune=off")
+    assert again.returncode == 0 and "mixed search" not in again.output, again.output
