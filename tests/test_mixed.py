@@ -152,3 +152,24 @@ def test_mixed_builds_validates_and_benches_end_to_end(tmp_path: Path):
     assert assignment["layers"]["sensitive"] in ("bf16", "fp32")
     again = doit(project, "build:tiny_mixed", "tune=off")
     assert again.returncode == 0 and "mixed search" not in again.output, again.output
+
+
+def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
+    """The committed CPU logs hold records of mlp4k's 4096x4096 kernels in every format: a
+    4096x4096 layer is timed by them; a shape no record has is estimated from its bytes at
+    the format's measured seconds per byte."""
+    logs_dir = Path(__file__).resolve().parent.parent / "models" / "tuning_logs" / \
+        "cpu-x86_64-avx512-vnni"
+    big, odd = mixed.Layer("big", "w", 4096, 4096), mixed.Layer("odd", "v", 4096, 2048)
+    times = mixed.layer_seconds([big, odd], mixed.DEFAULT_FORMATS, logs_dir, True)
+    for fmt in mixed.DEFAULT_FORMATS:
+        assert times[("big", fmt)][1] == "tuning record", fmt
+        assert times[("odd", fmt)][1] == "estimated from bytes", fmt
+        # the estimate uses the format's own rate: half the bytes, half the time
+        assert times[("odd", fmt)][0] == pytest.approx(
+            times[("big", fmt)][0] * odd.bytes(fmt, True) / big.bytes(fmt, True), rel=1e-6)
+    assert times[("big", "w4g32")][0] < times[("big", "fp32")][0]
+    # no logs at all: every time is a bytes estimate, and the formats keep the bytes order
+    blind = mixed.layer_seconds([big], mixed.DEFAULT_FORMATS, None, True)
+    order = sorted(mixed.DEFAULT_FORMATS, key=lambda f: blind[("big", f)][0])
+    assert order == sorted(mixed.DEFAULT_FORMATS, key=lambda f: big.bytes(f, True))

@@ -11,14 +11,19 @@ the fp32 model's, worst calibration sample). The search is coarse first and chea
    are made graph inputs, and a trial feeds one layer's weight decoded from that format
    (the very numbers the quantize recipe stores: each format's own quantizer, then its
    decoder).
-2. **Cost** of a layer in a format: the weight bytes it streams per inference (codes,
-   scales, zero points). At one row a matmul layer reads each weight once and does two
-   flops per weight, so its time is its bytes over the memory bandwidth; the kernels then
-   choose their schedules from the tuning database, as every variant's do.
-3. **Greedy ascent**: every layer starts in its cheapest format; while the model (all
-   layers in their formats at once, measured, not summed) misses the budget, the layer whose
-   next more precise format buys the most sensitivity per extra byte moves up. The result is
-   checked again on the real quantized ONNX model; a miss there moves the worst layer up.
+2. **Time** of a layer in a format, from the tuning database (the host CPU's committed
+   logs): the best measured record of the kernel that holds that layer's weight in that
+   format (matched by its buffers: ``uint8[K/2, N]`` codes and ``float16[K/32, N]`` scales
+   for w4g32, ``bfloat16[K, N]`` for bf16 ...). A layer/format with no record is estimated
+   from its weight bytes at the seconds-per-byte the database shows for that format (or,
+   with no record of the format at all, for every format): at one row a matmul streams each
+   weight once, so bytes rank formats, but not exactly (w8g128's kernel reads rows a page
+   apart and is slower than bf16's on Zen 4, which bytes alone would get backwards).
+3. **Greedy ascent** (the coarse level of a hierarchical search: formats first, then the
+   tuner schedules the chosen kernels): every layer starts in its fastest format; while the
+   model (all layers in their formats at once, measured, not summed) misses the budget, the
+   layer whose next more precise format buys the most sensitivity per extra second moves
+   up. The quantize stage measures the real quantized model again and reports it.
 
 The assignment is written to ``assignment.json`` (reviewable; a variant's
 ``assignment = "<file>"`` pins a reviewed copy, and the search is skipped). Formats are
@@ -73,9 +78,52 @@ class Layer:
     k: int
     n: int
     sensitivity: dict[str, float] = field(default_factory=dict)  # format -> 1 - cosine
+    seconds: dict[str, tuple[float, str]] = field(default_factory=dict)  # format -> (s, source)
 
     def bytes(self, fmt: str, symmetric: bool) -> int:
         return FORMATS[fmt].bytes(self.k, self.n, symmetric)
+
+
+def _args_of(fmt: str, k: int, n: int) -> tuple[str, ...]:
+    """The buffers (as the tuning log's ``args_info`` spells them) that identify the kernel
+    holding a ``[K, N]`` weight in ``fmt``."""
+    spec = FORMATS[fmt]
+    if spec.bits:
+        return (f"uint8[{-(-k * spec.bits // 8)},{n}]", f"float16[{-(-k // spec.block_size)},{n}]")
+    return (f"{'bfloat16' if fmt == 'bf16' else 'float32'}[{k},{n}]",)
+
+
+def layer_seconds(layers: Sequence[Layer], formats: Sequence[str], logs_dir: Path | None,
+                  symmetric: bool) -> dict[tuple[str, str], tuple[float, str]]:
+    """``(node, format) -> (seconds, source)``: the tuning database's best record for the
+    layer's kernel in that format (source "tuning record"), else an estimate from its bytes
+    (source "estimated from bytes"); see the module docstring."""
+    from collections import defaultdict
+
+    best: dict[frozenset, float] = {}
+    if logs_dir is not None and Path(logs_dir).is_dir():
+        from pipeline.tuning import logs
+
+        for record in logs.load(logs_dir).records:
+            if record.valid and record.args:
+                key = frozenset(a.strip() for a in record.args.split(", "))
+                best[key] = min(best.get(key, float("inf")), record.mean_secs)
+    found, rates = {}, defaultdict(list)
+    for layer in layers:
+        for fmt in formats:
+            want = set(_args_of(fmt, layer.k, layer.n))
+            times = [secs for args, secs in best.items() if want <= args]
+            if times:
+                found[(layer.node, fmt)] = (min(times), "tuning record")
+                rates[fmt].append(min(times) / layer.bytes(fmt, symmetric))
+    every = sorted(r for rs in rates.values() for r in rs) or [1e-10]  # 10 GB/s
+    for layer in layers:
+        for fmt in formats:
+            if (layer.node, fmt) not in found:
+                rate = sorted(rates[fmt] or every)[len(rates[fmt] or every) // 2]
+                found[(layer.node, fmt)] = (rate * layer.bytes(fmt, symmetric),
+                                            "estimated from bytes")
+    return found
 
 
 def check_formats(formats: Sequence[str]) -> list[str]:
@@ -236,26 +284,30 @@ class SearchResult:
 
 
 def search(model, feeds: list[dict], formats: Sequence[str], budget_min: float,
-           symmetric: bool, log: Callable[[str], None] = print) -> SearchResult:
+           symmetric: bool, logs_dir: Path | None = None,
+           log: Callable[[str], None] = print) -> SearchResult:
     """The greedy ascent of the module docstring over ``formats`` (fp32 is always the last
-    resort). ``model`` must have named nodes (:func:`name_matmuls`)."""
+    resort), layer times from the tuning logs in ``logs_dir``. ``model`` must have named
+    nodes (:func:`name_matmuls`)."""
     layers = layers_of(model)
     if not layers:
         raise ConfigError("scheme mixed: the model has no MatMul with a constant weight to "
                           "give a format; use fp32 or int8 for it")
     formats = list(dict.fromkeys([*formats, "fp32"]))
+    for (node, fmt), timed in layer_seconds(layers, formats, logs_dir, symmetric).items():
+        next(layer for layer in layers if layer.node == node).seconds[fmt] = timed
     evaluator = _Evaluator(model, layers, feeds)
     decoded = {fmt: decoded_weights(model, layers, fmt, symmetric) for fmt in formats}
     for layer in layers:
         for fmt in formats:
             layer.sensitivity[fmt] = (0.0 if fmt == "fp32" else
                                       1.0 - evaluator.cosine({layer.node: decoded[fmt][layer.node]}))
-    # each layer's ladder: formats by bytes, cheapest first, keeping only those more
-    # accurate (for that layer) than every cheaper one
+    # each layer's ladder: formats by time, fastest first, keeping only those more accurate
+    # (for that layer) than every faster one
     ladders = {}
     for layer in layers:
         ladder = []
-        for fmt in sorted(formats, key=lambda f: (layer.bytes(f, symmetric), f)):
+        for fmt in sorted(formats, key=lambda f: (layer.seconds[f][0], f)):
             if not ladder or layer.sensitivity[fmt] < layer.sensitivity[ladder[-1]]:
                 ladder.append(fmt)
         ladders[layer.node] = ladder
@@ -277,7 +329,7 @@ def search(model, feeds: list[dict], formats: Sequence[str], budget_min: float,
                 continue
             layer, now, up = by_node[node], ladders[node][i], ladders[node][i + 1]
             gain = ((layer.sensitivity[now] - layer.sensitivity[up]) /
-                    max(1, layer.bytes(up, symmetric) - layer.bytes(now, symmetric)))
+                    max(1e-12, layer.seconds[up][0] - layer.seconds[now][0]))
             if gain > best_gain:
                 best, best_gain = node, gain
         if best is None:
@@ -295,7 +347,9 @@ def write_assignment(path: Path, assignment: dict[str, str], budget_min: float,
     sensitivity); :func:`read_assignment` reads back only ``layers``."""
     detail = {layer.node: {"k": layer.k, "n": layer.n,
                            "bytes": layer.bytes(assignment[layer.node], symmetric),
-                           "sensitivity": {f: round(s, 8) for f, s in layer.sensitivity.items()}}
+                           "sensitivity": {f: round(s, 8) for f, s in layer.sensitivity.items()},
+                           "ms": {f: [round(t * 1e3, 4), src]
+                                  for f, (t, src) in layer.seconds.items()}}
               for layer in layers}
     payload = {"format": ASSIGNMENT_FORMAT,
                "budget": {"metric": "cosine", "min": budget_min},

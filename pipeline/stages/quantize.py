@@ -46,6 +46,7 @@ class QuantizeConfig:
     formats: tuple[str, ...] = ()
     budget_min: float = 0.0
     assignment: str = ""
+    latency_logs: str = ""  # tuning logs whose records time each layer in each format
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -304,7 +305,8 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
         assignment = mixed.read_assignment(Path(config.assignment), model)
         layers, steps, how = mixed.layers_of(model), [], f"pinned: {config.assignment}"
     else:
-        found = mixed.search(model, feeds, formats, config.budget_min, config.symmetric)
+        found = mixed.search(model, feeds, formats, config.budget_min, config.symmetric,
+                             Path(config.latency_logs) if config.latency_logs else None)
         assignment, layers, steps = found.assignment, found.layers, found.steps
         how = f"searched over {', '.join(formats)} (fp32 the last resort)"
     quantized = mixed.apply(model, assignment, config.symmetric)
@@ -312,6 +314,8 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     mixed.write_assignment(out_dir / "assignment.json", assignment, config.budget_min, layers,
                            config.symmetric)
     fp32_bytes = sum(layer.bytes("fp32", config.symmetric) for layer in layers)
+    est_ms = sum(layer.seconds[assignment[layer.node]][0] for layer in layers
+                 if layer.seconds) * 1e3
     chosen_bytes = sum(layer.bytes(assignment[layer.node], config.symmetric)
                        for layer in layers)
     report = {"op_counts": _op_counts(quantized), "assignment": how,
@@ -319,9 +323,12 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
               "cosine_vs_fp32": achieved, "meets_budget": achieved >= config.budget_min,
               "formats": dict(sorted(Counter(assignment.values()).items())),
               "matmul_weight_bytes": {"chosen": chosen_bytes, "fp32": fp32_bytes},
+              "matmul_ms_from_tuning_logs": round(est_ms, 4),
               "layers": [{"node": layer.node, "k": layer.k, "n": layer.n,
                           "format": assignment[layer.node],
                           "bytes": layer.bytes(assignment[layer.node], config.symmetric),
+                          "ms": {f: round(t * 1e3, 4) for f, (t, _) in layer.seconds.items()},
+                          "ms_source": {f: src for f, (_, src) in layer.seconds.items()},
                           "sensitivity": layer.sensitivity} for layer in layers],
               "search_steps": steps, "external_data": external}
     print(f"quantize: mixed: {report['formats']}, cosine to fp32 {achieved:.6f} (budget "

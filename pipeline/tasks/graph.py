@@ -9,7 +9,7 @@ same object is what the stage runs with. Nothing heavy is imported (dodo.py load
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -25,7 +25,7 @@ from pipeline.core.spec import (
     variant_validation,
 )
 from pipeline.core.store import MANIFEST, intact
-from pipeline.core.targets import TargetSpec, target_config, target_key
+from pipeline.core.targets import TargetSpec, get_target, target_config, target_key
 from pipeline.runtime.artifact import tvm_input_name
 from pipeline.schemes import get_scheme
 from pipeline.tasks import actions as stages
@@ -142,6 +142,11 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
         upstream = {"model": model}
         if variant.assignment:  # a pinned mixed-precision assignment: its content counts
             upstream["assignment"] = project.root / variant.assignment
+        elif scheme.name == "mixed":  # the search times layers from the host's tuning logs
+            host_logs = project.tuning_logs / target_key(get_target("cpu"))
+            config = replace(config, latency_logs=str(host_logs))
+            for f in _files(host_logs, "database_*"):
+                upstream[f"logs/{f.name}"] = f
         if cal.data_dir:
             _data_files(upstream, "calibration", project.root / cal.data_dir)
         tasks["quantize"] = _task(project, name,
