@@ -296,3 +296,52 @@ scheme = "mixed"
 symmetric = true
 budget = {metric = "cosine", min = 0.98}
 """
+
+
+def two_sensitivities_cnn(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """x [1, C, 8, 8] -> Conv "benign" (3x3) -> Relu -> Conv "sensitive" (1x1) -> y, for the
+    mixed search with int8: the benign conv's output channel 0 is always 0, and the
+    sensitive conv weights that channel 1000x more than the others. It adds nothing to y,
+    but it sets each output channel's weight scale, so 8-bit weights round the others to a
+    step or two; the benign conv's activations and weights quantize well."""
+    rng = np.random.default_rng(seed)
+    wa = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(
+        np.float32)
+    wa[0] = 0.0
+    wb = (rng.standard_normal((channels, channels, 1, 1)) / np.sqrt(channels)).astype(np.float32)
+    wb[:, 0] *= 1000.0
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="benign", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wb"], ["y"], name="sensitive")]
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(
+        nodes, "two_sensitivities_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+MIXED_CNN_SPEC = """\
+name = "tiny"
+description = "two convs, one sensitive to int8, for the mixed scheme"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "x"
+shape = [1, 8, 8, 8]
+dtype = "float32"
+
+[[outputs]]
+name = "y"
+
+[calibration]
+samples = 4
+
+[variants.mixed]
+scheme = "mixed"
+budget = {metric = "cosine", min = 0.999}
+"""

@@ -10,7 +10,13 @@ import onnx
 import pytest
 from doit_runner import doit
 
-from models import MIXED_SPEC, make_project, two_sensitivities_mlp
+from models import (
+    MIXED_CNN_SPEC,
+    MIXED_SPEC,
+    make_project,
+    two_sensitivities_cnn,
+    two_sensitivities_mlp,
+)
 from pipeline.core.errors import ConfigError
 from pipeline.core.spec import parse_spec, variant_validation
 from pipeline.schemes import mixed
@@ -48,7 +54,7 @@ def test_the_search_keeps_the_sensitive_layer_precise_and_packs_the_other():
     assert real >= BUDGET and real == pytest.approx(found.cosine_estimated, abs=1e-5)
     # no single format that is cheaper meets the budget, and the mix is cheaper than
     # every single format that does
-    for fmt in mixed.DEFAULT_FORMATS:
+    for fmt in [f for f in mixed.DEFAULT_FORMATS if "MatMul" in mixed.FORMATS[f].ops]:
         uniform = {layer.node: fmt for layer in found.layers}
         meets = mixed.model_cosine(mixed.apply(model, uniform, True), model, _feeds()) >= BUDGET
         if meets:
@@ -160,9 +166,11 @@ def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
     the format's measured seconds per byte."""
     logs_dir = Path(__file__).resolve().parent.parent / "models" / "tuning_logs" / \
         "cpu-x86_64-avx512-vnni"
-    big, odd = mixed.Layer("big", "w", 4096, 4096), mixed.Layer("odd", "v", 4096, 2048)
+    big = mixed.Layer("big", "w", "MatMul", (4096, 4096), 4096, 4096)
+    odd = mixed.Layer("odd", "v", "MatMul", (4096, 2048), 4096, 2048)
     times = mixed.layer_seconds([big, odd], mixed.DEFAULT_FORMATS, logs_dir, True)
-    for fmt in mixed.DEFAULT_FORMATS:
+    matmul_formats = [f for f in mixed.DEFAULT_FORMATS if "MatMul" in mixed.FORMATS[f].ops]
+    for fmt in matmul_formats:
         assert times[("big", fmt)][1] == "tuning record", fmt
         assert times[("odd", fmt)][1] == "estimated from bytes", fmt
         # the estimate uses the format's own rate: half the bytes, half the time
@@ -171,5 +179,48 @@ def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
     assert times[("big", "w4g32")][0] < times[("big", "fp32")][0]
     # no logs at all: every time is a bytes estimate, and the formats keep the bytes order
     blind = mixed.layer_seconds([big], mixed.DEFAULT_FORMATS, None, True)
-    order = sorted(mixed.DEFAULT_FORMATS, key=lambda f: blind[("big", f)][0])
-    assert order == sorted(mixed.DEFAULT_FORMATS, key=lambda f: big.bytes(f, True))
+    assert ("big", "int8") not in blind  # int8 takes convs and Gemms, not MatMuls (yet)
+    order = sorted(matmul_formats, key=lambda f: blind[("big", f)][0])
+    assert order == sorted(matmul_formats, key=lambda f: big.bytes(f, True))
+
+
+def test_int8_convs_are_searched_with_their_activations(tmp_path: Path):
+    """int8 is a format of convs (activations quantized too, onnxruntime's QDQ calibrated
+    once): the conv whose weights int8 cannot hold stays fp32, the other goes int8."""
+    model = two_sensitivities_cnn()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 8, 8)).astype(np.float32)}
+             for i in range(4)]
+    int8 = mixed.Int8Static(feeds, tmp_path)
+    found = mixed.search(model, feeds, mixed.DEFAULT_FORMATS, 0.999, True, None, int8,
+                         log=lambda _: None)
+    assert found.assignment == {"benign": "int8", "sensitive": "fp32"}
+    layers = {layer.node: layer for layer in found.layers}
+    assert set(layers["benign"].sensitivity) == {"int8", "fp32"}  # what a conv can take
+    assert layers["sensitive"].sensitivity["int8"] > 0.1 > 1e-3 > layers["benign"].sensitivity[
+        "int8"]
+    assert layers["benign"].positions == 64  # 8x8 output pixels reuse each weight
+    both = mixed.apply(model, {"benign": "int8", "sensitive": "int8"}, True, int8)
+    assert mixed.model_cosine(both, model, feeds) < 0.999
+    chosen = mixed.apply(model, found.assignment, True, int8)
+    assert mixed.model_cosine(chosen, model, feeds) >= 0.999
+    dequantized = {o for n in chosen.graph.node if n.op_type == "DequantizeLinear"
+                   for o in n.output}
+    int8_weights = {n.name for n in chosen.graph.node
+                    if n.op_type == "Conv" and n.input[1] in dequantized}
+    assert int8_weights == {"benign"}
+
+
+@pytest.mark.slow
+def test_mixed_int8_and_fp32_convs_build_and_validate(tmp_path: Path):
+    """A CNN's int8 conv computes in integers and its fp32 conv in float32 in one artifact,
+    validated against onnxruntime on the same QDQ model and against fp32 with the budget."""
+    project = make_project(tmp_path / "p", two_sensitivities_cnn(), MIXED_CNN_SPEC)
+    run = doit(project, "build:tiny_mixed", "validate:tiny_mixed@cpu", "tune=off")
+    assert run.returncode == 0, run.output
+    art = project / "artifacts" / "tiny_mixed"
+    assignment = json.loads((art / "quantize" / "assignment.json").read_text())["layers"]
+    assert assignment == {"benign": "int8", "sensitive": "fp32"}
+    imported = json.loads((art / "import" / "import_report.json").read_text())
+    assert imported["integer_pass"], imported
+    report = json.loads((art / "cpu" / "validate" / "validation.json").read_text())
+    assert report["status"] == "pass", report

@@ -92,6 +92,19 @@ def _cpu_int8_layout(target, layout: str):
     return [("NCHW", _keep_layout)]
 
 
+def _cpu_mixed_layout(target, layout: str):
+    # a mixed model's int8 convs (integer regions) are packed for VNNI and its float32
+    # convs in NCHW16c, each packer leaving the other's convs alone; without VNNI the int8
+    # convs stay NCHW, as the int8 rule does
+    int8_rule = _cpu_int8_layout(target, layout)[0][1]
+    fp32_rules = _cpu_float32_layout(target, "NCHW16c")
+
+    def packed(mod, report):
+        return fp32_rules[0][1](int8_rule(mod, report), report)
+
+    return [("NCHW16c (int8 VNNI + float32)", packed), *fp32_rules[1:]]
+
+
 # Phase 2 per (target kind, compute dtype): the layout rule, a function(target, layout) ->
 # [(layout name, function(mod, report) -> mod), ...]: the layout wanted, then its fallbacks.
 # Missing entries keep the imported layout (GPU targets keep NCHW: DLight schedules it as it is).
@@ -99,6 +112,7 @@ LAYOUT_RULES = {
     ("llvm", "float32"): _cpu_float32_layout,
     ("llvm", "int8"): _cpu_int8_layout,
     ("llvm", "float16"): _cpu_float16_layout,
+    ("llvm", "mixed"): _cpu_mixed_layout,
 }
 
 

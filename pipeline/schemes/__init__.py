@@ -133,16 +133,21 @@ SCHEMES.update({s.name: s for s in (_blockwise(4, 32), _blockwise(4, 128),
 
 SCHEMES["mixed"] = Scheme(
     name="mixed",
-    description="a format per MatMul layer (block-wise INT4/INT8, bf16, fp32), the cheapest "
-                "that keeps the model within the variant's accuracy budget, chosen by search",
-    quantize="mixed", import_passes=("bf16_weights",), compute_dtype="float32",
+    description="a format per weight layer (block-wise INT4/INT8 and bf16 MatMuls, static "
+                "INT8 convs, fp32), the fastest set that keeps the model within the "
+                "variant's accuracy budget, chosen by search",
+    quantize="mixed", import_passes=("qdq_to_integer", "bf16_weights"),
+    # "mixed": the CPU lowering packs int8 convs for VNNI and fp32 convs in NCHW16c
+    compute_dtype="mixed",
     comparisons=("tvm_vs_ort_quantized", "tvm_vs_ort_fp32_quality", "ort_int8_vs_ort_fp32"),
     # the quality gate is the variant's budget (core.spec.variant_validation)
     default_gates=MappingProxyType({"quantized_rel_tol": 1e-4, "quality_cosine_min": 0.99}),
-    options=("formats", "budget", "assignment", "symmetric"),
+    options=("formats", "budget", "assignment", "symmetric", "activation_type",
+             "weight_type", "per_channel"),
     summary="per-layer formats chosen under an accuracy budget (see assignment.json): "
             "block-wise layers run the fused dequantize-matmul, bf16 layers decode in the "
-            "kernel, fp32 layers as in fp32; float32 arithmetic")
+            "kernel, int8 layers compute in integers as the int8 scheme's, fp32 layers as "
+            "fp32's")
 
 
 def get_scheme(name: str) -> Scheme:

@@ -42,52 +42,78 @@ import numpy as np
 from pipeline.core.errors import ConfigError
 
 ASSIGNMENT_FORMAT = "onnx2deploy-mixed-assignment/1"
-DEFAULT_FORMATS = ("w4g32", "w4g128", "w8g128", "bf16", "fp32")
+DEFAULT_FORMATS = ("w4g32", "w4g128", "w8g128", "int8", "bf16", "fp32")
 BUDGET_METRICS = ("cosine",)
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass(frozen=True)
 class LayerFormat:
-    """How one format stores a MatMul weight ``[K, N]``: ``bytes(k, n)`` per inference."""
+    """How one format stores a layer's weight, and which layers it can take."""
 
     name: str
-    bits: int = 0  # block-wise integer codes; 0: a float format
+    ops: tuple[str, ...]  # the layer op types it applies to
+    bits: int = 0  # block-wise integer codes (MatMul weights [K, N])
     block_size: int = 0
     float_bits: int = 0  # bf16: 16, fp32: 32
-
-    def bytes(self, k: int, n: int, symmetric: bool) -> int:
-        if self.float_bits:
-            return k * n * self.float_bits // 8
-        groups = -(-k // self.block_size)
-        zeros = 0 if symmetric else -(-groups * self.bits // 8) * n
-        return -(-k * self.bits // 8) * n + groups * n * 2 + zeros  # float16 scales
+    int8: bool = False  # static INT8 (activations too): onnxruntime's QDQ, integer compute
 
 
+# bf16 takes no convolutions: a bf16 conv decodes its weight inside a kernel kept in NCHW
+# (passes.float_formats), slower than the fp32 conv it would replace. int8 takes no MatMul
+# yet: an INT8 transformer is not bit-exact with onnxruntime (issue "INT8 transformers").
 FORMATS = {f.name: f for f in (
-    LayerFormat("w4g32", bits=4, block_size=32), LayerFormat("w4g128", bits=4, block_size=128),
-    LayerFormat("w8g128", bits=8, block_size=128), LayerFormat("bf16", float_bits=16),
-    LayerFormat("fp32", float_bits=32))}
+    LayerFormat("w4g32", ("MatMul",), bits=4, block_size=32),
+    LayerFormat("w4g128", ("MatMul",), bits=4, block_size=128),
+    LayerFormat("w8g128", ("MatMul",), bits=8, block_size=128),
+    LayerFormat("int8", ("Conv", "Gemm"), int8=True),
+    LayerFormat("bf16", ("MatMul", "Gemm"), float_bits=16),
+    LayerFormat("fp32", WEIGHT_OPS, float_bits=32))}
 
 
 @dataclass
 class Layer:
-    """A MatMul with a constant weight: the unit the search assigns a format to."""
+    """A MatMul, Gemm or Conv with a constant weight: the unit the search gives a format.
+    ``k``/``n``: input/output channels (a conv's ``n`` is its output channels); ``positions``:
+    how many output positions reuse each weight (a conv's output pixels; 1 for matmuls)."""
 
     node: str
     weight: str
+    op: str
+    shape: tuple[int, ...]
     k: int
     n: int
+    positions: int = 1
     sensitivity: dict[str, float] = field(default_factory=dict)  # format -> 1 - cosine
     seconds: dict[str, tuple[float, str]] = field(default_factory=dict)  # format -> (s, source)
 
+    def takes(self, fmt: str) -> bool:
+        return self.op in FORMATS[fmt].ops
+
     def bytes(self, fmt: str, symmetric: bool) -> int:
-        return FORMATS[fmt].bytes(self.k, self.n, symmetric)
+        """Bytes of the weight as ``fmt`` stores it (codes, scales, zero points)."""
+        spec, count = FORMATS[fmt], int(np.prod(self.shape))
+        if spec.float_bits:
+            return count * spec.float_bits // 8
+        if spec.int8:
+            return count + 4 * self.n  # a float32 scale per output channel
+        groups = -(-self.k // spec.block_size)
+        zeros = 0 if symmetric else -(-groups * spec.bits // 8) * self.n
+        return -(-self.k * spec.bits // 8) * self.n + groups * self.n * 2 + zeros
+
+    def work(self, fmt: str, symmetric: bool) -> int:
+        """What an estimate scales with: the weight bytes, times the positions that reuse
+        them (a conv does that many multiply-adds per weight)."""
+        return self.bytes(fmt, symmetric) * self.positions
 
 
-def _args_of(fmt: str, k: int, n: int) -> tuple[str, ...]:
+def _args_of(fmt: str, layer: Layer) -> tuple[str, ...] | None:
     """The buffers (as the tuning log's ``args_info`` spells them) that identify the kernel
-    holding a ``[K, N]`` weight in ``fmt``."""
-    spec = FORMATS[fmt]
+    holding a MatMul's ``[K, N]`` weight in ``fmt``; None where no such spelling is known
+    (convolutions and int8 weights are repacked by the lowering; Gemm transposes)."""
+    spec, k, n = FORMATS[fmt], layer.k, layer.n
+    if layer.op != "MatMul" or spec.int8:
+        return None
     if spec.bits:
         return (f"uint8[{-(-k * spec.bits // 8)},{n}]", f"float16[{-(-k // spec.block_size)},{n}]")
     return (f"{'bfloat16' if fmt == 'bf16' else 'float32'}[{k},{n}]",)
@@ -95,9 +121,10 @@ def _args_of(fmt: str, k: int, n: int) -> tuple[str, ...]:
 
 def layer_seconds(layers: Sequence[Layer], formats: Sequence[str], logs_dir: Path | None,
                   symmetric: bool) -> dict[tuple[str, str], tuple[float, str]]:
-    """``(node, format) -> (seconds, source)``: the tuning database's best record for the
-    layer's kernel in that format (source "tuning record"), else an estimate from its bytes
-    (source "estimated from bytes"); see the module docstring."""
+    """``(node, format) -> (seconds, source)`` for each format a layer takes: the tuning
+    database's best record for the layer's kernel in that format (source "tuning record"),
+    else an estimate: its :meth:`Layer.work` at the seconds per unit of work the database
+    shows for that format (or for all formats) (source "estimated from bytes")."""
     from collections import defaultdict
 
     best: dict[frozenset, float] = {}
@@ -111,17 +138,17 @@ def layer_seconds(layers: Sequence[Layer], formats: Sequence[str], logs_dir: Pat
     found, rates = {}, defaultdict(list)
     for layer in layers:
         for fmt in formats:
-            want = set(_args_of(fmt, layer.k, layer.n))
-            times = [secs for args, secs in best.items() if want <= args]
+            want = _args_of(fmt, layer) if layer.takes(fmt) else None
+            times = [secs for args, secs in best.items() if want and set(want) <= args]
             if times:
                 found[(layer.node, fmt)] = (min(times), "tuning record")
-                rates[fmt].append(min(times) / layer.bytes(fmt, symmetric))
+                rates[fmt].append(min(times) / layer.work(fmt, symmetric))
     every = sorted(r for rs in rates.values() for r in rs) or [1e-10]  # 10 GB/s
     for layer in layers:
         for fmt in formats:
-            if (layer.node, fmt) not in found:
+            if layer.takes(fmt) and (layer.node, fmt) not in found:
                 rate = sorted(rates[fmt] or every)[len(rates[fmt] or every) // 2]
-                found[(layer.node, fmt)] = (rate * layer.bytes(fmt, symmetric),
+                found[(layer.node, fmt)] = (rate * layer.work(fmt, symmetric),
                                             "estimated from bytes")
     return found
 
@@ -146,37 +173,122 @@ def name_matmuls(model) -> None:
 
 
 def layers_of(model) -> list[Layer]:
-    """The MatMuls with a 2-D float32 initializer as weight, in graph order (the ones the
-    block-wise quantizer quantizes)."""
-    from onnx import TensorProto
+    """The MatMuls (2-D weight), Gemms (2-D weight) and Convs (4-D weight) whose weight is a
+    float32 initializer, in graph order. A conv's output positions come from ONNX shape
+    inference (1 where it cannot tell)."""
+    from onnx import TensorProto, shape_inference
 
     inits = {i.name: i for i in model.graph.initializer}
+    candidates = [n for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1
+                  and n.input[1] in inits
+                  and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    spatial = {}
+    if any(n.op_type == "Conv" for n in candidates):
+        inferred = shape_inference.infer_shapes(model).graph
+        for info in (*inferred.value_info, *inferred.output):
+            dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+            if len(dims) == 4 and all(dims):
+                spatial[info.name] = dims[2] * dims[3]
     found = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+    for node in candidates:
+        dims = tuple(int(d) for d in inits[node.input[1]].dims)
+        if node.op_type == "Conv" and len(dims) == 4:
+            k, n, positions = dims[1] * dims[2] * dims[3], dims[0], spatial.get(node.output[0], 1)
+        elif node.op_type == "Gemm" and len(dims) == 2:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            (n, k), positions = (dims if trans_b else dims[::-1]), 1
+        elif node.op_type == "MatMul" and len(dims) == 2:
+            (k, n), positions = dims, 1
+        else:
             continue
-        weight = inits[node.input[1]]
-        if weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2:
-            found.append(Layer(node.name, weight.name, int(weight.dims[0]),
-                               int(weight.dims[1])))
+        found.append(Layer(node.name, node.input[1], node.op_type, dims, k, n, positions))
     return found
 
 
 # ------------------------------------------------------------------ formats, per layer
 
-def apply(model, assignment: dict[str, str], symmetric: bool):
-    """The model with each MatMul node of ``assignment`` in its format (the real ONNX the
-    quantize stage writes). Returns the new model."""
+class Int8Static:
+    """onnxruntime's static QDQ (what the int8 recipe writes) of chosen layers, calibrated
+    once: the ranges go to ``scratch/ranges.json`` and every later quantization reads them
+    (``calibration_cache_path``), so each trial costs a graph rewrite, not a calibration."""
+
+    def __init__(self, feeds: list[dict], scratch: Path, activation_type: str = "uint8",
+                 weight_type: str = "int8", per_channel: bool = True, method: str = "minmax"):
+        self.feeds, self.scratch = feeds, Path(scratch)
+        self.activation_type, self.weight_type = activation_type, weight_type
+        self.per_channel, self.method = per_channel, method
+        self.ranges = self.scratch / "ranges.json"
+
+    def quantize(self, model, nodes: Sequence[str], only: bool = False):
+        """``model`` with the layers ``nodes`` in int8. ``only``: nothing else quantized
+        (a sensitivity trial); otherwise as the int8 recipe quantizes with every other weight
+        layer in ``exclude_nodes`` (the ops between int8 layers: Add, pooling ... in int8
+        too, so the integer regions stay whole)."""
+        import logging
+
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        feeds = self.feeds
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(feeds)
+
+            def get_next(self):
+                return next(self._it, None)
+
+        layer_nodes = {layer.node for layer in layers_of(model)}
+        source, out = self.scratch / "int8_in.onnx", self.scratch / "int8_out.onnx"
+        onnx.save(model, str(source))
+        # onnxruntime warns on the root logger that the model was not pre-processed: the
+        # quantize stage pre-processes it before the search
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[self.method]
+        try:
+            quantize_static(
+                str(source), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                activation_type=qtype[self.activation_type],
+                weight_type=qtype[self.weight_type],
+                per_channel=self.per_channel, calibrate_method=method,
+                nodes_to_quantize=list(nodes) if only else None,
+                nodes_to_exclude=None if only else sorted(layer_nodes - set(nodes)),
+                calibration_cache_path=str(self.ranges),
+                extra_options={"CalibTensorRangeSymmetric": False})
+        finally:
+            root.setLevel(level)
+        return onnx.load(str(out))
+
+
+def apply(model, assignment: dict[str, str], symmetric: bool, int8: Int8Static | None = None):
+    """The model with each layer of ``assignment`` in its format (the real ONNX the quantize
+    stage writes): int8 first (onnxruntime's QDQ, the other layers excluded), then the
+    weight-only formats. Returns the new model."""
     import copy
 
     from pipeline.schemes.bfloat16 import store_bfloat16
     from pipeline.schemes.blockwise import quantize_blockwise
 
-    model = copy.deepcopy(model)
     by_format: dict[str, list[str]] = {}
     for node, fmt in assignment.items():
         by_format.setdefault(fmt, []).append(node)
-    weights = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    weights = {n.name: n.input[1] for n in model.graph.node if n.op_type in WEIGHT_OPS}
+    if by_format.get("int8"):
+        if int8 is None:
+            raise ConfigError("scheme mixed: the assignment puts layers in int8, which needs "
+                              "calibration; quantize through the quantize stage")
+        model = int8.quantize(model, by_format["int8"])
+    else:
+        model = copy.deepcopy(model)
     for fmt, nodes in sorted(by_format.items()):
         spec = FORMATS[fmt]
         if spec.bits:
@@ -188,7 +300,8 @@ def apply(model, assignment: dict[str, str], symmetric: bool):
 
 def decoded_weights(model, layers: Sequence[Layer], fmt: str,
                     symmetric: bool) -> dict[str, np.ndarray]:
-    """Each layer's weight as the format stores it, decoded to float32: ``node -> [K, N]``."""
+    """Each layer's weight as a weight-only format stores it, decoded to float32:
+    ``node -> weight`` (the ONNX initializer's shape)."""
     import copy
 
     from onnx import numpy_helper
@@ -230,36 +343,57 @@ def worst_cosine(outputs: list[list[np.ndarray]], reference: list[list[np.ndarra
 
 
 class _Evaluator:
-    """One onnxruntime session of the fp32 model with the layers' weights as graph inputs:
-    ``outputs(weights)`` runs every calibration sample with those weights."""
+    """onnxruntime sessions of the model with the weight-only layers' weights as graph
+    inputs: ``outputs(weights, int8_nodes)`` runs every calibration sample with those
+    weights, the ``int8_nodes`` quantized by :class:`Int8Static` (one session per int8 set,
+    the last one kept)."""
 
-    def __init__(self, model, layers: Sequence[Layer], feeds: list[dict]):
+    def __init__(self, model, layers: Sequence[Layer], feeds: list[dict],
+                 int8: Int8Static | None = None):
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in model.graph.initializer}
+        self.model, self.layers, self.feeds, self.int8 = model, list(layers), feeds, int8
+        self.fp32 = {layer.node: numpy_helper.to_array(inits[layer.weight]) for layer in layers}
+        self._key, self._session, self._inputs = None, None, {}
+        self.reference = self.outputs({})
+
+    def _session_for(self, int8_nodes: frozenset, only: bool):
         import copy
 
         import onnxruntime as ort
-        from onnx import helper, numpy_helper
+        from onnx import helper
 
-        model = copy.deepcopy(model)
+        key = (int8_nodes, only)
+        if key == self._key:
+            return self._session
+        model = (self.int8.quantize(self.model, sorted(int8_nodes), only) if int8_nodes
+                 else copy.deepcopy(self.model))
         inits = {i.name: i for i in model.graph.initializer}
-        self.fp32 = {}
-        for layer in layers:
+        self._inputs = {}
+        for layer in self.layers:
+            if layer.node in int8_nodes or layer.weight not in inits:
+                continue
             init = inits[layer.weight]
-            self.fp32[layer.node] = numpy_helper.to_array(init)
             model.graph.initializer.remove(init)
             model.graph.input.append(helper.make_tensor_value_info(
                 layer.weight, init.data_type, list(init.dims)))
-        self.names = {layer.node: layer.weight for layer in layers}
-        self.session = ort.InferenceSession(model.SerializeToString(),
-                                            providers=["CPUExecutionProvider"])
-        self.feeds = feeds
-        self.reference = self.outputs({})
+            self._inputs[layer.node] = layer.weight
+        self._session = None  # one session at a time: a CNN's is hundreds of MiB
+        self._session = ort.InferenceSession(model.SerializeToString(),
+                                             providers=["CPUExecutionProvider"])
+        self._key = key
+        return self._session
 
-    def outputs(self, weights: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        feed_weights = {self.names[node]: weights.get(node, w) for node, w in self.fp32.items()}
-        return [self.session.run(None, {**feed, **feed_weights}) for feed in self.feeds]
+    def outputs(self, weights: dict[str, np.ndarray], int8_nodes=(),
+                only: bool = False) -> list[list[np.ndarray]]:
+        session = self._session_for(frozenset(int8_nodes), only)
+        feed_weights = {name: weights.get(node, self.fp32[node])
+                        for node, name in self._inputs.items()}
+        return [session.run(None, {**feed, **feed_weights}) for feed in self.feeds]
 
-    def cosine(self, weights: dict[str, np.ndarray]) -> float:
-        return worst_cosine(self.outputs(weights), self.reference)
+    def cosine(self, weights: dict[str, np.ndarray], int8_nodes=(), only: bool = False) -> float:
+        return worst_cosine(self.outputs(weights, int8_nodes, only), self.reference)
 
 
 def model_cosine(quantized, fp32, feeds: list[dict]) -> float:
@@ -284,30 +418,39 @@ class SearchResult:
 
 
 def search(model, feeds: list[dict], formats: Sequence[str], budget_min: float,
-           symmetric: bool, logs_dir: Path | None = None,
+           symmetric: bool, logs_dir: Path | None = None, int8: Int8Static | None = None,
            log: Callable[[str], None] = print) -> SearchResult:
     """The greedy ascent of the module docstring over ``formats`` (fp32 is always the last
-    resort), layer times from the tuning logs in ``logs_dir``. ``model`` must have named
-    nodes (:func:`name_matmuls`)."""
+    resort; each layer gets the formats that take its op), layer times from the tuning logs
+    in ``logs_dir``; ``int8`` quantizes int8 trials (without it int8 is no candidate).
+    ``model`` must have named nodes (:func:`name_matmuls`)."""
     layers = layers_of(model)
     if not layers:
-        raise ConfigError("scheme mixed: the model has no MatMul with a constant weight to "
-                          "give a format; use fp32 or int8 for it")
-    formats = list(dict.fromkeys([*formats, "fp32"]))
+        raise ConfigError("scheme mixed: the model has no MatMul, Gemm or Conv with a "
+                          "constant weight to give a format; use fp32 for it")
+    formats = [f for f in dict.fromkeys([*formats, "fp32"]) if f != "int8" or int8 is not None]
     for (node, fmt), timed in layer_seconds(layers, formats, logs_dir, symmetric).items():
         next(layer for layer in layers if layer.node == node).seconds[fmt] = timed
-    evaluator = _Evaluator(model, layers, feeds)
-    decoded = {fmt: decoded_weights(model, layers, fmt, symmetric) for fmt in formats}
+    evaluator = _Evaluator(model, layers, feeds, int8)
+    decoded = {fmt: decoded_weights(model, [x for x in layers if x.takes(fmt)], fmt, symmetric)
+               for fmt in formats if not FORMATS[fmt].int8}
     for layer in layers:
         for fmt in formats:
-            layer.sensitivity[fmt] = (0.0 if fmt == "fp32" else
-                                      1.0 - evaluator.cosine({layer.node: decoded[fmt][layer.node]}))
+            if not layer.takes(fmt):
+                continue
+            if fmt == "fp32":
+                layer.sensitivity[fmt] = 0.0
+            elif FORMATS[fmt].int8:
+                layer.sensitivity[fmt] = 1.0 - evaluator.cosine({}, [layer.node], only=True)
+            else:
+                layer.sensitivity[fmt] = 1.0 - evaluator.cosine(
+                    {layer.node: decoded[fmt][layer.node]})
     # each layer's ladder: formats by time, fastest first, keeping only those more accurate
     # (for that layer) than every faster one
     ladders = {}
     for layer in layers:
         ladder = []
-        for fmt in sorted(formats, key=lambda f: (layer.seconds[f][0], f)):
+        for fmt in sorted(layer.seconds, key=lambda f: (layer.seconds[f][0], f)):
             if not ladder or layer.sensitivity[fmt] < layer.sensitivity[ladder[-1]]:
                 ladder.append(fmt)
         ladders[layer.node] = ladder
@@ -317,7 +460,10 @@ def search(model, feeds: list[dict], formats: Sequence[str], budget_min: float,
         return {node: ladders[node][i] for node, i in rung.items()}
 
     def model_cosine() -> float:
-        return evaluator.cosine({node: decoded[fmt][node] for node, fmt in current().items()})
+        chosen = current()
+        return evaluator.cosine({node: decoded[fmt][node] for node, fmt in chosen.items()
+                                 if fmt in decoded},
+                                [node for node, fmt in chosen.items() if fmt == "int8"])
 
     steps = []
     cosine = model_cosine()

@@ -295,21 +295,24 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     from pipeline.frontend import onnx_normalize
     from pipeline.schemes import mixed
 
-    external = onnx_normalize.data_path(model_path).is_file()
-    model = onnx_normalize.load_inline(model_path)
+    model, external = _load_preprocessed(model_path, out_dir)  # BatchNorm folded, as int8's
     mixed.name_matmuls(model)
     feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
                                 config.ranges)
     formats = config.formats or mixed.DEFAULT_FORMATS
-    if config.assignment:
-        assignment = mixed.read_assignment(Path(config.assignment), model)
-        layers, steps, how = mixed.layers_of(model), [], f"pinned: {config.assignment}"
-    else:
-        found = mixed.search(model, feeds, formats, config.budget_min, config.symmetric,
-                             Path(config.latency_logs) if config.latency_logs else None)
-        assignment, layers, steps = found.assignment, found.layers, found.steps
-        how = f"searched over {', '.join(formats)} (fp32 the last resort)"
-    quantized = mixed.apply(model, assignment, config.symmetric)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        int8 = mixed.Int8Static(feeds, Path(scratch), config.activation_type,
+                                config.weight_type, config.per_channel, config.method)
+        if config.assignment:
+            assignment = mixed.read_assignment(Path(config.assignment), model)
+            layers, steps, how = mixed.layers_of(model), [], f"pinned: {config.assignment}"
+        else:
+            found = mixed.search(model, feeds, formats, config.budget_min, config.symmetric,
+                                 Path(config.latency_logs) if config.latency_logs else None,
+                                 int8)
+            assignment, layers, steps = found.assignment, found.layers, found.steps
+            how = f"searched over {', '.join(formats)} (fp32 the last resort)"
+        quantized = mixed.apply(model, assignment, config.symmetric, int8)
     achieved = mixed.model_cosine(quantized, model, feeds)
     mixed.write_assignment(out_dir / "assignment.json", assignment, config.budget_min, layers,
                            config.symmetric)
