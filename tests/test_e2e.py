@@ -1,5 +1,6 @@
 """End to end: a tiny model through every stage with the real doit, CMake and binary."""
 
+import json
 import subprocess
 
 import numpy as np
@@ -184,3 +185,49 @@ def test_a_model_with_external_data_goes_through_every_stage(tmp_path):
     proc = subprocess.run(infer, capture_output=True, text=True)
     assert proc.returncode == 2 and "weights file" in proc.stderr and \
         "model.params" in proc.stderr, proc.stderr
+
+
+SLASHED_SPEC = """\
+name = "tiny"
+
+[source]
+path = "models/tiny.onnx"
+
+[[inputs]]
+name = "gpu_0/data_0"
+shape = [1, 8]
+dtype = "float32"
+
+[[inputs]]
+name = "in:1"
+shape = [1, 8]
+dtype = "float32"
+
+[variants.fp32]
+scheme = "fp32"
+"""
+
+
+@pytest.mark.slow
+def test_tensor_names_with_slashes_go_through_every_stage(tmp_path):
+    """The zoo's ``gpu_0/data_0``: smoke, validate and bench write each tensor to a file named
+    after it; a ``/`` or ``:`` must not point into a folder that does not exist."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Add", ["gpu_0/data_0", "in:1"], ["out/sum"]),
+             helper.make_node("Mul", ["gpu_0/data_0", "in:1"], ["out:prod"])]
+    graph = helper.make_graph(
+        nodes, "slashed",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8])
+         for n in ("gpu_0/data_0", "in:1")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8])
+         for n in ("out/sum", "out:prod")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    project = make_project(tmp_path / "p", model, SLASHED_SPEC)
+    run = doit(project, "build:tiny_fp32", "validate:tiny_fp32@cpu", "bench:tiny_fp32@cpu",
+               "tune=off", "repeat=2", "warmup=1")
+    assert run.returncode == 0, run.output
+    art = project / "artifacts" / "tiny_fp32" / "cpu"
+    assert json.loads((art / "validate" / "validation.json").read_text())["status"] == "pass"
+    assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"

@@ -19,6 +19,20 @@ import numpy as np
 from pipeline.core.errors import ConfigError, CorruptInputError
 
 
+def file_stems(names) -> dict[str, str]:
+    """A file-name-safe, distinct stem for each tensor name: ONNX names may hold ``/`` or
+    ``:`` (the zoo's ``gpu_0/data_0``), which would point into folders that do not exist."""
+    import re
+
+    stems: dict[str, str] = {}
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "tensor"
+        while stem in stems.values():
+            stem += "_"
+        stems[name] = stem
+    return stems
+
+
 def synthetic_tensor(rng: np.random.Generator, shape, dtype: str,
                      value_range: tuple = ()) -> np.ndarray:
     """One seeded synthetic tensor: N(0, 1) for floats; 0 or 1 for integers; uniform over

@@ -222,7 +222,7 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     StageFailed
         A runner failed (the message quotes its output).
     """
-    from pipeline.runtime.data import calibration_samples
+    from pipeline.runtime.data import calibration_samples, file_stems
     from pipeline.runtime.vm import cuda_available
 
     problems = [f"{k}={v} must be >= {lo}" for k, v, lo in
@@ -247,7 +247,8 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     io = json.loads(Path(art.io_json).read_text(encoding="utf-8"))
     order = [t["name"] for t in io["inputs"]]
     feed = calibration_samples(art.inputs, 1, seed, "", art.ranges)[0]
-    paths = [out_dir / f"input_{name}.npy" for name in order]
+    stems = file_stems(order)
+    paths = [out_dir / f"input_{stems[name]}.npy" for name in order]
     for spec_name, path in zip(art.feed_names(io), paths, strict=True):
         np.save(path, feed[spec_name])
     inputs: Path | dict = paths[0] if len(paths) == 1 else dict(zip(order, paths, strict=True))

@@ -24,7 +24,7 @@ from pipeline.core.errors import StageFailed
 from pipeline.core.spec import ValidationSpec
 from pipeline.core.targets import get_target
 from pipeline.runtime.app import run_binary
-from pipeline.runtime.data import seeded_input
+from pipeline.runtime.data import file_stems, seeded_input
 from pipeline.runtime.vm import cuda_available, cuda_device_name, python_vm_outputs
 
 
@@ -49,7 +49,8 @@ def run(package_dir: Path, io_json: Path, config: SmokeConfig, out_dir: Path) ->
         inputs: Path | dict = out_dir / "input.npy"
         np.save(inputs, feeds[0])
     else:
-        inputs = {t["name"]: out_dir / f"input_{t['name']}.npy" for t in io["inputs"]}
+        stems = file_stems(t["name"] for t in io["inputs"])
+        inputs = {t["name"]: out_dir / f"input_{stems[t['name']]}.npy" for t in io["inputs"]}
         for t, x in zip(io["inputs"], feeds, strict=True):
             np.save(inputs[t["name"]], x)
     if target.is_gpu and not cuda_available():
@@ -87,8 +88,10 @@ def run(package_dir: Path, io_json: Path, config: SmokeConfig, out_dir: Path) ->
 def _app_outputs(package_dir: Path, inputs, names: list[str], out_dir: Path) -> list:
     """The app's outputs, one run per output (``--output NAME=PATH``) for several."""
     outputs = []
+    stems = file_stems(names)
     for name in names:
-        path = out_dir / ("output_cpp.npy" if len(names) == 1 else f"output_cpp_{name}.npy")
+        path = out_dir / ("output_cpp.npy" if len(names) == 1 else
+                          f"output_cpp_{stems[name]}.npy")
         proc = run_binary(package_dir, inputs, path if len(names) == 1 else f"{name}={path}")
         if proc.returncode != 0:
             raise StageFailed("smoke", f"bin/infer exited {proc.returncode}: "

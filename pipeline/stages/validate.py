@@ -305,14 +305,17 @@ def _ort_config(art: ArtifactUnderTest) -> Mapping[str, str]:
 
 
 def _save_inputs(feed: dict, order: list[str], folder: Path, index: int) -> Path | dict:
+    from pipeline.runtime.data import file_stems
+
     folder.mkdir(parents=True, exist_ok=True)
     if len(order) == 1:
         path = folder / f"input{index}.npy"
         np.save(path, feed[order[0]])
         return path
     paths = {}
+    stems = file_stems(order)
     for name in order:
-        paths[name] = folder / f"input{index}_{name}.npy"
+        paths[name] = folder / f"input{index}_{stems[name]}.npy"
         np.save(paths[name], feed[name])
     return paths
 
