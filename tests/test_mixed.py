@@ -89,7 +89,7 @@ def test_the_recipe_writes_the_assignment_and_a_pinned_one_is_used(tmp_path: Pat
     assert written["layers"]["sensitive"] in ("bf16", "fp32")
     assert report["meets_budget"] and report["cosine_vs_fp32"] >= BUDGET
     assert [row["node"] for row in report["layers"]] == ["benign", "sensitive"]
-    assert report["matmul_weight_bytes"]["chosen"] < report["matmul_weight_bytes"]["fp32"]
+    assert report["weight_bytes"]["chosen"] < report["weight_bytes"]["fp32"]
     # a reviewed copy, edited to put everything in 8 bits, is taken as it is
     pinned = tmp_path / "reviewed.json"
     pinned.write_text(json.dumps({**written, "layers": {"benign": "w8g128",

@@ -325,9 +325,10 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
               "budget": {"metric": "cosine", "min": config.budget_min},
               "cosine_vs_fp32": achieved, "meets_budget": achieved >= config.budget_min,
               "formats": dict(sorted(Counter(assignment.values()).items())),
-              "matmul_weight_bytes": {"chosen": chosen_bytes, "fp32": fp32_bytes},
-              "matmul_ms_from_tuning_logs": round(est_ms, 4),
-              "layers": [{"node": layer.node, "k": layer.k, "n": layer.n,
+              "weight_bytes": {"chosen": chosen_bytes, "fp32": fp32_bytes},
+              # a ranking, not a prediction: records are timed cold, estimates are rough
+              "layer_ms_sum": round(est_ms, 4),
+              "layers": [{"node": layer.node, "op": layer.op, "k": layer.k, "n": layer.n,
                           "format": assignment[layer.node],
                           "bytes": layer.bytes(assignment[layer.node], config.symmetric),
                           "ms": {f: round(t * 1e3, 4) for f, (t, _) in layer.seconds.items()},
@@ -335,7 +336,7 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
                           "sensitivity": layer.sensitivity} for layer in layers],
               "search_steps": steps, "external_data": external}
     print(f"quantize: mixed: {report['formats']}, cosine to fp32 {achieved:.6f} (budget "
-          f"{config.budget_min}), MatMul weights {chosen_bytes / 2**20:.1f} MiB of "
+          f"{config.budget_min}), weights {chosen_bytes / 2**20:.1f} MiB of "
           f"{fp32_bytes / 2**20:.1f} MiB fp32", flush=True)
     _save(quantized, out_dir, external)
     return report
