@@ -25,8 +25,10 @@ class CompileConfig:
 
 
 def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: Path | None,
-                       layout: str = ""):
-    """Lower for the target and apply tuning records (and DLight on GPUs). Returns
+                       layout: str = "", transfer_logs: Path | None = None):
+    """Lower for the target and apply tuning records (and DLight on GPUs); kernels without a
+    record get the target's untuned schedules (on CPUs: transferred from the records in
+    ``transfer_logs``, the committed logs of the target). Returns
     ``(scheduled_mod, target, report)``."""
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -49,7 +51,7 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     label, schedule_untuned = UNTUNED_SCHEDULERS[spec.backend.untuned_scheduler]
     extra = {}
     if schedule_untuned is not None:
-        mod, extra = schedule_untuned(mod, target, compute_dtype)
+        mod, extra = schedule_untuned(mod, target, compute_dtype, transfer_logs)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
               "untuned_scheduler": label, **lowering, **extra, **_float16_note(target,
                                                                          compute_dtype)}
@@ -69,7 +71,7 @@ def _float16_note(target, compute_dtype: str) -> dict:
             "float16 storage, float32 arithmetic speed"}
 
 
-def _dlight_schedule(mod, target, compute_dtype: str):
+def _dlight_schedule(mod, target, compute_dtype: str, transfer_logs=None):
     """DLight default schedules for every GPU kernel that has none yet (no tuning record).
 
     The rules run in DLight's usual order, in two passes so that the report can name the
@@ -110,9 +112,10 @@ def _dlight_schedule(mod, target, compute_dtype: str):
 
 
 def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
-        out_dir: Path) -> dict:
+        out_dir: Path, transfer_logs: Path | None = None) -> dict:
     """Write ``model.so``, ``model.params``, ``io.json`` and ``compile_report.json`` into
-    ``out_dir``."""
+    ``out_dir``. ``transfer_logs``: the target's committed tuning logs, where kernels with no
+    record of their own find a record to borrow a schedule from."""
     import tvm
 
     from pipeline.compiler.params import lift_constants
@@ -121,15 +124,19 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     mod = load_module(module_json)
     io = io_signature(mod)
     mod, target, report = lower_and_schedule(mod, config.target["name"], config.compute_dtype,
-                                             database_dir, config.layout)
+                                             database_dir, config.layout, transfer_logs)
     if report["untuned"]:
         hand = set(report.get("rule_scheduled", ()))
-        rest = [k for k in report["untuned"] if k not in hand]
+        moved = set(report.get("transferred", {}))
+        rest = [k for k in report["untuned"] if k not in hand | moved]
         how = ("naive loops" if report["untuned_scheduler"] == UNTUNED_SCHEDULERS["rules"][0]
                else f"{report['untuned_scheduler']} schedules")
         parts = [f"{', '.join(rest)} use {how}"] if rest else []
         if hand:
             parts.append(f"{', '.join(sorted(hand))} use the project's hand schedule")
+        if moved:
+            parts.append(f"{len(moved)} use a schedule transferred from another kernel's "
+                         "record")
         print(f"compile: WARNING {len(report['untuned'])} of "
               f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record: "
               f"{'; '.join(parts)}. Tune them with `doit build:<artifact> tune=missing` (see "
@@ -148,13 +155,16 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     return {"untuned": len(report["untuned"]), "tuned": len(report["tuned"])}
 
 
-def _rule_schedule(mod, target, compute_dtype: str):
-    """Hand schedules for the project's own CPU kernels that have no tuning record (the
-    block-wise dequantize-matmul); every other untuned kernel keeps its naive loops.
+def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None = None):
+    """Schedules for CPU kernels that have no tuning record: the project's hand schedule for
+    its own kernels (the block-wise dequantize-matmul), then for the others a schedule
+    transferred from a record of a kernel of the same kind (:mod:`pipeline.tuning.transfer`,
+    checked against naive loops); what none fits keeps naive loops.
     Returns ``(mod, report fields)``."""
     from tvm import tirx
 
     from pipeline.compiler import dequant_matmul
+    from pipeline.tuning.transfer import transfer_schedules
 
     scheduled = []
     for gvar, func in list(mod.functions_items()):
@@ -167,14 +177,21 @@ def _rule_schedule(mod, target, compute_dtype: str):
             if not new.same_as(func):
                 mod[gvar] = new
                 scheduled.append(gvar.name_hint)
-    return mod, {"rule_scheduled": sorted(scheduled)}
+    mod, transfer = transfer_schedules(mod, transfer_logs, target)
+    if transfer.transferred:
+        print(f"compile: {len(transfer.transferred)} kernel(s) without a record of their own "
+              "got a schedule transferred from a record of a kernel of the same kind",
+              flush=True)
+    return mod, {"rule_scheduled": sorted(scheduled), **transfer.as_dict()}
 
 
 # How kernels without a tuning record are scheduled, per a backend's ``untuned_scheduler``
-# (core.targets.BACKENDS): (report label, function(mod, target, compute_dtype) or None).
+# (core.targets.BACKENDS): (report label, function(mod, target, compute_dtype, transfer_logs)
+# or None).
 UNTUNED_SCHEDULERS = {
     "none": ("none (naive loops)", None),
     "rules": ("rules (the project's hand schedules for its own kernels: dequantize-matmul; "
-              "naive loops for the rest)", _rule_schedule),
+              "schedules transferred from records of kernels of the same kind for the rest; "
+              "naive loops where none fits)", _rule_schedule),
     "dlight": ("dlight", _dlight_schedule),
 }

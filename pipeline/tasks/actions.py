@@ -80,12 +80,13 @@ def tune(root: Path, config, upstream: dict[str, Path], stable: Path,
 
 
 @doit_action
-def compile_(root: Path, config, upstream: dict[str, Path], stable: Path) -> None:
+def compile_(root: Path, config, upstream: dict[str, Path], stable: Path,
+             seed_logs: Path) -> None:
     from pipeline.stages import compile_model as stage
 
     run_stage(root, "compile", recipe_of(config), upstream, stable,
               lambda out: stage.run(upstream["module"], upstream["database"].parent,
-                                    config, out))
+                                    config, out, transfer_logs=seed_logs))
 
 
 @doit_action

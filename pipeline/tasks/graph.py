@@ -178,14 +178,16 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                           "database_tuning_record.json",
                           extra_args=(seed_logs, project.artifacts / "tuning_cache" / key))
     tasks["tune"]["uptodate"].append(functools.partial(_tune_complete, p.tune))
+    upstream = {"module": module, "weights": p.import_ / "module.params",
+                "database": p.tune / "database_tuning_record.json",
+                "workloads": p.tune / "database_workload.json"}
+    for f in _files(seed_logs, "database_*"):  # kernels without a record borrow from them
+        upstream[f"logs/{f.name}"] = f
     tasks["compile"] = _task(project, at, f"model.so of {name} for {target.name}",
                              stages.compile_,
                              CompileConfig(target=tcfg, compute_dtype=scheme.compute_dtype,
                                            layout=layout),
-                             {"module": module, "weights": p.import_ / "module.params",
-                              "database": p.tune / "database_tuning_record.json",
-                              "workloads": p.tune / "database_workload.json"},
-                             p.compile, "model.so")
+                             upstream, p.compile, "model.so", extra_args=(seed_logs,))
     upstream = {"model": p.compile / "model.so", "weights": p.compile / "model.params",
                 "io": p.compile / "io.json"}
     for folder in STAGE_DATA_DIRS["package"]:  # templates/, runtime_cpp/

@@ -115,27 +115,45 @@ def check_records(candidates: dict, target, seed: int = 0,
     """
     names = sorted(n for n, (_, recs) in candidates.items() if recs)
     verdicts = {n: KernelVerdict(n) for n in candidates}
-    reference_lib = _build({n: candidates[n][0]["main"] for n in names}, target)
-    inputs = {n: _random_args(candidates[n][0]["main"], seed) for n in names}
-    expected = {n: _run(reference_lib, n, inputs[n]) for n in names}
+    chosen, _ = first_agreeing(
+        {n: candidates[n][0]["main"] for n in names},
+        {n: [(lambda r=r: scheduled_func(r)) for r in candidates[n][1]] for n in names},
+        target, seed, progress=progress, verdicts=verdicts)
+    return ({n: candidates[n][1][rank] for n, (rank, _) in chosen.items()},
+            [verdicts[n] for n in sorted(verdicts)])
+
+
+def first_agreeing(naive: dict, candidates: dict, target, seed: int = 0, check: bool = True,
+                   progress=print, verdicts: dict | None = None) -> tuple[dict, dict]:
+    """Per kernel name, the first candidate schedule that replays and computes what the
+    naive kernel ``naive[name]`` computes. ``candidates[name]`` lists callables that return
+    the scheduled PrimFunc (or raise: it does not replay), best first. Returns
+    ``({name: (rank, func)}, {name: why none was taken})``. ``check=False`` takes the first
+    that replays, unchecked (tests of the checker itself)."""
+    names = sorted(naive)
+    verdicts = verdicts if verdicts is not None else {n: KernelVerdict(n) for n in names}
+    if check:
+        reference_lib = _build({n: naive[n] for n in names}, target)
+        inputs = {n: _random_args(naive[n], seed) for n in names}
+        expected = {n: _run(reference_lib, n, inputs[n]) for n in names}
     chosen: dict = {}
-    open_names = list(names)
+    open_names = [n for n in names if candidates.get(n)]
     rank = 0
     while open_names:
         funcs, failed_to_schedule = {}, []
         for n in open_names:
             try:
-                funcs[n] = scheduled_func(candidates[n][1][rank])
+                funcs[n] = candidates[n][rank]()
             except Exception as e:  # a trace that no longer replays is a wrong record too
                 verdicts[n].rejected.append(f"record {rank}: trace does not replay ({e})")
                 failed_to_schedule.append(n)
-        lib = _build(funcs, target) if funcs else None
+        lib = _build(funcs, target) if funcs and check else None
         still_open = []
         for n in open_names:
             if n not in failed_to_schedule:
-                why = _disagreement(_run(lib, n, inputs[n]), expected[n])
+                why = _disagreement(_run(lib, n, inputs[n]), expected[n]) if check else None
                 if why is None:
-                    chosen[n] = candidates[n][1][rank]
+                    chosen[n] = (rank, funcs[n])
                     verdicts[n].chosen_rank = rank
                     if rank:
                         progress(f"tune: {n}: record {rank} (not the fastest) is the first "
@@ -143,11 +161,13 @@ def check_records(candidates: dict, target, seed: int = 0,
                     continue
                 verdicts[n].rejected.append(f"record {rank}: {why}")
                 progress(f"tune: {n}: record {rank} computes WRONG results ({why}); skipped")
-            if rank + 1 < len(candidates[n][1]):
+            if rank + 1 < len(candidates[n]):
                 still_open.append(n)
             else:
                 progress(f"tune: {n}: none of its {rank + 1} records computes the right "
                          "result; it gets no tuned schedule")
         open_names = still_open
         rank += 1
-    return chosen, [verdicts[n] for n in sorted(verdicts)]
+    why_not = {n: "; ".join(verdicts[n].rejected[-2:]) or "no candidate"
+               for n in names if n not in chosen}
+    return chosen, why_not

@@ -1,0 +1,105 @@
+"""Schedules transferred from records of other kernels (pipeline.tuning.transfer): a kernel
+with no tuning record of its own borrows the trace of a kernel of the same kind."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.core.targets import get_target, tvm_target
+from pipeline.tuning import transfer
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_LOGS = REPO / "models" / "tuning_logs" / "cpu-x86_64-avx512-vnni"
+
+
+def _conv_relu(channels: int = 24, size: int = 20) -> onnx.ModelProto:
+    """A 3x3 conv + bias + ReLU at a shape no committed record has (ResNet-50's convs are
+    64-2048 channels at 7-112 pixels)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(channels) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _lowered(model):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.lowering import graph_cleanup, lower_for_target
+
+    target = tvm_target(get_target("cpu"))
+    return lower_for_target(graph_cleanup()(from_onnx(model, keep_params_in_input=False)),
+                            target, "float32", ""), target
+
+
+def _kernels(mod) -> dict:
+    from tvm import tirx
+
+    return {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def test_tile_decisions_adapt_to_new_extents():
+    """Inner factors are kept where they divide what is left; the outermost takes the rest,
+    so the product is always the new extent."""
+
+    class Loop:
+        def __init__(self, extent):
+            self.extent = extent
+
+    class Kind:
+        name = "SamplePerfectTile"
+
+    class Inst:
+        kind = Kind()
+
+    for extent, old, new in ((20, [1, 7, 2, 8], [1, 2, 2, 5]), (64, [2, 4, 2, 4], [2, 4, 2, 4]),
+                             (7, [1, 1, 7, 1], [1, 1, 7, 1]), (13, [2, 2, 2, 2], [13, 1, 1, 1])):
+        class Sch:
+            @staticmethod
+            def get(_):
+                return Loop(extent)
+
+        got = transfer.adapting_decisions(Sch())(Inst(), ["loop"], [], old)
+        assert got == new and int(np.prod(got)) == extent
+
+
+@pytest.mark.slow  # opens the committed logs (replays ~1000 records) and builds kernels
+def test_a_conv_of_a_new_shape_borrows_a_checked_schedule_from_the_committed_logs():
+    import tvm
+
+    from pipeline.tuning.kernel_check import _build, _random_args, _run
+
+    mod, target = _lowered(_conv_relu())
+    naive = _kernels(mod)
+    scheduled, report = transfer.transfer_schedules(mod, CPU_LOGS, target)
+    convs = [name for name in naive if "conv2d" in name]
+    assert convs and set(convs) <= set(report.transferred), report.as_dict()
+    after = _kernels(scheduled)
+    for name in convs:
+        script = after[name].script()
+        assert "T.parallel" in script and "T.vectorized" in script  # no longer naive loops
+        # the same numbers as the naive kernel (the transfer checked this; checked again)
+        args = _random_args(naive[name], 3)
+        want = _run(_build({name: naive[name]}, target), name, args)
+        got = _run(_build({name: after[name]}, target), name, args)
+        np.testing.assert_allclose(got[-1], want[-1], rtol=1e-4, atol=1e-4)
+    assert isinstance(scheduled, tvm.IRModule)
+
+
+def test_without_logs_every_kernel_keeps_naive_loops_and_says_why(tmp_path):
+    mod, target = _lowered(_conv_relu(channels=8, size=6))
+    same, report = transfer.transfer_schedules(mod, tmp_path / "none", target)
+    assert not report.transferred and report.kept_naive
+    assert set(report.kept_naive.values()) == {"no tuning logs to borrow from"}
+    assert same is mod
