@@ -9,8 +9,10 @@ Each export is built twice, in a scratch project with the real dodo.py:
   seed (He-scaled for conv/FC weights, BatchNorm statistics near identity), so validation
   compares real numbers.
 
-Untuned (``tune=off``): this shows that every stage works on models nobody here wrote, not
-how fast they get. Prints a markdown table (model x variant: build, validate metrics,
+Untuned (``tune=off``): no tuning for these models, but the repo's committed logs are
+copied into each project, so kernels of a kind they hold (convs, dense) borrow a schedule
+(``pipeline.tuning.transfer``); the rest run naive loops. This shows that every stage works
+on models nobody here wrote, and how fast they are before any tuning. Prints a markdown table (model x variant: build, validate metrics,
 latency vs onnxruntime) and writes it with the raw results under ``--out``.
 
     python scripts/zoo_check.py --out /tmp/zoo            # all nine, ~30-40 min on 2 cores
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -175,6 +178,12 @@ def check(model: str, out: Path) -> list[dict]:
             reseed(normalised, project / "models" / f"{name}.onnx", seed=0)
         (project / "models" / f"{name}.toml").write_text(SPEC.format(
             name=name, model=model, kind=kind, input=inp, shape=shape, output=output))
+        # the repo's committed tuning logs, as a model added to this repo's models/ sees
+        # them: none of these models has records of its own, but kernels of the same kind
+        # borrow a schedule from them (pipeline.tuning.transfer)
+        logs = project / "models" / "tuning_logs"
+        if not logs.exists():
+            shutil.copytree(REPO / "models" / "tuning_logs", logs)
         start = time.monotonic()
         rc = doit(project, f"build:{name}_fp32", f"build:{name}_int8", "tune=off", log=log)
         built_s = time.monotonic() - start
