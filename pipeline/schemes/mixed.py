@@ -23,7 +23,9 @@ the fp32 model's, worst calibration sample). The search is coarse first and chea
    tuner schedules the chosen kernels): every layer starts in its fastest format; while the
    model (all layers in their formats at once, measured, not summed) misses the budget, the
    layer whose next more precise format buys the most sensitivity per extra second moves
-   up. The quantize stage measures the real quantized model again and reports it.
+   up. Then each raised layer, most time saved first, tries one rung down again and stays
+   there if the model still meets the budget. The quantize stage measures the real
+   quantized model again and reports it.
 
 The assignment is written to ``assignment.json`` (reviewable; a variant's
 ``assignment = "<file>"`` pins a reviewed copy, and the search is skipped). Formats are
@@ -484,6 +486,23 @@ def search(model, feeds: list[dict], formats: Sequence[str], budget_min: float,
         cosine = model_cosine()
         steps.append(f"{best} -> {ladders[best][rung[best]]}: cosine {cosine:.6f}")
         log(f"quantize: mixed search: {steps[-1]}")
+    # Refinement: a step up is chosen on one-layer sensitivities, which do not add up
+    # exactly, so the ascent can overshoot. Each raised layer, the most time saved first,
+    # tries its next faster format again and keeps it if the model still meets the budget.
+    raised = sorted((node for node, i in rung.items() if i > 0), key=lambda node: -(
+        by_node[node].seconds[ladders[node][rung[node]]][0] -
+        by_node[node].seconds[ladders[node][rung[node] - 1]][0]))
+    for node in raised if cosine >= budget_min else ():
+        rung[node] -= 1
+        lowered = model_cosine()
+        if lowered >= budget_min:
+            cosine = lowered
+            steps.append(f"{node} back to {ladders[node][rung[node]]}: cosine {cosine:.6f}")
+            log(f"quantize: mixed search: {steps[-1]}")
+        else:
+            rung[node] += 1
+    if raised and cosine >= budget_min:
+        cosine = model_cosine()  # the evaluator's session may hold the last trial
     return SearchResult(current(), layers, cosine, steps)
 
 
