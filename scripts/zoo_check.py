@@ -12,8 +12,9 @@ Each export is built twice, in a scratch project with the real dodo.py:
 Untuned (``tune=off``): no tuning for these models, but the repo's committed logs are
 copied into each project, so kernels of a kind they hold (convs, dense) borrow a schedule
 (``pipeline.tuning.transfer``); the rest run naive loops. This shows that every stage works
-on models nobody here wrote, and how fast they are before any tuning. Prints a markdown table (model x variant: build, validate metrics,
-latency vs onnxruntime) and writes it with the raw results under ``--out``.
+on models nobody here wrote, and how fast they are before any tuning. Prints a markdown
+table (model x variant: build, validate metrics, latency vs onnxruntime) and writes it with
+the raw results under ``--out``.
 
     python scripts/zoo_check.py --out /tmp/zoo            # all nine, ~30-40 min on 2 cores
     python scripts/zoo_check.py --only squeezenet --out /tmp/zoo

@@ -315,7 +315,8 @@ def two_sensitivities_cnn(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
              helper.make_node("Conv", ["r", "wb"], ["y"], name="sensitive")]
     shape = [1, channels, 8, 8]
     graph = helper.make_graph(
-        nodes, "two_sensitivities_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        nodes, "two_sensitivities_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

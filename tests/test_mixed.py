@@ -2,7 +2,6 @@
 (pipeline.schemes.mixed, the quantize stage's ``mixed`` recipe) and built end to end."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

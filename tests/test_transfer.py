@@ -63,14 +63,17 @@ def test_tile_decisions_adapt_to_new_extents():
     class Inst:
         kind = Kind()
 
+    class Sch:
+        extent = 0
+
+        def get(self, _):
+            return Loop(self.extent)
+
+    sch = Sch()
     for extent, old, new in ((20, [1, 7, 2, 8], [1, 2, 2, 5]), (64, [2, 4, 2, 4], [2, 4, 2, 4]),
                              (7, [1, 1, 7, 1], [1, 1, 7, 1]), (13, [2, 2, 2, 2], [13, 1, 1, 1])):
-        class Sch:
-            @staticmethod
-            def get(_):
-                return Loop(extent)
-
-        got = transfer.adapting_decisions(Sch())(Inst(), ["loop"], [], old)
+        sch.extent = extent
+        got = transfer.adapting_decisions(sch)(Inst(), ["loop"], [], old)
         assert got == new and int(np.prod(got)) == extent
 
 

@@ -333,7 +333,7 @@ def test_gathers_are_recognised_as_unmeasurable_and_matmuls_are_not():
     import tvm
     from tvm import te, topi
 
-    from pipeline.tuning.tuner import reads_by_index
+    from pipeline.tuning.kernel_check import reads_by_index
 
     table = te.placeholder((100, 16), "float32", name="table")
     ids = te.placeholder((1, 8), "int64", name="ids")

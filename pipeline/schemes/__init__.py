@@ -144,6 +144,9 @@ SCHEMES["mixed"] = Scheme(
     default_gates=MappingProxyType({"quantized_rel_tol": 1e-4, "quality_cosine_min": 0.99}),
     options=("formats", "budget", "assignment", "symmetric", "activation_type",
              "weight_type", "per_channel"),
+    # as bf16's, and for the same onnxruntime bug (pipeline.schemes.mixed.SESSION_CONFIG)
+    ort_session_config=MappingProxyType(
+        {"optimization.disable_specified_optimizers": "MatMulAddFusion"}),
     summary="per-layer formats chosen under an accuracy budget (see assignment.json): "
             "block-wise layers run the fused dequantize-matmul, bf16 layers decode in the "
             "kernel, int8 layers compute in integers as the int8 scheme's, fp32 layers as "

@@ -23,7 +23,6 @@ against onnxruntime). Pure numpy: the import pass and the tests use it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from dataclasses import dataclass
 
 import numpy as np

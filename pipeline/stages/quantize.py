@@ -292,7 +292,6 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     the calibration samples, or read from a pinned assignment file. Writes ``model.onnx``
     (each layer in its format, as the single-format recipes write it) and
     ``assignment.json`` (the reviewable choice, with each layer's size and sensitivity)."""
-    from pipeline.frontend import onnx_normalize
     from pipeline.schemes import mixed
 
     model, external = _load_preprocessed(model_path, out_dir)  # BatchNorm folded, as int8's

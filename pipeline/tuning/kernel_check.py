@@ -17,9 +17,24 @@ record (compile then names it as untuned: slow, but right).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# A buffer access whose index holds another buffer access: ``A[idx[i], j]`` (take, gather,
+# embedding lookups). The T.reads/T.writes lines are skipped: they list regions, not loads.
+_INDEXED_LOAD = re.compile(r"\b\w+\[[^\]\n]*\b\w+\[")
+
+
+def reads_by_index(workload) -> bool:
+    """Whether a kernel (a PrimFunc or a module of one) reads a buffer at indices it loads
+    from another buffer: random inputs would index out of bounds (a segfault), so neither
+    the tuner measures nor the checker runs such a kernel."""
+    body = "\n".join(line for line in workload.script().splitlines()
+                     if "T.reads(" not in line and "T.writes(" not in line)
+    return _INDEXED_LOAD.search(body) is not None
+
 
 # Floats: |tuned - reference| <= FLOAT_TOL * max(1, max |reference|). Reordered fp32 sums of
 # a few thousand terms differ by ~1e-6 of the output's scale; a wrong kernel by ~1.

@@ -136,7 +136,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     ``(mod, TransferReport)``."""
     import shutil
 
-    from pipeline.tuning.kernel_check import first_agreeing
+    from pipeline.tuning.kernel_check import first_agreeing, reads_by_index
 
     report = TransferReport()
     todo = _unscheduled(mod)
@@ -153,6 +153,10 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     sources: dict[str, list[str]] = {}
     for gvar, func in todo:
         name = gvar.name_hint
+        if reads_by_index(func):
+            report.kept_naive[name] = ("reads by index (a gather): random inputs cannot check "
+                                       "a schedule for it")
+            continue
         kind = by_kind.get(block_names(func.without_attr("global_symbol")))
         if not kind:
             report.kept_naive[name] = "no record of a kernel with the same blocks"

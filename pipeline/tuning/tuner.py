@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ from pipeline.compiler.workloads import TaskPlan, plan_tasks
 from pipeline.core.errors import ConfigError, StageFailed, collect
 from pipeline.core.project import REPO
 from pipeline.tuning import logs as tuning_log
+from pipeline.tuning.kernel_check import reads_by_index
 
 log = logging.getLogger(__name__)
 
@@ -347,18 +347,6 @@ def _estimate_line(trials: int, tasks: int, budget: TuneBudget) -> str:
                "continues)" if capped else "")
             + "; skip with tune=off (untuned kernels: slow), cap with tune_minutes=N, or "
             "Ctrl-C (measured records are kept)")
-
-
-# A buffer access whose index holds another buffer access: ``A[idx[i], j]`` (take, gather,
-# embedding lookups). The T.reads/T.writes lines are skipped: they list regions, not loads.
-_INDEXED_LOAD = re.compile(r"\b\w+\[[^\]\n]*\b\w+\[")
-
-
-def reads_by_index(workload_mod) -> bool:
-    """Whether a workload reads a buffer at indices it loads from another buffer."""
-    body = "\n".join(line for line in workload_mod.script().splitlines()
-                     if "T.reads(" not in line and "T.writes(" not in line)
-    return _INDEXED_LOAD.search(body) is not None
 
 
 def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
