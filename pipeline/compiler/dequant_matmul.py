@@ -1,4 +1,5 @@
-"""The fused dequantize-matmul kernel of the block-wise weight-only formats (w4g32, w8g128...).
+"""The fused dequantize-matmul kernel of the weight-only formats: block-wise INT4/INT8 (w4g32,
+w8g128...) and the 8-bit float-like ones (fp8_e4m3, posit8: :func:`code_prim_func`).
 
 ``Y[m, n] = sum_k X[m, k] * (code[k, n] - zero[k // B, n]) * scale[k // B, n]``, with the
 codes, scales and zero points in the packed layout of :mod:`pipeline.schemes.blockwise`.
@@ -72,6 +73,65 @@ def prim_func(rows: tuple[int, ...] | int, k: int, n: int, bits: int, block_size
                                       "schedule_rule": TUNING_RULE})
     args = [x, codes, scales] + ([zeros] if zeros is not None else []) + [y]
     # No global symbol: the Relax module names each instance (several layers, one name)
+    return te.create_prim_func(args).without_attr("global_symbol")
+
+
+# the schedule's unit of the reduction for the per-channel formats (no groups): the template
+# splits K by it and unrolls it (MAX_UNROLLED_K)
+CODE_GROUP = 32
+DECODES = ("fp8_e4m3", "posit8", "table8")
+
+
+def code_prim_func(rows: tuple[int, ...] | int, k: int, n: int, decode: str,
+                   per_channel: bool):
+    """The kernel of the 8-bit float-like formats (:mod:`pipeline.schemes.codes8`):
+    ``Y[m, n] = sum_k X[m, k] * decode(code[k, n]) * scale[n]`` (``scale[0]`` per tensor),
+    ``(X, codes uint8 [k, n], scales float32 [n] or [1][, table float32 [256]]) -> Y``.
+
+    ``decode`` ``"fp8_e4m3"``: integer ops, no table: ``(code & 0x80) << 24 | (code & 0x7F)
+    << 20`` read as float32 is the E4M3 value times 2**-120, subnormals included (they land
+    on float32 subnormals; the multiply by 2**120 is exact); the NaN codes 0x7F/0xFF would
+    read as ±480, but the encoder never writes them and the frontend refuses weights that
+    hold them. ``"posit8"``/``"table8"``: a gather from the 256-entry float32 table (1 KB,
+    L1-resident). Same block name, annotations and schedule template as :func:`prim_func`.
+    """
+    from tvm import te, tirx
+
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r}: one of {', '.join(DECODES)}")
+
+    def dims(*values):
+        return tuple(tirx.IntImm("int64", v) for v in values)
+
+    rows = (rows,) if isinstance(rows, int) else tuple(rows)
+    x = te.placeholder(dims(*rows, k), "float32", name="X")
+    codes = te.placeholder(dims(k, n), "uint8", name="codes")
+    scales = te.placeholder(dims(n if per_channel else 1), "float32", name="scales")
+    table = None if decode == "fp8_e4m3" else te.placeholder(dims(256), "float32",
+                                                             name="table")
+    from pipeline.schemes import fp8
+
+    def value(kk, col):
+        code = codes[kk, col].astype("uint32")
+        if table is not None:
+            return table[code.astype("int64")]
+        bits = tirx.bitwise_or(
+            tirx.shift_left(tirx.bitwise_and(code, tirx.const(0x80, "uint32")),
+                            tirx.const(24, "uint32")),
+            tirx.shift_left(tirx.bitwise_and(code, tirx.const(0x7F, "uint32")),
+                            tirx.const(fp8.KERNEL_SHIFT, "uint32")))
+        return tirx.reinterpret("float32", bits) * tirx.const(fp8.KERNEL_FACTOR, "float32")
+
+    def weight(kk, col):
+        return value(kk, col) * scales[col if per_channel else 0]
+
+    r = te.reduce_axis(dims(0, k), name="k")
+    y = te.compute(dims(*rows, n),
+                   lambda *ij: te.sum(x[(*ij[:-1], r)] * weight(r, ij[-1]), axis=r),
+                   name=BLOCK, attrs={"dequant_block_size": min(CODE_GROUP, k),
+                                      "dequant_decode": decode,
+                                      "schedule_rule": TUNING_RULE})
+    args = [x, codes, scales] + ([table] if table is not None else []) + [y]
     return te.create_prim_func(args).without_attr("global_symbol")
 
 
