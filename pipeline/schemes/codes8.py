@@ -112,7 +112,7 @@ def quantize_weight(w: np.ndarray, fmt: str, per_channel: bool = True
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise UnsupportedModelError(f"{fmt}: weights must be 2-D [K, N], got {w.shape}")
-    amax = np.abs(w).max(axis=0) if per_channel else np.abs(w).max(keepdims=True)
+    amax = np.abs(w).max(axis=0) if per_channel else np.abs(w).max().reshape(1)
     scales = np.where(amax > 0, amax / np.float32(f.scale_target), 1).astype(np.float32)
     codes = f.encode(w / scales)
     return codes, scales

@@ -8,7 +8,8 @@ the largest finite value is ``0x7E`` = 448.
   included, as float32 (exactly: every E4M3 value is a float32 value).
 - :func:`encode`: float32 -> code, round to nearest, ties to even. **Saturating**: anything
   beyond ±448 (±inf included) becomes ±448. That is our contract, not ml_dtypes': its
-  ``astype(float8_e4m3fn)`` turns values from 464 up (and ±inf) into NaN. NaN -> ``0x7F``
+  ``astype(float8_e4m3fn)`` rounds up to 464 to 448 as we do, but turns anything past 464
+  (and ±inf) into NaN. NaN -> ``0x7F``
   (``0xFF`` for a negative NaN), as ml_dtypes does.
 
 Why our own: TVM 0.27's fp8 -> fp32 conversion on llvm is wrong on 18 of the 256 codes and
