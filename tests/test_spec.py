@@ -44,10 +44,11 @@ def test_wrong_types_named():
 def test_unknown_artifact_lists_known():
     specs = load_specs(REPO / "models")
     with pytest.raises(ConfigError,
-                       match="known: minilm_fp32, minilm_int8, minilm_w4g32, minilm_fp16, "
+                       match="known: minilm_fp32, minilm_int8, minilm_w4g32, "
+                             "minilm_fp8_e4m3, minilm_posit8, minilm_fp16, "
                              "minilm_bf16, mlp4k_fp32, mlp4k_w4g32, mlp4k_w4g128, "
-                             "mlp4k_w8g128, mlp4k_fp16, mlp4k_bf16, resnet50_fp32, "
-                             "resnet50_int8"):
+                             "mlp4k_w8g128, mlp4k_fp8_e4m3, mlp4k_posit8, mlp4k_fp16, "
+                             "mlp4k_bf16, resnet50_fp32, resnet50_int8"):
         find_artifact(specs, "resnet51_int8")
 
 
