@@ -102,8 +102,9 @@ def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = No
     only the weights of BatchNorm folding and of block-wise layers are read into the
     protobuf first. MatMulNBits nodes and blocked DequantizeLinear (block-wise INT4/INT8
     weights), fp8 DequantizeLinear and table-decoded (posit8) weights are taken out before
-    the import and become fused dequantize-matmul kernels after it (:mod:`pipeline.frontend.blockwise_weights`); ``report`` receives the format of
-    each such layer.
+    the import and become fused dequantize-matmul kernels after it
+    (:mod:`pipeline.frontend.blockwise_weights`); ``report`` receives the format of each such
+    layer and the matmul-like layers kept in float.
     """
     import onnx
 
