@@ -105,3 +105,9 @@ def test_saturation_and_special_values():
     x = np.array([1e30, -1e30, np.inf, -np.inf, 1e-30, -1e-30, 0.0, -0.0, np.nan], np.float32)
     assert list(posit.encode(x)) == [0x7F, 0x81, 0x7F, 0x81, 0x01, 0xFF, 0, 0, 0x80]
     assert np.array_equal(posit.encode(posit.table(1)[CODES != 0x80]), CODES[CODES != 0x80])
+
+
+def test_the_kernels_integer_decode_is_exact_on_every_code_but_nar():
+    ok = CODES != posit.NAR_CODE
+    got, want = posit.decode_by_bits(CODES)[ok], posit.table(1)[ok]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -77,7 +77,8 @@ class CodeWeight:
     decode: str  # "fp8_e4m3" | "posit8" | "table8" (any other 256-entry table)
     codes: np.ndarray  # uint8 [K, N]
     scales: np.ndarray  # float32 [N] (per output channel) or [1] (per tensor)
-    table: np.ndarray | None = None  # float32 [256] for the table decodes; None for fp8
+    # float32 [256] for "table8"; None for fp8_e4m3 and posit8 (decoded by integer ops)
+    table: np.ndarray | None = None
     bits: int = 8
 
     @property
@@ -100,7 +101,7 @@ class CodeWeight:
 
 def dequantize(weight: CodeWeight) -> np.ndarray:
     """The float32 ``[K, N]`` weight that ``weight`` stands for (the reference)."""
-    table = fp8.TABLE if weight.table is None else weight.table
+    table = {"fp8_e4m3": fp8.TABLE, "posit8": posit.table(1)}.get(weight.decode, weight.table)
     return table[weight.codes] * weight.scales.astype(np.float32)
 
 
@@ -136,8 +137,12 @@ def weight_from_onnx(decode: str, codes: np.ndarray, scales: np.ndarray,
     table = np.ascontiguousarray(table, dtype=np.float32).reshape(-1)
     if table.shape != (256,):
         raise UnsupportedModelError(f"a decode table of {table.shape} entries (256 needed)")
-    is_posit = np.array_equal(table, posit.table(1), equal_nan=True)
-    return CodeWeight(k, n, "posit8" if is_posit else "table8", codes, scales, table)
+    if np.array_equal(table, posit.table(1), equal_nan=True):
+        if np.any(codes == posit.NAR_CODE):
+            # the kernel decodes posit8 with integer ops, exact on every code but NaR
+            raise UnsupportedModelError("posit8 weight holds NaR codes (0x80)")
+        return CodeWeight(k, n, "posit8", codes, scales)
+    return CodeWeight(k, n, "table8", codes, scales, table)
 
 
 def ensure_opset(model, fmt: str) -> int:

@@ -96,3 +96,34 @@ def encode(values, es: int = 1) -> np.ndarray:
     code = np.where(x < 0, (-code) & 0xFF, code)
     code = np.where(np.isnan(x), NAR_CODE, code)
     return code.astype(np.uint8)
+
+
+def decode_by_bits(codes) -> np.ndarray:
+    """posit<8, 1> decoded with integer ops only, as the kernel does (numpy mirror, uint32
+    lanes): negate two's-complement codes, put the 7 bits after the sign at the top of a
+    word ``y``, the regime run length ``r`` is the count of leading zeros of ``y`` (or of
+    ``~y`` for a run of ones), the bits left after the run and its terminator are ``rem = y
+    << (r + 1)``; then the float32 bits are ``(127 + 2k) << 23`` plus ``rem >> 8`` (the
+    exponent bit lands on the exponent field's lowest bit, the fraction under it), ``k`` the
+    regime (``r - 1`` for ones, ``-r`` for zeros). Exact for every code but NaR (0x80), which
+    :func:`encode` never writes for a real number."""
+    c = np.asarray(codes, dtype=np.uint8).astype(np.uint32)
+    sign = c >> 7
+    mag = ((c ^ (sign * np.uint32(0xFF))) + sign) & np.uint32(0xFF)
+    y = (mag << np.uint32(25)).astype(np.uint32)
+    ones = y >> np.uint32(31)
+    # | 1 << 24: y only has bits 25..31, so this changes no count but 0's (clz(0) is
+    # undefined in LLVM): a zero code then reads a run of 7, harmless, its value is selected
+    t = (np.where(ones == 1, ~y, y) | np.uint32(1 << 24)).astype(np.uint32)
+    run = _clz32(t)  # 0..7
+    rem = (y.astype(np.uint64) << (run + 1)) & 0xFFFFFFFF
+    two_k = np.where(ones == 1, 2 * run.astype(np.int64) - 2, -2 * run.astype(np.int64))
+    bits = ((127 + two_k) << 23) + (rem.astype(np.int64) >> 8)
+    bits = (bits.astype(np.uint32) | (sign << np.uint32(31))).astype(np.uint32)
+    return np.where(mag == 0, np.float32(0), bits.view(np.float32))
+
+
+def _clz32(x: np.ndarray) -> np.ndarray:
+    """Leading zeros of nonzero uint32 values."""
+    return (31 - np.floor(np.log2(np.asarray(x, np.uint32).astype(np.float64)))
+            ).astype(np.uint32)

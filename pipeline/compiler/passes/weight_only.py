@@ -16,7 +16,7 @@ def bind_blockwise_weights(mod, weights: dict):
 
     ``weights`` maps stand-in names to :class:`~pipeline.schemes.blockwise.BlockwiseWeight`
     or :class:`~pipeline.schemes.codes8.CodeWeight` (fp8_e4m3, posit8: per-channel scales,
-    the format's decode in the kernel; a posit table travels as one more constant).
+    the format's decode in the kernel; a "table8" weight's table travels as one more constant).
     Raises :class:`UnsupportedModelError` when a stand-in is used other than as the right-hand
     side of one float32 matmul (the importer would then have materialised something else).
     """
