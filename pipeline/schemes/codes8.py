@@ -16,8 +16,9 @@ Gaussian weights (4096 x 256, per channel) the SQNR is 37.5 dB at 4, 37.3 at 2, 
 The ONNX forms (what the quantize stage writes, so onnxruntime runs the very same weights):
 
 - fp8_e4m3: ``DequantizeLinear(codes float8e4m3fn [K, N], scale [N], axis=1) -> MatMul``
-  (opset >= 19; onnxruntime 1.31's CPU EP runs it at every optimisation level at opset 21
-  with IR version 10: newer IR versions it refuses);
+  (float8 needs opset >= 19 and IR version >= 9: :func:`ensure_opset` writes opset 21 and
+  IR 9 or 10; onnxruntime 1.31's CPU EP runs it at every optimisation level, checked by
+  ``tests/test_codes8.py``);
 - posit8: ONNX has no posit type: ``Cast(codes uint8 [K, N] -> int32) -> Gather(table
   float32 [256], codes) -> Mul(scale [N]) -> MatMul``, the table being the codec's exact
   decode. The frontend takes any such 256-entry table (``decode`` "posit8" when it is the
