@@ -14,8 +14,8 @@ the largest finite value is ``0x7E`` = 448.
 
 Why our own: TVM 0.27's fp8 -> fp32 conversion on llvm is wrong on 18 of the 256 codes and
 ``relax.dequantize`` truncates fp8 through int32 (FACTS.md), so the kernel decodes the bits
-itself (:mod:`pipeline.compiler.dequant_matmul`); the tests check both this codec and that
-decode against ``ml_dtypes.float8_e4m3fn`` on every code.
+itself (:mod:`pipeline.compiler.dequant_matmul`, mirrored by :func:`decode_via_half`); the
+tests check both this codec and that decode against ``ml_dtypes.float8_e4m3fn`` on every code.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ NAN_CODE = 0x7F
 MAX_CODE = 0x7E
 EXP_BIAS = 7
 MANTISSA_BITS = 3
-# (code & 0x7F) << 20 read as float32 is the value times 2**-120, subnormals included:
-# the kernel's decode (see decode_by_bits)
-KERNEL_SHIFT = 23 - MANTISSA_BITS
-KERNEL_FACTOR = 2.0 ** (127 - EXP_BIAS)
-
+# E4M3 read as a float16 bit pattern (see decode_via_half) is the value times 2**-8
+HALF_FACTOR = 256.0
 
 def decode(codes) -> np.ndarray:
     """float32 value of each E4M3 code (``uint8`` array or anything that casts to it)."""
@@ -54,13 +51,15 @@ def _table() -> np.ndarray:
 TABLE = _table()  # float32 [256]: the decode of every code
 
 
-def decode_by_bits(codes) -> np.ndarray:
-    """The kernel's integer decode in numpy: ``(sign << 24 | (code & 0x7F) << 20)`` read as
-    float32, times 2**120. Exact for every code but the NaN ones (0x7F reads as 480), which
-    :func:`encode` never writes."""
-    c = np.asarray(codes, dtype=np.uint32)
-    bits = ((c & 0x80) << 24) | ((c & 0x7F) << KERNEL_SHIFT)
-    return bits.astype(np.uint32).view(np.float32) * np.float32(KERNEL_FACTOR)
+def decode_via_half(codes) -> np.ndarray:
+    """The kernel's decode in numpy: the code sign-extended to 16 bits, shifted left by 7 and
+    masked with ``0xBF80`` is the float16 with the same sign, exponent and mantissa bits, 2**-8
+    times the E4M3 value (subnormals included: float16's are exact), which the hardware's
+    half -> float conversion widens (the kernel multiplies by 2**8 once per output). Exact
+    for every code but the NaN ones (0x7F reads as 480), which :func:`encode` never writes."""
+    signed = np.asarray(codes, dtype=np.uint8).view(np.int8).astype(np.int16)
+    bits = ((signed << 7).view(np.uint16) & np.uint16(0xBF80)).astype(np.uint16)
+    return bits.view(np.float16).astype(np.float32) * np.float32(HALF_FACTOR)
 
 
 def encode(values) -> np.ndarray:
@@ -73,9 +72,9 @@ def encode(values) -> np.ndarray:
     a = mag_bits.view(np.float32)
     # normals: round the float32 mantissa to 3 bits, nearest even (a carry moves the
     # exponent up, as it should), then rebias the exponent from 127 to 7
-    lsb = (mag_bits >> KERNEL_SHIFT) & 1
-    rounded = (mag_bits.astype(np.uint64) + ((1 << (KERNEL_SHIFT - 1)) - 1) + lsb) \
-        >> KERNEL_SHIFT
+    shift = 23 - MANTISSA_BITS
+    lsb = (mag_bits >> shift) & 1
+    rounded = (mag_bits.astype(np.uint64) + ((1 << (shift - 1)) - 1) + lsb) >> shift
     normal = rounded.astype(np.int64) - ((127 - EXP_BIAS) << MANTISSA_BITS)
     # subnormals: multiples of 2**-9 (a * 512 is exact in float32); rint rounds half to
     # even; 8 (rounded up to 2**-6) is the smallest normal's code, as it should be
