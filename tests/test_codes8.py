@@ -330,3 +330,22 @@ def test_fp8_and_posit8_build_validate_and_bench_end_to_end(tmp_path: Path):
         compiled = json.loads((art / "compile" / "compile_report.json").read_text())
         assert compiled["rule_scheduled"], compiled
         assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cross_compiles_for_rtx4090(tmp_path: Path, fmt):
+    """The fp8/posit8 kernels build for the RTX 4090 (sm_89) here, with no GPU: DLight
+    schedules them (not run on a GPU: nothing here checks the CUDA results)."""
+    import shutil
+
+    from float_models import build_in_process, tiny_mlp
+
+    from pipeline.stages import package
+
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc is needed to cross-compile CUDA")
+    built = build_in_process(tiny_mlp(), fmt, (1, 128), tmp_path, target="rtx4090")
+    assert len(built["import"]["blockwise_layers"]) == 3  # the Gemm stays float32
+    sources = package.cuda_kernel_sources(built["so"])
+    assert any("dequant_matmul" in s for s in sources)
