@@ -97,7 +97,8 @@ def collect(model: str, variant: str, threads: int, repeat: int) -> dict:
                     ("tvm_vs_ort_fp32_quality", "tvm_int8_vs_ort_fp32",
                      "tvm_fp16_vs_ort_fp32", "tvm_bf16_vs_ort_fp32")), None)
     bundle = next(art.glob("*.tar.gz"), None)
-    row = {"artifact": name, "scheme": bench["scheme"], "validation": validation["status"],
+    row = {"artifact": name, "model": model, "scheme": bench["scheme"],
+           "validation": validation["status"],
            "bits_per_weight": imported.get("blockwise_bits_per_weight"),
            # the executable and its weights file (model.params) together
            "model_mb": sum(f.stat().st_size for f in (art / "model.so", art / "model.params")
@@ -120,14 +121,14 @@ def _fmt(v, spec=".2f"):
 
 
 def table(rows: list[dict]) -> str:
-    fp32 = {r["artifact"].rsplit("_", 1)[0]: r["cpp_ms"] for r in rows
-            if r["scheme"] == "fp32"}
+    # by model name: variant names may hold underscores (fp8_e4m3)
+    fp32 = {r["model"]: r["cpp_ms"] for r in rows if r["scheme"] == "fp32"}
     lines = ["| artifact | bits/weight | model.so + params MB | bundle MB | C++ ms | "
              "onnxruntime ms "
              "(same ONNX) | ratio | onnxruntime acc-4 ms | vs TVM fp32 | cosine vs fp32 | "
              "SQNR dB | validate |", "|" + "---|" * 12]
     for r in rows:
-        base = fp32.get(r["artifact"].rsplit("_", 1)[0])
+        base = fp32.get(r["model"])
         speedup = f"{base / r['cpp_ms']:.2f}x" if base else "-"
         lines.append(
             f"| {r['artifact']} | {_fmt(r['bits_per_weight'])} | {r['model_mb']:.1f} | "

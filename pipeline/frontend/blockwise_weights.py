@@ -20,6 +20,19 @@ import and joined again after it:
    replaces each ``matmul(x, W)`` by the fused dequantize-matmul kernel over the packed
    constants and drops the stand-in parameters.
 
+The 8-bit float-like formats (``fp8_e4m3``, ``posit8``: :mod:`pipeline.schemes.codes8`) go
+the same way, from their own ONNX forms:
+
+- ``MatMul(A, DequantizeLinear(codes float8e4m3fn [K, N], scale[, zero 0], axis=1))``
+  (per-channel or per-tensor scale; no block size), which TVM's importer mis-decodes
+  (FACTS.md: fp8 -> fp32 is wrong on llvm, ``relax.dequantize`` truncates);
+- ``MatMul(A, Mul(Gather(table float32 [256], Cast(codes uint8 [K, N] -> int)), scale))``,
+  a 256-entry decode table (posit8 is written so: ONNX has no posit type).
+
+Their weights become :class:`~pipeline.schemes.codes8.CodeWeight` (``decode`` "fp8_e4m3",
+"posit8" or "table8"), a sibling of ``BlockwiseWeight`` (``decode`` "int"), and the same
+stand-in mechanism binds them to the same kernel with that decode.
+
 The stand-ins' names start with :data:`STAND_IN_PREFIX`, which survives the importer's
 input-name sanitising.
 """
@@ -34,6 +47,7 @@ from pipeline.schemes.blockwise import (
     from_blocked_dequantize,
     from_matmul_nbits,
 )
+from pipeline.schemes.codes8 import CodeWeight, weight_from_onnx
 
 OP_TYPE = "MatMulNBits"
 DOMAIN = "com.microsoft"
@@ -45,10 +59,12 @@ STAND_IN_PREFIX = "blockwise_weight_"
 class Extracted:
     """What :func:`extract` took out of the graph, by stand-in input name."""
 
-    weights: dict[str, BlockwiseWeight] = field(default_factory=dict)
+    weights: dict[str, BlockwiseWeight | CodeWeight] = field(default_factory=dict)
     nodes: dict[str, str] = field(default_factory=dict)  # stand-in -> MatMulNBits node name
+    # matmul-like layers left in float32, with why: {"node", "op", "reason"}
+    kept_float: list[dict] = field(default_factory=list)
 
-    def add(self, model, weight: BlockwiseWeight, label: str) -> str:
+    def add(self, model, weight: BlockwiseWeight | CodeWeight, label: str) -> str:
         """Record ``weight`` and declare its stand-in graph input; returns the input's name."""
         from onnx import TensorProto, helper
 
@@ -63,15 +79,21 @@ class Extracted:
         """Per layer: the node, its shape and format, and the bits stored per weight."""
         layers = []
         for name, w in self.weights.items():
-            layers.append({"node": self.nodes[name], "k": w.k, "n": w.n, "bits": w.bits,
-                           "block_size": w.block_size, "scale_dtype": str(w.scales.dtype),
-                           "zero_points": w.zeros is not None,
-                           "bits_per_weight": round(w.bits_per_weight, 4)})
+            layer = {"node": self.nodes[name], "k": w.k, "n": w.n, "bits": w.bits}
+            if isinstance(w, CodeWeight):
+                layer.update(w.describe())
+            else:
+                layer.update({"decode": "int", "block_size": w.block_size,
+                              "scale_dtype": str(w.scales.dtype),
+                              "zero_points": w.zeros is not None})
+            layer["bits_per_weight"] = round(w.bits_per_weight, 4)
+            layers.append(layer)
         params = sum(w.k * w.n for w in self.weights.values())
         stored = sum(w.stored_bytes for w in self.weights.values())
         return {"blockwise_layers": layers, "blockwise_params": params,
                 "blockwise_bytes": stored,
-                "blockwise_bits_per_weight": round(8.0 * stored / params, 4) if params else None}
+                "blockwise_bits_per_weight": round(8.0 * stored / params, 4) if params else None,
+                "float_layers": self.kept_float}
 
 
 def extract(model, scale_dtype: str = "auto") -> Extracted:
@@ -129,6 +151,8 @@ def extract(model, scale_dtype: str = "auto") -> Extracted:
         for offset, new in enumerate(replacement):
             graph.node.insert(position + offset, new)
     _extract_blocked_dequantize(model, inits, scale_dtype, out, problems)
+    _extract_fp8_dequantize(model, inits, out, problems)
+    _extract_table_decode(model, inits, out)
     if problems:
         raise UnsupportedModelError("block-wise quantized weight(s) the importer cannot "
                                     "take:\n  - " + "\n  - ".join(problems))
@@ -137,7 +161,164 @@ def extract(model, scale_dtype: str = "auto") -> Extracted:
         graph.initializer.remove(init)
     if out.weights:
         _drop_unused_opsets(model)
+        out.kept_float = kept_float(model)
     return out
+
+
+def kept_float(model) -> list[dict]:
+    """The matmul-like layers still float32 after :func:`extract`, each with the reason."""
+    inits = {i.name for i in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            reason = "convolutions stay float32 (the weight-only formats cover MatMul weights)"
+        elif node.op_type == "Gemm":
+            reason = "Gemm stays float32 (the weight-only formats cover MatMul weights)"
+        elif node.op_type == "MatMul":
+            if node.input[1].startswith(STAND_IN_PREFIX):
+                continue
+            reason = ("its weight is computed, not a constant (e.g. attention scores)"
+                      if node.input[1] not in inits else
+                      "not quantized by the variant (excluded, or a float weight)")
+        else:
+            continue
+        kept.append({"node": node.name or node.output[0], "op": node.op_type,
+                     "reason": reason})
+    return kept
+
+
+def needed_initializers(model) -> set[str]:
+    """Names of the initializers :func:`extract` reads (for models with external data)."""
+    graph = model.graph
+    names = {name for node in graph.node if node.op_type in OP_TYPES for name in node.input}
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:  # Mul(Gather(table, Cast(codes)), scale)
+        if node.op_type != "Mul":
+            continue
+        gather = next((producers.get(i) for i in node.input
+                       if getattr(producers.get(i), "op_type", "") == "Gather"), None)
+        if gather is None or len(gather.input) < 2:
+            continue
+        cast = producers.get(gather.input[1])
+        if cast is not None and cast.op_type == "Cast":
+            names |= {*node.input, gather.input[0], *cast.input}
+    return names
+
+
+def _single_matmul_rhs(consumers, outputs, name: str):
+    """The MatMul that uses ``name`` as its right-hand side and is its only user, or None."""
+    users = consumers.get(name, [])
+    if (len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[1] == name
+            and name not in outputs):
+        return users[0]
+    return None
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _raw_bytes(array):
+    """An 8-bit tensor's bit patterns as uint8 (float8 arrays come as ml_dtypes types)."""
+    import numpy as np
+
+    return np.ascontiguousarray(array).view(np.uint8)
+
+
+def _extract_fp8_dequantize(model, inits, out: Extracted, problems: list[str]) -> None:
+    """``MatMul(A, DequantizeLinear(codes float8e4m3fn [K, N], scale[, zero], axis=1))``
+    (no block size) becomes ``MatMul(A, stand-in)``; other fp8 forms are refused by name."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    for index, dq in enumerate(list(graph.node)):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        if inits[dq.input[0]].data_type != TensorProto.FLOAT8E4M3FN:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        label = dq.name or f"#{index}"
+        inputs = list(dq.input) + [""] * (3 - len(dq.input))
+        matmul = _single_matmul_rhs(consumers, outputs, dq.output[0])
+        if matmul is None or not all(n in inits for n in inputs if n):
+            problems.append(f"{label}: an fp8 DequantizeLinear is supported only on a "
+                            "constant weight feeding one MatMul as its right-hand side")
+            continue
+        codes = _raw_bytes(numpy_helper.to_array(inits[inputs[0]]))
+        scales = numpy_helper.to_array(inits[inputs[1]])
+        zero = _raw_bytes(numpy_helper.to_array(inits[inputs[2]])) if inputs[2] else None
+        axis = int(attrs.get("axis", 1))
+        if (codes.ndim != 2 or attrs.get("block_size") or scales.dtype != np.float32
+                or (scales.size > 1 and axis not in (1, -1))
+                or (zero is not None and np.any(zero & 0x7F))):
+            problems.append(f"{label}: fp8 DequantizeLinear of a {codes.ndim}-D weight "
+                            f"along axis {axis} with {scales.dtype} scales; supported: 2-D "
+                            "weights, float32 scales per output channel (axis 1) or per "
+                            "tensor, no block size, zero point 0")
+            continue
+        label = matmul.name or label
+        try:
+            weight = weight_from_onnx("fp8_e4m3", codes, scales)
+        except UnsupportedModelError as err:
+            problems.append(f"{label}: {err}")
+            continue
+        matmul.input[1] = out.add(model, weight, label)
+        graph.node.remove(dq)
+
+
+def _extract_table_decode(model, inits, out: Extracted) -> None:
+    """``MatMul(A, Mul(Gather(table [256], Cast(codes uint8 [K, N] -> int)), scale))``, every
+    intermediate used once and every tensor but A constant, becomes ``MatMul(A, stand-in)``.
+    Anything else that only looks like it is left alone (it imports as ordinary ops)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def only_use(name, node):
+        return consumers.get(name, []) == [node] and name not in outputs
+
+    for index, mul in enumerate(list(graph.node)):
+        if mul.op_type != "Mul":
+            continue
+        matmul = _single_matmul_rhs(consumers, outputs, mul.output[0])
+        if matmul is None:
+            continue
+        gather_in = next((i for i in mul.input if i in producers
+                          and producers[i].op_type == "Gather"), None)
+        scale_in = next((i for i in mul.input if i != gather_in), None)
+        if gather_in is None or scale_in not in inits or not only_use(gather_in, mul):
+            continue
+        gather = producers[gather_in]
+        axis = {a.name: helper.get_attribute_value(a) for a in gather.attribute}.get("axis", 0)
+        cast = producers.get(gather.input[1])
+        if (axis != 0 or gather.input[0] not in inits or cast is None or cast.op_type != "Cast"
+                or not only_use(gather.input[1], gather) or cast.input[0] not in inits):
+            continue
+        if inits[cast.input[0]].data_type != TensorProto.UINT8:
+            continue
+        table = numpy_helper.to_array(inits[gather.input[0]])
+        codes = numpy_helper.to_array(inits[cast.input[0]])
+        scales = numpy_helper.to_array(inits[scale_in])
+        if (table.shape != (256,) or table.dtype != np.float32 or codes.ndim != 2
+                or scales.dtype != np.float32 or scales.size not in (1, codes.shape[1])
+                or (scales.size > 1 and scales.shape[-1] != codes.shape[1])):
+            continue
+        label = matmul.name or mul.name or f"#{index}"
+        weight = weight_from_onnx("table", codes, scales, table)
+        matmul.input[1] = out.add(model, weight, label)
+        for node in (mul, gather, cast):
+            graph.node.remove(node)
 
 
 def _extract_blocked_dequantize(model, inits, scale_dtype: str, out: Extracted,

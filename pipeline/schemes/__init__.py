@@ -131,6 +131,43 @@ SCHEMES.update({s.name: s for s in (_blockwise(4, 32), _blockwise(4, 128),
                                     _blockwise(8, 128))})
 
 
+def _codes8(fmt: str, description: str, summary: str) -> Scheme:
+    """An 8-bit float-like weight-only scheme (:mod:`pipeline.schemes.codes8`): MatMul
+    weights as 8-bit codes with a float32 scale per output channel (``per_channel = false``:
+    one per tensor), decoded to float32 inside the fused matmul kernel; activations, compute
+    and every other op float32. A storage/bandwidth format on CPUs, not a faster arithmetic."""
+    return Scheme(
+        name=fmt, description=description,
+        quantize="weight_codes8", import_passes=(), compute_dtype="float32",
+        comparisons=("tvm_vs_ort_quantized", "tvm_vs_ort_fp32_quality",
+                     "ort_int8_vs_ort_fp32"),
+        # the same float32 arithmetic on the same weights as onnxruntime (it folds the
+        # decode into a float32 weight): the fp32 gate; 8-bit weights keep 0.99 easily
+        default_gates=MappingProxyType({"quantized_rel_tol": 1e-4,
+                                        "quality_cosine_min": 0.99}),
+        options=("per_channel", "exclude_nodes"),
+        summary=summary,
+        quantize_params=MappingProxyType({"weight_format": fmt}))
+
+
+SCHEMES.update({
+    "fp8_e4m3": _codes8(
+        "fp8_e4m3",
+        "weight-only FP8 E4M3 (float8e4m3fn, saturating at 448), a float32 scale per output "
+        "channel, float32 activations",
+        "MatMul weights stored as FP8 E4M3 codes (1 byte) with float32 per-channel scales, "
+        "decoded with integer ops inside a fused matmul kernel; float32 arithmetic (no CPU "
+        "FP8 math: a storage format, half of fp16's bytes); other ops float32"),
+    "posit8": _codes8(
+        "posit8",
+        "weight-only posit<8,1> (max |w| of a channel scaled to 4), a float32 scale per "
+        "output channel, float32 activations",
+        "MatMul weights stored as posit<8,1> codes (1 byte) with float32 per-channel scales, "
+        "decoded with integer ops inside a fused matmul kernel; float32 arithmetic "
+        "(a storage format, half of fp16's bytes); other ops float32"),
+})
+
+
 SCHEMES["mixed"] = Scheme(
     name="mixed",
     description="a format per weight layer (block-wise INT4/INT8 and bf16 MatMuls, static "

@@ -101,9 +101,10 @@ def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = No
     straight into its TVM tensor (one copy in memory, not the protobuf's and then TVM's);
     only the weights of BatchNorm folding and of block-wise layers are read into the
     protobuf first. MatMulNBits nodes and blocked DequantizeLinear (block-wise INT4/INT8
-    weights) are taken out before the import and become fused dequantize-matmul kernels
-    after it (:mod:`pipeline.frontend.blockwise_weights`); ``report`` receives the format of
-    each such layer.
+    weights), fp8 DequantizeLinear and table-decoded (posit8) weights are taken out before
+    the import and become fused dequantize-matmul kernels after it
+    (:mod:`pipeline.frontend.blockwise_weights`); ``report`` receives the format of each such
+    layer and the matmul-like layers kept in float.
     """
     import onnx
 
@@ -114,9 +115,7 @@ def import_onnx(model_path: Path, config: ImportConfig, report: dict | None = No
     model = onnx.load(str(model_path), load_external_data=False)
     base_dir = Path(model_path).parent
     if has_external_data(model):
-        _load_data_of(model, base_dir, {name for node in model.graph.node
-                                        if node.op_type in blockwise_weights.OP_TYPES
-                                        for name in node.input})
+        _load_data_of(model, base_dir, blockwise_weights.needed_initializers(model))
     blockwise = blockwise_weights.extract(model)
     missing = unsupported_ops(model)
     if missing:

@@ -7,7 +7,9 @@ same inputs give the same scales and the same bytes; ``float16``, onnxconverter-
 float16 conversion (inputs and outputs stay float32); ``bfloat16_weights``, MatMul/Gemm/Conv
 weights and Gather tables rounded to bfloat16 and stored as bfloat16 initializers, each
 decoded by a ``Cast(to=float)``; ``matmul_nbits``, onnxruntime's MatMulNBits quantizer
-(block-wise INT4/INT8 MatMul weights, scales rounded to float16 values). onnxruntime runs
+(block-wise INT4/INT8 MatMul weights, scales rounded to float16 values); ``weight_codes8``,
+MatMul weights as FP8 E4M3 or posit8 codes with per-channel float32 scales
+(:mod:`pipeline.schemes.codes8`). onnxruntime runs
 each recipe's model as the reference and the baseline.
 """
 
@@ -47,6 +49,8 @@ class QuantizeConfig:
     budget_min: float = 0.0
     assignment: str = ""
     latency_logs: str = ""  # tuning logs whose records time each layer in each format
+    # weight_codes8 (fp8_e4m3, posit8) only: a key of pipeline.schemes.codes8.FORMATS
+    weight_format: str = ""
 
 
 def run(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
@@ -341,6 +345,50 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     return report
 
 
+def _weight_codes8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """8-bit float-like weight-only formats (``fp8_e4m3``, ``posit8``): every MatMul with a
+    constant 2-D float32 weight (except ``exclude_nodes``) gets its weight as 8-bit codes with
+    a float32 scale per output channel (or per tensor), in the format's ONNX form
+    (:func:`pipeline.schemes.codes8.quantize_matmul_weight`), so onnxruntime computes with
+    exactly the weights TVM keeps. No calibration. Convs and Gemms stay float32 (listed).
+    fp8 raises the model to opset 21 (float8 DequantizeLinear needs 19)."""
+    import onnx
+    from onnx import TensorProto
+
+    from pipeline.schemes import codes8
+
+    model = onnx.load(str(model_path))
+    _check_selection(model_path, config, model.graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    for index, node in enumerate(model.graph.node):  # the layers are found by name
+        if node.op_type == "MatMul" and not node.name:
+            node.name = f"{node.output[0]}.MatMul{index}"
+    targets = [n.name for n in model.graph.node
+               if n.op_type == "MatMul" and n.name not in config.exclude_nodes
+               and n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT
+               and len(inits[n.input[1]].dims) == 2]
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"{model_path}: MatMul nodes need unique names for the "
+                          f"{config.weight_format} recipe; rename the duplicates")
+    if not targets:
+        raise ConfigError(f"{model_path}: no MatMul with a constant weight to quantize (the "
+                          f"{config.weight_format} scheme quantizes MatMul weights); use fp32 "
+                          "or int8 for this model")
+    opset = codes8.ensure_opset(model, config.weight_format)
+    layers = [codes8.quantize_matmul_weight(model, name, config.weight_format,
+                                            config.per_channel) for name in targets]
+    onnx.save(model, str(out_dir / "model.onnx"))
+    kept = sorted(f"{n.op_type} {n.name or n.output[0]}" for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm", "Conv")
+                  and n.name not in targets)
+    return {"op_counts": _op_counts(model), "quantized_matmuls": len(layers),
+            "format": config.weight_format, "opset": opset,
+            "scales": "per output channel" if config.per_channel else "per tensor",
+            "float_layers_left": kept,
+            "float_layers_why": "Conv and Gemm weights stay float32 (not in these formats' "
+                                "scope); MatMuls left have computed or excluded weights"}
+
+
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
 RECIPES = {
     "static_qdq": _static_qdq,
@@ -348,4 +396,5 @@ RECIPES = {
     "float16": _float16,
     "bfloat16_weights": _bfloat16_weights,
     "mixed": _mixed,
+    "weight_codes8": _weight_codes8,
 }

@@ -14,7 +14,9 @@ from pipeline.core.errors import UnsupportedModelError
 def bind_blockwise_weights(mod, weights: dict):
     """Replace every stand-in matmul of ``mod`` (see the module docstring).
 
-    ``weights`` maps stand-in names to :class:`~pipeline.schemes.blockwise.BlockwiseWeight`.
+    ``weights`` maps stand-in names to :class:`~pipeline.schemes.blockwise.BlockwiseWeight`
+    or :class:`~pipeline.schemes.codes8.CodeWeight` (fp8_e4m3, posit8: per-channel scales,
+    the format's decode in the kernel; a "table8" weight's table travels as one more constant).
     Raises :class:`UnsupportedModelError` when a stand-in is used other than as the right-hand
     side of one float32 matmul (the importer would then have materialised something else).
     """
@@ -24,6 +26,7 @@ def bind_blockwise_weights(mod, weights: dict):
 
     from pipeline.compiler import dequant_matmul
     from pipeline.compiler.passes._qdq import rewrite_calls
+    from pipeline.schemes.codes8 import CodeWeight
 
     if not weights:
         return mod
@@ -42,12 +45,17 @@ def bind_blockwise_weights(mod, weights: dict):
             raise UnsupportedModelError(
                 f"block-wise weight {w.name}: expected a float32 [..., {weight.k}] "
                 f"activation, got {x.ty.dtype} {shape}")
-        func = dequant_matmul.prim_func(tuple(shape[:-1]), weight.k, weight.n, weight.bits,
-                                        weight.block_size, str(weight.scales.dtype),
-                                        weight.zeros is not None)
+        if isinstance(weight, CodeWeight):  # fp8_e4m3, posit8: a decode per code
+            func = dequant_matmul.code_prim_func(tuple(shape[:-1]), weight.k, weight.n,
+                                                 weight.decode, weight.per_channel)
+            arrays = (weight.codes, weight.scales, weight.table)
+        else:
+            func = dequant_matmul.prim_func(tuple(shape[:-1]), weight.k, weight.n,
+                                            weight.bits, weight.block_size,
+                                            str(weight.scales.dtype), weight.zeros is not None)
+            arrays = (weight.codes, weight.scales, weight.zeros)
         gvar = mutator.builder_.add_func(func, "dequant_matmul")
-        consts = [relax.const(np.ascontiguousarray(a)) for a in
-                  (weight.codes, weight.scales, weight.zeros) if a is not None]
+        consts = [relax.const(np.ascontiguousarray(a)) for a in arrays if a is not None]
         replaced.append(w.name)
         return relax.call_tir(gvar, [x, *consts],
                               relax.TensorType([*shape[:-1], weight.n], "float32"))
