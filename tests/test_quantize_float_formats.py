@@ -118,7 +118,7 @@ def test_float16_of_an_int64_mask_cast_loads_in_onnxruntime(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, bits", [("float16", 0), ("bfloat16_weights", 0),
-                                          ("matmul_nbits", 4)])
+                                          ("matmul_nbits", 4), ("weight_codes8", 0)])
 def test_a_source_with_external_data_is_quantized_to_external_data(tmp_path, recipe, bits):
     """A model past protobuf's 2 GiB limit reaches quantize with external data: each recipe
     writes ``model.onnx`` + ``model.onnx.data`` (the data's sha256 inside), and the model is
@@ -133,7 +133,8 @@ def test_a_source_with_external_data_is_quantized_to_external_data(tmp_path, rec
         config = quantize.QuantizeConfig(method="minmax", samples=1, seed=0, data_dir="",
                                          activation_type="uint8", weight_type="int8",
                                          per_channel=True, inputs=MLP_IN, recipe=recipe,
-                                         bits=bits, block_size=32 if bits else 0)
+                                         bits=bits, block_size=32 if bits else 0,
+                                         weight_format="posit8")
         report = quantize.run(source, config, out)
         assert report["external_data"] is external
         return out / "model.onnx"

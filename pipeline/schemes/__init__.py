@@ -170,9 +170,9 @@ SCHEMES.update({
 
 SCHEMES["mixed"] = Scheme(
     name="mixed",
-    description="a format per weight layer (block-wise INT4/INT8 and bf16 MatMuls, static "
-                "INT8 convs, fp32), the fastest set that keeps the model within the "
-                "variant's accuracy budget, chosen by search",
+    description="a format per weight layer (block-wise INT4/INT8, fp8, posit8 and bf16 "
+                "MatMuls, static INT8 convs, fp32), the fastest set that keeps the model "
+                "within the variant's accuracy budget, chosen by search",
     quantize="mixed", import_passes=("qdq_to_integer", "bf16_weights"),
     # "mixed": the CPU lowering packs int8 convs for VNNI and fp32 convs in NCHW16c
     compute_dtype="mixed",

@@ -44,7 +44,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError
 
 ASSIGNMENT_FORMAT = "onnx2deploy-mixed-assignment/1"
-DEFAULT_FORMATS = ("w4g32", "w4g128", "w8g128", "int8", "bf16", "fp32")
+DEFAULT_FORMATS = ("w4g32", "w4g128", "w8g128", "fp8_e4m3", "posit8", "int8", "bf16", "fp32")
 BUDGET_METRICS = ("cosine",)
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -59,6 +59,7 @@ class LayerFormat:
     block_size: int = 0
     float_bits: int = 0  # bf16: 16, fp32: 32
     int8: bool = False  # static INT8 (activations too): onnxruntime's QDQ, integer compute
+    code8: bool = False  # 8-bit float-like codes, a scale per output channel (schemes.codes8)
 
 
 # bf16 takes no convolutions: a bf16 conv decodes its weight inside a kernel kept in NCHW
@@ -68,6 +69,8 @@ FORMATS = {f.name: f for f in (
     LayerFormat("w4g32", ("MatMul",), bits=4, block_size=32),
     LayerFormat("w4g128", ("MatMul",), bits=4, block_size=128),
     LayerFormat("w8g128", ("MatMul",), bits=8, block_size=128),
+    LayerFormat("fp8_e4m3", ("MatMul",), code8=True),
+    LayerFormat("posit8", ("MatMul",), code8=True),
     LayerFormat("int8", ("Conv", "Gemm"), int8=True),
     LayerFormat("bf16", ("MatMul", "Gemm"), float_bits=16),
     LayerFormat("fp32", WEIGHT_OPS, float_bits=32))}
@@ -97,7 +100,7 @@ class Layer:
         spec, count = FORMATS[fmt], int(np.prod(self.shape))
         if spec.float_bits:
             return count * spec.float_bits // 8
-        if spec.int8:
+        if spec.int8 or spec.code8:
             return count + 4 * self.n  # a float32 scale per output channel
         groups = -(-self.k // spec.block_size)
         zeros = 0 if symmetric else -(-groups * spec.bits // 8) * self.n
@@ -114,7 +117,9 @@ def _args_of(fmt: str, layer: Layer) -> tuple[str, ...] | None:
     holding a MatMul's ``[K, N]`` weight in ``fmt``; None where no such spelling is known
     (convolutions and int8 weights are repacked by the lowering; Gemm transposes)."""
     spec, k, n = FORMATS[fmt], layer.k, layer.n
-    if layer.op != "MatMul" or spec.int8:
+    # code8 kernels hold uint8[K, N] codes and float32[N] scales, as w8g128's hold codes and
+    # its bias: no spelling tells them apart, so they are estimated
+    if layer.op != "MatMul" or spec.int8 or spec.code8:
         return None
     if spec.bits:
         return (f"uint8[{-(-k * spec.bits // 8)},{n}]", f"float16[{-(-k // spec.block_size)},{n}]")
@@ -277,6 +282,7 @@ def apply(model, assignment: dict[str, str], symmetric: bool, int8: Int8Static |
     weight-only formats. Returns the new model."""
     import copy
 
+    from pipeline.schemes import codes8
     from pipeline.schemes.bfloat16 import store_bfloat16
     from pipeline.schemes.blockwise import quantize_blockwise
 
@@ -297,6 +303,11 @@ def apply(model, assignment: dict[str, str], symmetric: bool, int8: Int8Static |
             model = quantize_blockwise(model, spec.bits, spec.block_size, symmetric, nodes)
         elif fmt == "bf16":
             store_bfloat16(model, [weights[n] for n in nodes])
+    for fmt, nodes in sorted(by_format.items()):  # last: fp8 raises the opset to 21
+        if FORMATS[fmt].code8:
+            codes8.ensure_opset(model, fmt)
+            for node in nodes:
+                codes8.quantize_matmul_weight(model, node, fmt)
     return model
 
 
@@ -312,6 +323,16 @@ def decoded_weights(model, layers: Sequence[Layer], fmt: str,
 
     spec = FORMATS[fmt]
     inits = {i.name: i for i in model.graph.initializer}
+    if spec.code8:
+        from pipeline.schemes import codes8
+
+        out = {}
+        for layer in layers:
+            codes, scales = codes8.quantize_weight(numpy_helper.to_array(inits[layer.weight]),
+                                                   fmt)
+            out[layer.node] = codes8.dequantize(codes8.CodeWeight(
+                layer.k, layer.n, fmt, codes, scales))
+        return out
     if spec.float_bits:
         out = {}
         for layer in layers:

@@ -352,12 +352,13 @@ def _weight_codes8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> d
     (:func:`pipeline.schemes.codes8.quantize_matmul_weight`), so onnxruntime computes with
     exactly the weights TVM keeps. No calibration. Convs and Gemms stay float32 (listed).
     fp8 raises the model to opset 21 (float8 DequantizeLinear needs 19)."""
-    import onnx
     from onnx import TensorProto
 
+    from pipeline.frontend import onnx_normalize
     from pipeline.schemes import codes8
 
-    model = onnx.load(str(model_path))
+    external = onnx_normalize.data_path(model_path).is_file()
+    model = onnx_normalize.load_inline(model_path)
     _check_selection(model_path, config, model.graph)
     inits = {i.name: i for i in model.graph.initializer}
     for index, node in enumerate(model.graph.node):  # the layers are found by name
@@ -377,16 +378,17 @@ def _weight_codes8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> d
     opset = codes8.ensure_opset(model, config.weight_format)
     layers = [codes8.quantize_matmul_weight(model, name, config.weight_format,
                                             config.per_channel) for name in targets]
-    onnx.save(model, str(out_dir / "model.onnx"))
     kept = sorted(f"{n.op_type} {n.name or n.output[0]}" for n in model.graph.node
                   if n.op_type in ("MatMul", "Gemm", "Conv")
                   and n.name not in targets)
-    return {"op_counts": _op_counts(model), "quantized_matmuls": len(layers),
-            "format": config.weight_format, "opset": opset,
-            "scales": "per output channel" if config.per_channel else "per tensor",
-            "float_layers_left": kept,
-            "float_layers_why": "Conv and Gemm weights stay float32 (not in these formats' "
-                                "scope); MatMuls left have computed or excluded weights"}
+    report = {"op_counts": _op_counts(model), "quantized_matmuls": len(layers),
+              "format": config.weight_format, "opset": opset, "external_data": external,
+              "scales": "per output channel" if config.per_channel else "per tensor",
+              "float_layers_left": kept,
+              "float_layers_why": "Conv and Gemm weights stay float32 (not in these formats' "
+                                  "scope); MatMuls left have computed or excluded weights"}
+    _save(model, out_dir, external)
+    return report
 
 
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
