@@ -185,7 +185,7 @@ def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
     assert times[("big", "w4g32")][0] < times[("big", "fp32")][0]
     # no logs at all: every time is a bytes estimate, and the formats keep the bytes order
     blind = mixed.layer_seconds([big], mixed.DEFAULT_FORMATS, None, True)
-    assert ("big", "int8") not in blind  # int8 takes convs and Gemms, not MatMuls (yet)
+    assert ("big", "int8") not in blind  # int8 takes convs, not MatMuls (yet)
     order = sorted(matmul_formats, key=lambda f: blind[("big", f)][0])
     assert order == sorted(matmul_formats, key=lambda f: big.bytes(f, True))
 

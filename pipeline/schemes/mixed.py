@@ -63,15 +63,17 @@ class LayerFormat:
 
 
 # bf16 takes no convolutions: a bf16 conv decodes its weight inside a kernel kept in NCHW
-# (passes.float_formats), slower than the fp32 conv it would replace. int8 takes no MatMul
-# yet: an INT8 transformer is not bit-exact with onnxruntime (issue "INT8 transformers").
+# (passes.float_formats), slower than the fp32 conv it would replace. int8 takes convs only:
+# they are packed for VNNI and have tuning records of their kind; an int8 MatMul/Gemm has
+# neither yet (its kernels mostly compile as naive loops), and an INT8 transformer is not
+# bit-exact with onnxruntime (issue "INT8 transformers").
 FORMATS = {f.name: f for f in (
     LayerFormat("w4g32", ("MatMul",), bits=4, block_size=32),
     LayerFormat("w4g128", ("MatMul",), bits=4, block_size=128),
     LayerFormat("w8g128", ("MatMul",), bits=8, block_size=128),
     LayerFormat("fp8_e4m3", ("MatMul",), code8=True),
     LayerFormat("posit8", ("MatMul",), code8=True),
-    LayerFormat("int8", ("Conv", "Gemm"), int8=True),
+    LayerFormat("int8", ("Conv",), int8=True),
     LayerFormat("bf16", ("MatMul", "Gemm"), float_bits=16),
     LayerFormat("fp32", WEIGHT_OPS, float_bits=32))}
 
