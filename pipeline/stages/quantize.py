@@ -298,7 +298,16 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     ``assignment.json`` (the reviewable choice, with each layer's size and sensitivity)."""
     from pipeline.schemes import mixed
 
-    model, external = _load_preprocessed(model_path, out_dir)  # BatchNorm folded, as int8's
+    from pipeline.frontend import onnx_normalize
+
+    # A CNN is pre-processed as the int8 recipe does (BatchNorm folded into the convs int8
+    # may take); other models are not: the pre-processing fuses MatMul + Add into Gemm,
+    # which the MatMul formats (block-wise, fp8, posit8) do not take.
+    model = onnx_normalize.load_inline(model_path)
+    if any(node.op_type == "Conv" for node in model.graph.node):
+        model, external = _load_preprocessed(model_path, out_dir)
+    else:
+        external = onnx_normalize.data_path(model_path).is_file()
     mixed.name_matmuls(model)
     feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
                                 config.ranges)
