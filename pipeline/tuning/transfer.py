@@ -8,6 +8,8 @@ schedule skeleton for the new kernel: it is replayed on it with every tile decis
 to the new loop extents (:func:`adapting_decisions`: inner factors kept where they divide,
 the outermost takes the rest; unroll and compute-at decisions kept).
 
+Only kernels with a reduction (convs, matmuls, pooling) are transferred: on elementwise and
+layout kernels a borrowed trace gains little and can take LLVM half a minute to compile.
 Which record: those whose workload has exactly the kernel's block names, nearest in size
 first (the sum over buffers of ``|log(elements_new / elements_old)|``), then fastest. The
 choice is deterministic (no timing at compile time), so a rebuild gives the same kernel.
@@ -156,6 +158,11 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
         if reads_by_index(func):
             report.kept_naive[name] = ("reads by index (a gather): random inputs cannot check "
                                        "a schedule for it")
+            continue
+        if "T.axis.reduce" not in func.script():
+            # a borrowed trace on an elementwise/layout kernel gains little and can take LLVM
+            # half a minute to compile (inception_v2's transposes: up to 33 s each)
+            report.kept_naive[name] = "no reduction (elementwise or layout): not transferred"
             continue
         kind = by_kind.get(block_names(func.without_attr("global_symbol")))
         if not kind:
