@@ -49,6 +49,11 @@ def block_names(func) -> tuple[str, ...]:
     return tuple(sorted(set(re.findall(r'T\.s?block\("([\w.]+)"', func.script()))))
 
 
+def _has_reduction(func) -> bool:
+    """Whether a PrimFunc has a reduction axis (a conv, matmul, pooling, norm)."""
+    return re.search(r'T\.axis\.(reduce\(|remap\("[SR]*R)', func.script()) is not None
+
+
 def _sizes(func) -> list[int]:
     return [math.prod(int(d) for d in p.shape) for p in func.params]
 
@@ -159,7 +164,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
             report.kept_naive[name] = ("reads by index (a gather): random inputs cannot check "
                                        "a schedule for it")
             continue
-        if "T.axis.reduce" not in func.script():
+        if not _has_reduction(func):
             # a borrowed trace on an elementwise/layout kernel gains little and can take LLVM
             # half a minute to compile (inception_v2's transposes: up to 33 s each)
             report.kept_naive[name] = "no reduction (elementwise or layout): not transferred"
