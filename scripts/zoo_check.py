@@ -189,8 +189,8 @@ def check(model: str, out: Path) -> list[dict]:
         rc = doit(project, f"build:{name}_fp32", f"build:{name}_int8", "tune=off", log=log)
         built_s = time.monotonic() - start
         if rc == 0:
-            doit(project, "validate", log=log)
-            doit(project, "bench", "repeat=20", "warmup=3", log=log)
+            doit(project, "--continue", "validate", log=log)
+            doit(project, "--continue", "bench", "repeat=20", "warmup=3", log=log)
         for row in results_of(project, name):
             row.update(kind=kind, model=model, build_rc=rc, build_s=round(built_s))
             rows.append(row)
