@@ -204,7 +204,7 @@ def _f(value, fmt: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | copy | variant | built | validate | TVM vs ORT (same model) | "
-             "int8 vs fp32 cosine | untuned C++ / ORT |", "|---|---|---|---|---|---|---|---|"]
+             "int8 vs fp32 cosine | C++ / ORT, no tuning (borrowed schedules) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         variant = r["artifact"].rsplit("_", 1)[-1]
         same = r.get("tvm_fp32_vs_ort_fp32") or r.get("tvm_int8_vs_ort_int8") or {}
@@ -215,7 +215,7 @@ def table(rows: list[dict]) -> str:
                   f"{_f(same.get('max_err_steps'), '.0f')} step(s)")
         quality = (r.get("tvm_int8_vs_ort_fp32") or {}).get("cosine")
         bench = r.get("bench") or {}
-        ratio = (f"{bench['cpp_ms']:.1f} / {bench['ort_ms']:.1f} ms = {bench['ratio']:.0f}x"
+        ratio = (f"{bench['cpp_ms']:.1f} / {bench['ort_ms']:.1f} ms = {bench['ratio']:.1f}x"
                  if bench.get("cpp_ms") and bench.get("ort_ms") and bench.get("ratio") else "-")
         lines.append(f"| {r.get('model', '')} | {r.get('kind', '')} | {variant} | "
                      f"{'yes' if r['built'] else 'NO'} | {r.get('validate', '-')} | {vs} | "
