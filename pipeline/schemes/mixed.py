@@ -24,9 +24,9 @@ the fp32 model's, worst calibration sample). The search is coarse first and chea
    model (all layers in their formats at once, measured, not summed) misses the budget, the
    layer whose next more precise format buys the most sensitivity per extra second moves
    up. Then each raised layer, most time saved first, tries one rung down again and stays
-   there if the model still meets the budget. The search aims at 80% of the error the budget
-   allows (:data:`HEADROOM`), so inputs it did not see stay within the budget too. The quantize stage measures the real
-   quantized model again and reports it.
+   there if the model still meets the budget. The search aims at 80% of the error the
+   budget allows (:data:`HEADROOM`), so inputs it did not see stay within the budget too.
+   The quantize stage measures the real quantized model again and reports it.
 
 The assignment is written to ``assignment.json`` (reviewable; a variant's
 ``assignment = "<file>"`` pins a reviewed copy, and the search is skipped). Formats are

@@ -292,13 +292,12 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
 
 
 def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
-    """A format per MatMul layer (:mod:`pipeline.schemes.mixed`): searched under the budget on
+    """A format per weight layer (:mod:`pipeline.schemes.mixed`): searched under the budget on
     the calibration samples, or read from a pinned assignment file. Writes ``model.onnx``
     (each layer in its format, as the single-format recipes write it) and
     ``assignment.json`` (the reviewable choice, with each layer's size and sensitivity)."""
-    from pipeline.schemes import mixed
-
     from pipeline.frontend import onnx_normalize
+    from pipeline.schemes import mixed
 
     # A CNN is pre-processed as the int8 recipe does (BatchNorm folded into the convs int8
     # may take); other models are not: the pre-processing fuses MatMul + Add into Gemm,
