@@ -204,7 +204,8 @@ def _f(value, fmt: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | copy | variant | built | validate | TVM vs ORT (same model) | "
-             "int8 vs fp32 cosine | C++ / ORT, no tuning (borrowed schedules) |", "|---|---|---|---|---|---|---|---|"]
+             "int8 vs fp32 cosine | C++ / ORT, no tuning (borrowed schedules) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         variant = r["artifact"].rsplit("_", 1)[-1]
         same = r.get("tvm_fp32_vs_ort_fp32") or r.get("tvm_int8_vs_ort_int8") or {}
