@@ -122,6 +122,15 @@ def _preprocess(model_path: Path, scratch: Path, external: bool = False) -> Path
     return pre
 
 
+def _load_source(model_path: Path):
+    """``(model, external)``: the source with its tensors read in, and whether it came with
+    ONNX external data (the recipe's output then does too)."""
+    from pipeline.frontend import onnx_normalize
+
+    return (onnx_normalize.load_inline(model_path),
+            onnx_normalize.data_path(model_path).is_file())
+
+
 def _load_preprocessed(model_path: Path, out_dir: Path):
     """``(model, external)``: the source after :func:`_preprocess`, its tensors read in, and
     whether the source came with ONNX external data (the recipe's output then does too)."""
@@ -267,11 +276,9 @@ def _matmul_nbits(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     stores them in half precision, and onnxruntime must compute with the very same weights.
     Rounding a scale moves each weight by at most 2**-11 of its quantization step.
     """
-    from pipeline.frontend import onnx_normalize
     from pipeline.schemes.blockwise import quantize_blockwise
 
-    external = onnx_normalize.data_path(model_path).is_file()
-    model = onnx_normalize.load_inline(model_path)
+    model, external = _load_source(model_path)
     _check_selection(model_path, config, model.graph)
     model = quantize_blockwise(model, config.bits, config.block_size, config.symmetric,
                                exclude=config.exclude_nodes,
@@ -296,17 +303,18 @@ def _mixed(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
     the calibration samples, or read from a pinned assignment file. Writes ``model.onnx``
     (each layer in its format, as the single-format recipes write it) and
     ``assignment.json`` (the reviewable choice, with each layer's size and sensitivity)."""
-    from pipeline.frontend import onnx_normalize
+    import onnx
+
     from pipeline.schemes import mixed
 
     # A CNN is pre-processed as the int8 recipe does (BatchNorm folded into the convs int8
     # may take); other models are not: the pre-processing fuses MatMul + Add into Gemm,
     # which the MatMul formats (block-wise, fp8, posit8) do not take.
-    model = onnx_normalize.load_inline(model_path)
-    if any(node.op_type == "Conv" for node in model.graph.node):
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    if any(node.op_type == "Conv" for node in graph.node):
         model, external = _load_preprocessed(model_path, out_dir)
     else:
-        external = onnx_normalize.data_path(model_path).is_file()
+        model, external = _load_source(model_path)
     mixed.name_matmuls(model)
     feeds = calibration_samples(config.inputs, config.samples, config.seed, config.data_dir,
                                 config.ranges)
@@ -362,11 +370,9 @@ def _weight_codes8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> d
     fp8 raises the model to opset 21 (float8 DequantizeLinear needs 19)."""
     from onnx import TensorProto
 
-    from pipeline.frontend import onnx_normalize
     from pipeline.schemes import codes8
 
-    external = onnx_normalize.data_path(model_path).is_file()
-    model = onnx_normalize.load_inline(model_path)
+    model, external = _load_source(model_path)
     _check_selection(model_path, config, model.graph)
     inits = {i.name: i for i in model.graph.initializer}
     for index, node in enumerate(model.graph.node):  # the layers are found by name
