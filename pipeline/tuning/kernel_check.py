@@ -139,12 +139,13 @@ def check_records(candidates: dict, target, seed: int = 0,
 
 
 def first_agreeing(naive: dict, candidates: dict, target, seed: int = 0, check: bool = True,
-                   progress=print, verdicts: dict | None = None) -> tuple[dict, dict]:
+                   progress=print, verdicts: dict | None = None,
+                   stage: str = "tune") -> tuple[dict, dict]:
     """Per kernel name, the first candidate schedule that replays and computes what the
     naive kernel ``naive[name]`` computes. ``candidates[name]`` lists callables that return
     the scheduled PrimFunc (or raise: it does not replay), best first. Returns
     ``({name: (rank, func)}, {name: why none was taken})``. ``check=False`` takes the first
-    that replays, unchecked (tests of the checker itself)."""
+    that replays, unchecked (tests of the checker itself). ``stage`` prefixes the messages."""
     names = sorted(naive)
     verdicts = verdicts if verdicts is not None else {n: KernelVerdict(n) for n in names}
     if check:
@@ -171,15 +172,15 @@ def first_agreeing(naive: dict, candidates: dict, target, seed: int = 0, check: 
                     chosen[n] = (rank, funcs[n])
                     verdicts[n].chosen_rank = rank
                     if rank:
-                        progress(f"tune: {n}: record {rank} (not the fastest) is the first "
+                        progress(f"{stage}: {n}: record {rank} (not the fastest) is the first "
                                  "that computes the right result")
                     continue
                 verdicts[n].rejected.append(f"record {rank}: {why}")
-                progress(f"tune: {n}: record {rank} computes WRONG results ({why}); skipped")
+                progress(f"{stage}: {n}: record {rank} computes WRONG results ({why}); skipped")
             if rank + 1 < len(candidates[n]):
                 still_open.append(n)
             else:
-                progress(f"tune: {n}: none of its {rank + 1} records computes the right "
+                progress(f"{stage}: {n}: none of its {rank + 1} records computes the right "
                          "result; it gets no tuned schedule")
         open_names = still_open
         rank += 1

@@ -181,7 +181,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
                           "global_symbol" in e[1].attrs else "main") for e in ranked]
     if not candidates:
         return mod, report
-    chosen, why_not = first_agreeing(naive, candidates, target, check=check)
+    chosen, why_not = first_agreeing(naive, candidates, target, check=check, stage="compile")
     for gvar, _ in list(mod.functions_items()):
         name = gvar.name_hint
         if name in chosen:
