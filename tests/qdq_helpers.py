@@ -101,6 +101,43 @@ def classifier_model():
     return g.model([1, 4, 8, 8], y, [1, 10])
 
 
+def attention_model(seq: int = 16, hidden: int = 32, heads: int = 2):
+    """One self-attention block as a BERT exports it: x[1,seq,hidden] -> MatMul + bias for
+    Q, K, V -> heads (Reshape, Transpose) -> Q x K^T / sqrt(d) -> Softmax -> x V -> merge
+    heads -> output MatMul + bias. Quantized with ``op_types=["MatMul"]``, two of its
+    MatMuls multiply two activations."""
+    from onnx import numpy_helper
+
+    g = _Graph(6)
+    d = hidden // heads
+
+    def const(name, values):
+        g.inits.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
+    def linear(x):
+        w, b = f"w{g.n}", f"b{g.n}"
+        g.inits.append(_init(g.rng, w, (hidden, hidden), 1.0 / np.sqrt(hidden)))
+        g.inits.append(_init(g.rng, b, (hidden,), 0.1))
+        return g.node("Add", [g.node("MatMul", [x, w]), b])
+
+    split = const("split_shape", np.array([1, seq, heads, d], np.int64))
+    merge = const("merge_shape", np.array([1, seq, hidden], np.int64))
+
+    def heads_of(x, perm):
+        return g.node("Transpose", [g.node("Reshape", [x, split])], perm=perm)
+
+    q = heads_of(linear("x"), [0, 2, 1, 3])
+    k = heads_of(linear("x"), [0, 2, 3, 1])
+    v = heads_of(linear("x"), [0, 2, 1, 3])
+    scores = g.node("Div", [g.node("MatMul", [q, k]),
+                            const("sqrt_d", np.array(np.sqrt(d), np.float32))])
+    context = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
+    merged = g.node("Reshape", [g.node("Transpose", [context], perm=[0, 2, 1, 3]), merge])
+    y = linear(merged)
+    return g.model([1, seq, hidden], y, [1, seq, hidden])
+
+
 def add_model(hw: int = 256):
     """x + y, two inputs: quantized, a lone QLinearAdd in onnxruntime."""
     from onnx import TensorProto, helper
@@ -129,10 +166,12 @@ def _feed(x) -> dict:
 
 
 def quantize_qdq(model, workdir: Path, per_channel: bool = True, activation: str = "QUInt8",
-                 calib_count: int = 4, calib: list[dict] | None = None):
+                 calib_count: int = 4, calib: list[dict] | None = None,
+                 op_types: list[str] | None = None):
     """Quantize like the pipeline does: QDQ, u8 activations, s8 per-channel weights.
 
-    Calibrates on ``calib`` (feed dicts), or on ``calib_count`` seeded normal inputs.
+    Calibrates on ``calib`` (feed dicts), or on ``calib_count`` seeded normal inputs;
+    ``op_types`` limits the ops quantized (onnxruntime's ``op_types_to_quantize``).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -160,7 +199,8 @@ def quantize_qdq(model, workdir: Path, per_channel: bool = True, activation: str
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=getattr(QuantType, activation),
-                    weight_type=QuantType.QInt8, per_channel=per_channel)
+                    weight_type=QuantType.QInt8, per_channel=per_channel,
+                    op_types_to_quantize=op_types)
     return onnx.load(qdq)
 
 

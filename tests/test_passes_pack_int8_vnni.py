@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import qdq_helpers as H
 
-from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI, pack_conv_weight
+from pipeline.compiler.passes.pack_int8_vnni import (
+    PackInt8ForVNNI,
+    PackInt8MatmulForVNNI,
+    pack_conv_weight,
+    pack_matmul_weight,
+)
 from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
 from pipeline.core.targets import host_has_vnni
 
@@ -96,3 +101,54 @@ def test_metaschedule_tensorizes_packed_conv_with_vnni(tmp_path, monkeypatch):
     sch = ms.tir_integration.compile_tir(database, task.dispatched[0], target)
     assert sch is not None, "no valid tuning record"
     assert tir_uses_vnni(sch.mod)
+
+
+# ---- matmul ---------------------------------------------------------------------------------
+def test_matmul_weight_layout_is_vpdpbusd_blocks():
+    w = np.random.default_rng(0).integers(-128, 128, (8, 32)).astype(np.int8)  # [K, N]
+    packed = pack_matmul_weight(w)
+    assert packed.shape == (2, 2, 16, 4)  # [N/16, K/4, 16 columns, 4 inputs]
+    assert packed[1, 1, 5, 3] == w[1 * 4 + 3, 1 * 16 + 5]
+
+
+def _attention_integer_module(tmp_path):
+    qdq = H.quantize_qdq(H.attention_model(), tmp_path, op_types=["MatMul", "Gemm"])
+    mod, report = quantize_to_integer(H.import_qdq(qdq))
+    assert report.unmatched == []
+    return qdq, mod
+
+
+def test_packed_matmuls_are_bit_exact(tmp_path):
+    """The four constant-weight matmuls of an attention block are packed; the two of two
+    activations are not (VNNI multiplies a constant s8 operand here)."""
+    qdq, mod = _attention_integer_module(tmp_path)
+    pack = PackInt8MatmulForVNNI()
+    packed = pack(mod)
+    assert pack.last_stats == {"matmuls": 4}
+    xs = H.inputs(H.input_shape(qdq), 2, seed=3)
+    for a, b in zip(H.build_and_run(mod, xs), H.build_and_run(packed, xs)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_metaschedule_space_tensorizes_packed_matmul_with_vnni(tmp_path):
+    """Every design space MetaSchedule generates for a packed matmul kernel (with its
+    requantize epilogue) is tiled for the VNNI intrinsic."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import intrinsics
+    from pipeline.compiler.lowering import lower_for_target
+
+    intrinsics.register()
+    _, mod = _attention_integer_module(tmp_path)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    report: dict = {}
+    lowered = lower_for_target(mod, target, "int8", report=report)
+    assert report["vnni_packed"]["matmuls"] == 4
+    tasks = [t for t in ms.relax_integration.extract_tasks(lowered, target)
+             if "matmul_vnni" in t.task_name]
+    assert tasks
+    context = ms.TuneContext(mod=tasks[0].dispatched[0], target=target,
+                             space_generator="post-order-apply", task_name="matmul_vnni")
+    spaces = context.generate_design_space()
+    assert spaces and all(intrinsics.VNNI_DOT_16X4 in str(s.trace) for s in spaces)

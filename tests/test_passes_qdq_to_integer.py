@@ -263,3 +263,61 @@ def test_import_is_linear_in_depth(tmp_path, monkeypatch):
         quantize_to_integer(H.import_qdq(qdq, fold=False))
         per_layer[layers] = calls["n"] / layers
     assert per_layer[48] <= 1.2 * per_layer[6], per_layer
+
+
+# ---- transformers: attention ---------------------------------------------------------------
+def _attention(tmp_path, seq: int = 16):
+    qdq = H.quantize_qdq(H.attention_model(seq=seq), tmp_path, op_types=["MatMul", "Gemm"])
+    mod, report = quantize_to_integer(H.import_qdq(qdq))
+    return qdq, mod, report
+
+
+def _output_step(tmp_path) -> float:
+    """Step of the last quantized tensor (the output is a float Gemm + bias)."""
+    from pipeline.stages.validate import output_steps
+
+    return output_steps(tmp_path / "qdq.onnx")[0]  # written by quantize_qdq
+
+
+FLOAT_SUMS = "matmul of two activations (per-tensor, exact integer sums in float32)"
+INT32_SUMS = "matmul of two activations (per-tensor, int32)"
+
+
+# 16 tokens: both sums fit float32 exactly; 300 tokens: P x V sums 300 products (> 258)
+@pytest.mark.parametrize("seq, sums", [(16, [FLOAT_SUMS] * 2), (300, [FLOAT_SUMS, INT32_SUMS])])
+def test_attention_matmuls_of_two_activations_run_as_integer(tmp_path, seq, sums):
+    """Q x K^T and P x V multiply two quantized activations: exact integer sums like
+    onnxruntime's QLinearMatMul, and the block's output within a step of onnxruntime int8."""
+    qdq, mod, report = _attention(tmp_path, seq)
+    kinds = [m.split(" ->")[0] for m in report.matched]
+    assert [k for k in kinds if k.startswith("matmul of two")] == sums
+    assert kinds.count("matmul (per-channel, bias)") == 4
+    assert report.unmatched == []
+    assert report.summary().startswith("6 of 6 quantized ops run as integer")
+    # Softmax, the head Transposes and the input Reshapes are float ops in onnxruntime
+    # too; they are listed apart, not as quantized ops left behind
+    assert any(f.startswith("nn.softmax") for f in report.float_ops)
+    assert H.dequantize_feeds(mod) == 0  # no float matmul reads a dequantized tensor
+    xs = H.inputs(H.input_shape(qdq), 3, seed=7)
+    steps = H.max_steps(H.build_and_run(mod, xs), H.run_ort(qdq, xs), _output_step(tmp_path))
+    assert steps <= 1.0 + 1e-5, f"{steps:.3f} steps from onnxruntime int8"
+
+
+def test_structure_of_a_matmul_of_two_activations(tmp_path):
+    """The rule's form: operands centred from the 8-bit tensors (``float32(q) - zp``, the
+    subtraction left out where zp is 0), one matmul, then onnxruntime's requantize."""
+    _, mod, _ = _attention(tmp_path)
+    values = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+    matmuls = {var: v for var, v in values.items()
+               if H._is_call(v, "relax.matmul") and str(v.args[0].ty.dtype) == "float32"}
+    assert len(matmuls) == 2
+    for var, mm in matmuls.items():
+        for operand in mm.args:
+            centred = values[operand]
+            if H._is_call(centred, "relax.subtract"):
+                centred = values[centred.args[0]]
+            assert H._is_call(centred, "relax.astype")
+            assert str(centred.args[0].ty.dtype) == "uint8"
+        users = [v for v in values.values() if H._is_call(v, "relax.astype")
+                 and v.args[0].same_as(var)]
+        assert len(users) == 1  # the requantize's float32 view of the accumulator

@@ -79,16 +79,24 @@ def _cpu_float16_layout(target, layout: str):
     return [("NHWC", _convert_nhwc), ("NCHW", _keep_layout)]
 
 
+def _pack_int8_vnni(mod, report: dict):
+    from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI, PackInt8MatmulForVNNI
+
+    convs, matmuls = PackInt8ForVNNI(), PackInt8MatmulForVNNI()
+    mod = matmuls(convs(mod))
+    report["vnni_packed"] = {**convs.last_stats, **matmuls.last_stats}
+    return mod
+
+
 def _cpu_int8_layout(target, layout: str):
     # int8 on an x86 CPU with VNNI: integer regions go to NCHW16c with prepacked weights so
-    # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW).
+    # MetaSchedule can tensorize with vpdpbusd (FACTS.md: 0.17 ms packed vs 1.97 ms NCHW);
+    # matmuls with constant weights get their weights in vpdpbusd blocks likewise.
     # No fallback: a VNNI artifact that silently computed in NCHW would be 10x slower.
     from tvm.target import codegen
 
-    from pipeline.compiler.passes.pack_int8_vnni import PackInt8ForVNNI
-
     if codegen.target_has_features("avx512vnni", target):
-        return [("NCHW16c (int8, VNNI)", lambda mod, report: PackInt8ForVNNI()(mod))]
+        return [("NCHW16c (int8, VNNI)", _pack_int8_vnni)]
     return [("NCHW", _keep_layout)]
 
 
@@ -147,7 +155,8 @@ def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = 
 
     ``report``, if given, is filled with ``layout`` (the one used), ``layout_requested``,
     ``layout_fallback`` (None, or why the requested one failed and what replaced it, as
-    printed) and, for NHWC, ``layout_prep`` (what was rewritten or kept unconverted).
+    printed), for NHWC ``layout_prep`` (what was rewritten or kept unconverted) and, for
+    int8 with VNNI, ``vnni_packed`` (convs and matmuls packed, layout conversions).
     """
     if layout and layout not in CPU_FP32_LAYOUTS:
         raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")

@@ -16,7 +16,8 @@ def _qdq_to_integer(mod):
     for entry in report.unmatched:
         print(f"import:   stays in fake-quant form: {entry}", flush=True)
     return mod, {"integer_pass": True, "summary": report.summary(),
-                 "matched": list(report.matched), "unmatched": list(report.unmatched)}
+                 "matched": list(report.matched), "unmatched": list(report.unmatched),
+                 "float_ops": list(report.float_ops)}
 
 
 def _float_format(name: str, rewrite):

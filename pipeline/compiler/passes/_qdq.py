@@ -38,13 +38,20 @@ def first_of(*rules):
 class IntegerReport:
     """Which quantized ops a pass turned into integer arithmetic, and why the others were not.
 
-    A *quantized op* is one whose result feeds an ``R.quantize``: the op between a
-    dequantize and a quantize of the fake-quantized graph. The input quantization of the
-    network (``R.quantize`` of a function parameter) is not an op and is not counted.
+    A *quantized op* is one between a dequantize and a quantize of the fake-quantized graph:
+    its result feeds an ``R.quantize`` and it reads a dequantized tensor (directly, or under
+    a constant bias add). What onnxruntime quantizes is counted so: its QDQ node units.
+
+    An op whose result is quantized but whose inputs are all float (a LayerNorm, Softmax or
+    Transpose whose output a quantized MatMul reads) is a *float op*: onnxruntime runs it in
+    float too, and the quantize after it is the consumer's input quantization. Those are
+    listed apart, not counted as quantized ops left in fake-quant form. The input
+    quantization of the network (``R.quantize`` of a function parameter) is not an op.
     """
 
     matched: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -52,11 +59,16 @@ class IntegerReport:
 
     def summary(self) -> str:
         """One line, e.g. ``"7 of 8 quantized ops run as integer"``."""
-        return f"{len(self.matched)} of {self.total} quantized ops run as integer"
+        line = f"{len(self.matched)} of {self.total} quantized ops run as integer"
+        if self.float_ops:
+            line += (f" ({len(self.float_ops)} float ops quantize their outputs for "
+                     "quantized consumers; float in onnxruntime too)")
+        return line
 
     def merge(self, other: IntegerReport) -> IntegerReport:
         """Both reports together (for passes run one after another on disjoint ops)."""
-        return IntegerReport(self.matched + other.matched, self.unmatched + other.unmatched)
+        return IntegerReport(self.matched + other.matched, self.unmatched + other.unmatched,
+                             self.float_ops + other.float_ops)
 
 
 @dataclass(frozen=True)
@@ -571,19 +583,42 @@ def rewrite_quantized_ops(mod, rules: dict, report: IntegerReport):
             label = f"{name.removeprefix('relax.')} -> {var.name} {list(shape_of(var))}"
             rule = rules.get(name)
             if rule is None:
-                report.unmatched.append(f"{label}: no integer rule for this op")
+                self._left(label, producer, "no integer rule for this op")
                 return None
             ctx = RuleContext(self.builder_, self.bindings, self.visit_expr)
             try:
                 out = output_qparams(self.bindings, qcall)
                 result, note = rule(ctx, qcall, producer, out, relu)
             except NoMatch as err:
-                report.unmatched.append(f"{label}: {err}")
+                self._left(label, producer, str(err))
                 return None
             report.matched.append(f"{note} -> {var.name} {list(shape_of(var))}")
             return result
 
+        def _left(self, label: str, producer, why: str) -> None:
+            if reads_dequantized(self.bindings, producer):
+                report.unmatched.append(f"{label}: {why}")
+            else:
+                report.float_ops.append(f"{label}: float inputs")
+
     return mutate_relax_functions(_Rewriter(mod), mod)
+
+
+def reads_dequantized(bindings: Bindings, producer) -> bool:
+    """Whether ``producer`` reads a dequantized activation: directly, or as the core op
+    under an add of a constant (a bias). See :class:`IntegerReport`."""
+    from tvm import relax
+
+    args = [a for a in getattr(producer, "args", []) if isinstance(a, relax.Expr)]
+    for arg in args:
+        value = bindings.value(arg)
+        if op_name(value) == "relax.dequantize" and bindings.const(value) is None:
+            return True
+    if op_name(producer) == "relax.add" and len(args) == 2:
+        for core, other in (args, args[::-1]):
+            if bindings.const(other) is not None:
+                return reads_dequantized(bindings, bindings.value(core))
+    return False
 
 
 def rewrite_calls(mod, rewrite):

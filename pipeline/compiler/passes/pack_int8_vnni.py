@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._qdq import Bindings, shape_of
+from ._qdq import Bindings, fold_constant, op_name, shape_of
 from .pack_nchwc import OC_BLOCK, ConvPacking, packing_pass
 
 __all__ = ["PackInt8ForVNNI", "pack_conv_weight", "OC_BLOCK"]
@@ -95,3 +95,82 @@ def PackInt8ForVNNI():  # noqa: N802  (a pass factory, named like TVM's)
     ``last_stats``.
     """
     return packing_pass(Int8VNNI(), "PackInt8ForVNNI")
+
+
+# ---- matmul ---------------------------------------------------------------------------------
+def pack_matmul_weight(w: np.ndarray) -> np.ndarray:
+    """``[K, N]`` int8 weights as ``[N/16, K/4, 16, 4]``: each innermost 16 x 4 block is what
+    one ``vpdpbusd`` multiplies (16 output columns times 4 consecutive inputs), contiguous."""
+    k, n = w.shape
+    blocks = w.reshape(k // IC_GROUP, IC_GROUP, n // OC_BLOCK, OC_BLOCK)
+    return np.ascontiguousarray(blocks.transpose(2, 0, 3, 1))
+
+
+def _matmul_vnni_te(data, packed):
+    """``out[..., n] = sum_k int32(data[..., k]) * int32(W[k, n])`` read from the packed
+    weights. MetaSchedule's VNNI rule splits ``n`` by 16 and ``k`` by 4 and tensorizes the
+    16 x 4 block; the output keeps the matmul's own shape, so the requantize epilogue
+    fuses into the kernel (a reshape after it would end the fusion)."""
+    from tvm import te
+
+    *batch, _ = data.shape
+    col_blocks, k_groups, _, _ = packed.shape
+    k_outer = te.reduce_axis((0, k_groups), name="k_outer")
+    k_inner = te.reduce_axis((0, IC_GROUP), name="k_inner")
+
+    def dot(*index):
+        *rows, n = index
+        return te.sum(data[(*rows, k_outer * IC_GROUP + k_inner)].astype("int32")
+                      * packed[n // OC_BLOCK, k_outer, n % OC_BLOCK, k_inner].astype("int32"),
+                      axis=[k_outer, k_inner])
+
+    return te.compute((*batch, col_blocks * OC_BLOCK), dot, name="matmul_vnni")
+
+
+def _vnni_matmul_weight(call) -> np.ndarray | None:
+    """The ``[K, N]`` int8 weight of a u8 x s8 -> int32 matmul VNNI can run, else None."""
+    if op_name(call) != "relax.matmul" or str(call.attrs.out_dtype) != "int32":
+        return None
+    if str(call.args[0].ty.dtype) != "uint8":
+        return None
+    weight = fold_constant(call.args[1])  # QDQToInteger passes it as a constant
+    if weight is None or weight.dtype != np.int8 or weight.ndim != 2:
+        return None
+    k, n = weight.shape
+    if k % IC_GROUP or n % OC_BLOCK or shape_of(call.args[0])[-1] != k:
+        return None
+    return weight
+
+
+def PackInt8MatmulForVNNI():  # noqa: N802  (a pass factory, named like TVM's)
+    """Module pass: each u8 x s8 -> int32 ``R.matmul`` with a constant ``[K, N]`` weight
+    (K a multiple of 4, N of 16) becomes a ``matmul_vnni`` kernel on weights prepacked to
+    ``[N/16, K/4, 16, 4]`` (the requantize epilogue still fuses into it). Run after
+    :func:`.qdq_to_integer.QDQToInteger`, for
+    x86 targets with AVX512-VNNI only. The number of matmuls packed is kept on the pass
+    object as ``last_stats``."""
+    import tvm
+    from tvm import relax
+
+    from ._qdq import rewrite_calls
+
+    @tvm.transform.module_pass(opt_level=0, name="PackInt8MatmulForVNNI")
+    class _Pass:
+        def __init__(self):
+            self.last_stats: dict | None = None
+
+        def transform_module(self, mod, ctx):
+            stats = self.last_stats = {"matmuls": 0}
+
+            def rewrite(mutator, call):
+                weight = _vnni_matmul_weight(call)
+                if weight is None:
+                    return None
+                stats["matmuls"] += 1
+                return mutator.builder_.call_te(_matmul_vnni_te, call.args[0],
+                                                relax.const(pack_matmul_weight(weight)),
+                                                primfunc_name_hint="matmul_vnni")
+
+            return rewrite_calls(mod, rewrite)
+
+    return _Pass()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._qdq import (
+    INT32_MAX,
     IntegerReport,
     NoMatch,
     NotThisRule,
@@ -16,6 +17,7 @@ from ._qdq import (
     first_of,
     op_name,
     rewrite_quantized_ops,
+    shape_of,
     tensorize_activation_qparams,
     weight_qparams,
 )
@@ -132,6 +134,53 @@ def _matmul(ctx, qcall, producer, out: QParams, relu: bool):
     return result, _describe("matmul", w.per_channel, bias is not None, relu)
 
 
+# float32 holds every integer below 2**24 exactly: a sum of K products of two centred 8-bit
+# values (|q - zp| <= 255) is exact in float32 when K * 255**2 stays below that.
+_FLOAT32_EXACT = 2**24
+
+
+def _centered(ctx, q, params: QParams, dtype: str):
+    """``dtype(q) - zero_point``: the exact integer an 8-bit activation stands for."""
+    from tvm.relax import op
+
+    from ._qdq import tensor_const
+
+    wide = ctx.emit(op.astype(ctx.remap(q), dtype))
+    if params.zero_point == 0:
+        return wide
+    return ctx.emit(op.subtract(wide, tensor_const(params.zero_point, dtype)))
+
+
+def _activation_matmul(ctx, qcall, producer, out: QParams, relu: bool):
+    """A matmul of two quantized activations (attention's Q x K^T and P x V), as
+    onnxruntime's QLinearMatMul computes it: ``sum_k (a - za)(b - zb)`` exactly, then
+    requantized with the float32 multiplier ``(sa * sb) / sy``.
+
+    x86 has no u8 x u8 dot product; where the sum is exact in float32 (K * 255**2 < 2**24:
+    K <= 258, every attention of a model with up to 258 tokens), the centred integers are
+    multiplied and summed in float32, which runs as a tuned float kernel and gives the
+    same integer; longer sums accumulate in int32."""
+    from tvm.relax import op
+
+    if op_name(producer) != "relax.matmul":
+        raise NotThisRule("not a matmul")
+    _float_compute(producer)
+    a_q, ap = activation_qparams(ctx.bindings, producer.args[0], "matmul left input")
+    b_q, bp = activation_qparams(ctx.bindings, producer.args[1], "matmul right input")
+    k = int(shape_of(producer.args[0])[-1])
+    bound = k * 255 * 255
+    if bound > INT32_MAX:
+        raise NoMatch(f"matmul of two activations with K={k} could overflow int32")
+    dtype = "float32" if bound < _FLOAT32_EXACT else "int32"
+    acc = ctx.emit(op.matmul(_centered(ctx, a_q, ap, dtype), _centered(ctx, b_q, bp, dtype),
+                             out_dtype=dtype))
+    mult = _requant_multiplier(ap, np.float32(bp.scale), out)
+    result = emit_requantize(ctx.bb, acc, mult, out, lower=out.zero_point if relu else None)
+    how = "exact integer sums in float32" if dtype == "float32" else "int32"
+    return result, (f"matmul of two activations (per-tensor, {how})"
+                    + (", relu absorbed" if relu else ""))
+
+
 def integer_rules(region: bool = True) -> dict:
     """The rewrite rules by producing op: conv2d/matmul, plus the integer-region ops.
 
@@ -143,7 +192,7 @@ def integer_rules(region: bool = True) -> dict:
     """
     rules = {
         "relax.nn.conv2d": _conv2d,
-        "relax.matmul": _matmul,
+        "relax.matmul": first_of(_matmul, _activation_matmul),
         "relax.add": first_of(_conv2d, _matmul),
     }
     if region:
