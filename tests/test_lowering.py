@@ -264,3 +264,35 @@ def test_light_zoo_lowers_in_nhwc(name):
                                              keep_params_in_input=False))
     _, report = _lower_default(mod)
     assert report["layout"] == "NHWC" and report["layout_fallback"] is None, report
+
+
+def test_cpu_float32_exp_erf_softmax_are_fast_polynomials():
+    """On CPUs, exp/erf/softmax of float32 become TOPI's vectorizable approximations (the
+    exact ones call libm per element), counted in the report, within 1e-6 relative."""
+    import math
+
+    import tvm
+    from tvm import relax
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((4, 64), "float32")):
+            with R.dataflow():
+                p = R.nn.softmax(x, axis=-1)
+                y = R.exp(R.add(p, R.erf(x)))
+                R.output(y)
+            return y
+
+    target = tvm_target(get_target("cpu"))
+    report: dict = {}
+    lowered = lowering.lower_for_target(Module, target, "float32", report=report)
+    assert report["fast_math"] == {"erf": 1, "exp": 1, "nn.softmax": 1}
+    assert "tirx.erf" not in lowered.script() and "T.erf" not in lowered.script()
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+    x = (np.random.default_rng(0).standard_normal((4, 64)) * 3).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    e = np.exp(x - x.max(-1, keepdims=True))
+    ref = np.exp(e / e.sum(-1, keepdims=True) + np.vectorize(math.erf)(x.astype(np.float64)))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
