@@ -91,3 +91,42 @@ def test_a_selection_that_quantizes_nothing_is_an_error(tmp_path):
             quantize.run(model, _cfg(samples=1, **changes), out)
     quantize.run(model, _cfg(samples=1, op_types=("Conv", "MatMul")), out)  # Conv: ok
     assert (out / "model.onnx").exists()
+
+
+def _masked_attention_scores(path: Path) -> None:
+    """x[1,16] -> MatMul -> + (1 - float(mask)) * -3.4e38 -> Softmax -> MatMul: a
+    transformer's mask arithmetic (mask: int64 0/1), whose tensors span float32's range."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"w{i}")
+         for i in range(2)]
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n)
+              for n, v in (("one", 1.0), ("lowest", -3.4e38))]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["s"]),
+             helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "maskf"], ["inv"]),
+             helper.make_node("Mul", ["inv", "lowest"], ["bias"]),
+             helper.make_node("Add", ["s", "bias"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "w1"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16]),
+                          helper.make_tensor_value_info("mask", TensorProto.INT64, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [*w, *consts])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+
+
+def test_histogram_calibration_on_a_mask_says_what_to_do(tmp_path):
+    """entropy calibration of every op bins the mask's -3.4e38 and fails in onnxruntime:
+    a ConfigError names the method and the fixes; quantizing only the MatMuls works."""
+    model, out = tmp_path / "m.onnx", tmp_path / "q"
+    _masked_attention_scores(model)
+    out.mkdir()
+    cfg = {"samples": 2, "method": "entropy", "ranges": {"mask": (0, 1)},
+           "inputs": (("x", (1, 16), "float32"), ("mask", (1, 16), "int64"))}
+    with pytest.raises(ConfigError, match=r"calibration method 'entropy'.*op_types"):
+        quantize.run(model, _cfg(**cfg), out)
+    quantize.run(model, _cfg(op_types=("MatMul",), **cfg), out)
+    assert (out / "model.onnx").exists()

@@ -93,14 +93,27 @@ def _static_qdq(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict
     out = out_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         pre = _preprocess(model_path, Path(scratch), external)
-        quantize_static(
-            str(pre), str(Path(scratch) / "quantized.onnx"), Reader(),
-            quant_format=QuantFormat.QDQ, use_external_data_format=external,
-            activation_type=qtype[config.activation_type], weight_type=qtype[config.weight_type],
-            per_channel=config.per_channel, calibrate_method=method,
-            op_types_to_quantize=list(config.op_types) or None,
-            nodes_to_exclude=list(config.exclude_nodes) or None,
-            extra_options={"CalibTensorRangeSymmetric": False})
+        try:
+            quantize_static(
+                str(pre), str(Path(scratch) / "quantized.onnx"), Reader(),
+                quant_format=QuantFormat.QDQ, use_external_data_format=external,
+                activation_type=qtype[config.activation_type],
+                weight_type=qtype[config.weight_type],
+                per_channel=config.per_channel, calibrate_method=method,
+                op_types_to_quantize=list(config.op_types) or None,
+                nodes_to_exclude=list(config.exclude_nodes) or None,
+                extra_options={"CalibTensorRangeSymmetric": False})
+        except ValueError as error:
+            if "bins" not in str(error):
+                raise
+            # onnxruntime's histogram calibrators (entropy, percentile) cannot bin a tensor
+            # spanning float32's range: a transformer's attention mask (-3.4e38) is one
+            raise ConfigError(
+                f"calibration method {config.method!r} failed in onnxruntime ({error}): a "
+                "tensor it calibrates spans float32's whole range, as a transformer's "
+                "attention mask does. Quantize only the layers (the variant's `op_types = "
+                "[\"MatMul\", \"Gemm\"]`, or `exclude_nodes`), or use "
+                "`[calibration] method = \"minmax\"`") from None
         # Written again by the pipeline: the same external-data layout as the source's
         # (model.onnx.data, its sha256 in model.onnx), and nothing of the scratch names.
         model = onnx_normalize.load_inline(Path(scratch) / "quantized.onnx")
