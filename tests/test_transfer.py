@@ -106,3 +106,34 @@ def test_without_logs_every_kernel_keeps_naive_loops_and_says_why(tmp_path):
     assert not report.transferred and report.kept_naive
     assert set(report.kept_naive.values()) == {"no tuning logs to borrow from"}
     assert same is mod
+
+
+@pytest.mark.slow  # opens the committed logs and builds/measures two candidates
+def test_the_tuner_starts_a_new_kernel_from_schedules_of_its_kind(tmp_path):
+    """Prior-guided search: a conv with no record gets, before any search, records measured
+    from the schedules borrowed from kernels of its kind; they replay on its workload (what
+    MetaSchedule's evolutionary search starts from) and are parallel and vectorised."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.tuning import logs, tuner
+
+    mod, target = _lowered(_conv_relu())
+    logs.merge([CPU_LOGS], tmp_path / "db")
+    database = logs.open_database(tmp_path / "db")
+    conv = next(p for p in plan_tasks(mod, target) if "conv2d" in p.name)
+    assert not database.has_workload(conv.task.dispatched[0])  # a shape no record has
+    measured, best_us = tuner._seed_from_kind(
+        database, conv, transfer.records_by_kind(database), ms.runner.LocalRunner(), 120)
+    assert measured >= 1 and best_us is not None
+    records = database.get_top_k(database.commit_workload(conv.task.dispatched[0]), 8)
+    assert 1 <= len(records) <= measured
+    for record in records:
+        sch = s_tir.Schedule(conv.task.dispatched[0])
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        script = sch.mod.script()
+        assert "T.parallel" in script and "T.vectorized" in script
+    # the stock search (seed_from_kind=False) would have started from random samples only
+    assert tuner.TuneBudget().seed_from_kind and not tuner.TuneBudget(
+        seed_from_kind=False).seed_from_kind

@@ -191,3 +191,38 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
         elif name in why_not:
             report.kept_naive[name] = why_not[name]
     return mod, report
+
+
+def seed_traces(mod, by_kind: dict, limit: int = 2) -> list:
+    """Traces for ``mod``'s kernel (an IRModule with ``main``, a tuning task's workload) from
+    the nearest records of kernels of its kind, decisions adapted, at most ``limit``; empty
+    where there is no such record or the kernel is not one :func:`transfer_schedules` would
+    transfer. The tuner measures them as the task's first candidates (prior-guided search:
+    MetaSchedule's evolutionary search starts from a workload's best records)."""
+    import tvm
+    from tvm import s_tir
+
+    from pipeline.tuning.kernel_check import reads_by_index
+
+    func = mod["main"]
+    if reads_by_index(func) or not _has_reduction(func):
+        return []
+    kind = by_kind.get(block_names(func.without_attr("global_symbol")))
+    traces = []
+    for _, _, record in sorted(kind or [], key=lambda e: (_distance(func, e[1]), e[0])):
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        try:
+            record.trace.apply_to_schedule(sch, remove_postproc=False,
+                                           decision_provider=adapting_decisions(sch))
+        except Exception:  # noqa: BLE001  (TVM raises its own error types; try the next)
+            continue
+        traces.append(sch.trace)
+        if len(traces) == limit:
+            break
+    return traces
+
+
+def records_by_kind(database) -> dict[tuple, list]:
+    """Each workload's fastest record in ``database``, grouped by block names (the input of
+    :func:`seed_traces`)."""
+    return _best_records(database)

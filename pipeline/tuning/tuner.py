@@ -47,6 +47,9 @@ class TuneBudget:
     # Candidates built and measured per batch: the wall-clock cap is checked between
     # batches, so a run ends at most about one batch past it.
     trials_per_iter: int = 64
+    # Prior-guided: a task with no record first measures the schedules borrowed from records
+    # of kernels of its kind (see _seed_from_kind); False searches as stock MetaSchedule.
+    seed_from_kind: bool = True
 
 
 @dataclass
@@ -435,6 +438,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     start = time.monotonic()
     deadline = start + budget.wall_seconds
     failed: list[str] = []
+    by_kind = None  # records grouped by kernel kind, read once when a task needs a prior
     with _StopOnSignal() as stop:
         runner = runner or ms.runner.LocalRunner()
         for i, p in enumerate(todo, 1):
@@ -454,6 +458,18 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
                              f"{timeout:g} s)")
                 progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of "
                          f"model), {n} trials, {budget.wall_seconds - elapsed:.0f} s left")
+                if budget.seed_from_kind and p.records == 0 and attempt == 0:
+                    if by_kind is None:
+                        from pipeline.tuning import transfer
+
+                        by_kind = transfer.records_by_kind(database)
+                    seeded, seeded_us = _seed_from_kind(database, p, by_kind, runner, timeout)
+                    outcome.trials += seeded
+                    n = max(1, n - seeded)
+                    if seeded:
+                        progress(f"tune: {p.name}: started from {seeded} schedule(s) of "
+                                 f"kernels of its kind: best "
+                                 + (f"{seeded_us:.1f} us" if seeded_us else "none valid"))
                 try:
                     measured, cut_short = _tune_one(database, p, db_dir, seed, timeout, n,
                                                     budget.trials_per_iter, runner,
@@ -533,6 +549,50 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
         runner=runner, database=database, task_scheduler=scheduler,
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
     return counter.n, scheduler.cut_short
+
+
+def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
+                    builder_timeout: float) -> tuple[int, float | None]:
+    """Prior-guided start of a task with no record: the schedules :mod:`.transfer` would
+    borrow for its kernel (the nearest records of kernels of its kind, tile sizes adapted)
+    are measured first and filed as its records, so the evolutionary search starts from
+    them instead of from random samples only. Returns (candidates measured, best us)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tuning import transfer
+
+    task = _on_stored_workload(database, plan.task)
+    mod, target = task.dispatched[0], task.target
+    traces = transfer.seed_traces(mod, by_kind)
+    if not traces:
+        return 0, None
+    kind = target.kind.name
+    builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout,
+                                      initializer=WORKER_INITIALIZERS[kind])
+    from tvm import s_tir
+
+    schedules = []
+    for trace in traces:
+        sch = s_tir.Schedule(mod)
+        trace.apply_to_schedule(sch, remove_postproc=False)
+        schedules.append(sch)
+    built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    device = "cuda" if kind == "cuda" else "cpu"
+    inputs = [(s, b) for s, b in zip(schedules, built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, args)
+                          for _, b in inputs])
+    workload = database.commit_workload(mod)
+    best = None
+    for (sch, _), future in zip(inputs, futures):
+        result = future.result()
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, result.run_secs, target, args))
+        secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+        best = secs * 1e6 if best is None else min(best, secs * 1e6)
+    return len(inputs), best
 
 
 def _builder_stopping_on_signal(builder, stop: _StopOnSignal):
