@@ -439,8 +439,12 @@ def _dynamic_int8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> di
     gemms = _gemm_to_matmul(model, config.exclude_nodes) if "Gemm" in op_types else []
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        # given as a file, not a ModelProto: onnxruntime would serialize the proto whole,
+        # which fails past protobuf's 2 GiB for a model with external data
+        source = Path(scratch) / "source.onnx"
+        onnx_normalize.save_model(model, source, external)
         quantized = Path(scratch) / "quantized.onnx"
-        quantize_dynamic(model, str(quantized), op_types_to_quantize=["MatMul"],
+        quantize_dynamic(str(source), str(quantized), op_types_to_quantize=["MatMul"],
                          per_channel=config.per_channel,
                          weight_type=qtype[config.weight_type],
                          nodes_to_exclude=list(config.exclude_nodes) or None,
