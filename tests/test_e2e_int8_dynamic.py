@@ -71,7 +71,9 @@ def test_every_stage_ran_and_validation_passes(built):
     assert records["tvm_int8_vs_ort_dynamic"]["metrics"]["max_err_steps"] < 1e-3
     assert records["cpp_vs_tvm_python"]["metrics"]["mismatched_elements"] == 0
     assert "u8 at run time" in report["computes"]
-    assert json.loads((_art(project) / "bench" / "bench.json").read_text())["status"] == "ok"
+    bench = json.loads((_art(project) / "bench" / "bench.json").read_text())
+    assert bench["status"] == "ok"
+    assert bench["onnxruntime"]["model"].startswith("dynamically quantized ONNX")
 
 
 def test_binary_matches_onnxruntime_dynamic(built, tmp_path):
