@@ -11,11 +11,11 @@ comparison                 gates                                                
 ``tvm_fp32_vs_ort_fp32``   max abs err <= fp32_rel_tol * max(1, max abs ref); top-1    fp32
 ``tvm_int8_vs_ort_int8``   cosine >= int8_cosine_min; top-1 agreement >=              int8
                            int8_top1_min; max error <= int8_max_steps output steps
-``tvm_int8_vs_ort_dynamic``  as ``tvm_int8_vs_ort_int8``; the output step is the     int8_
-                           reference output's own dynamic step (see                   dynamic
+``tvm_int8_vs_ort_dynamic``  as ``tvm_int8_vs_ort_int8``; the output step is the     int8_dynamic
+                           reference output's own dynamic step (see
                            :func:`dynamic_step`): its outputs are float
-``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8
-                           the artifact delivers it: a ruined model fails)
+``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8,
+                           the artifact delivers it: a ruined model fails)            int8_dynamic
 ``ort_int8_vs_ort_fp32``   none (quantization quality of the quantized model itself)  quantized
 ``tvm_vs_ort_quantized``   max abs err <= quantized_rel_tol * max(1, max abs ref)     w4g32...
                            (TVM and onnxruntime run the same quantized ONNX)
