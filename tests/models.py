@@ -346,3 +346,24 @@ samples = 4
 scheme = "mixed"
 budget = {metric = "cosine", min = 0.999}
 """
+
+
+def mlp_with_gemm(seed: int = 0, rows: int = 4, k: int = 96) -> onnx.ModelProto:
+    """x [rows, k] -> Gemm(transB, alpha, beta, bias) -> Relu -> MatMul -> y [rows, 24]: a Gemm for
+    int8_dynamic's Gemm -> MatMul + Add rewrite, and a plain MatMul."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((48, k)) / np.sqrt(k))
+                                     .astype(np.float32), "w1t"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(48)).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((48, 24)) / np.sqrt(48))
+                                     .astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1t", "b1"], ["h"], name="fc1", transB=1,
+                              alpha=0.5, beta=2.0),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "mlp_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

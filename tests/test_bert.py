@@ -1,4 +1,5 @@
-"""A BERT-style encoder exported from PyTorch/transformers, through every stage, fp32 and int8.
+"""A BERT-style encoder exported from PyTorch/transformers, through every stage, fp32, int8
+and int8_dynamic.
 
 The export is transformers' BertModel with random weights from a small config
 (models/bert_gen.py, "tiny"): three int64 inputs, the raw TorchScript export with its shape
@@ -55,6 +56,9 @@ scheme = "fp32"
 scheme = "int8"
 op_types = ["MatMul", "Gemm"]   # a transformer: never the mask arithmetic
 
+[variants.int8_dynamic]
+scheme = "int8_dynamic"
+
 [validation]
 samples = 3
 """
@@ -64,7 +68,8 @@ samples = 3
 def bert_project(tmp_path_factory):
     pytest.importorskip("transformers")
     root = tiny_bert_project(tmp_path_factory.mktemp("bert"), SPEC)
-    run = doit(root, "build:bert_fp32", "build:bert_int8", "validate", "bench", "tune=off",
+    run = doit(root, "build:bert_fp32", "build:bert_int8", "build:bert_int8_dynamic",
+               "validate", "bench", "tune=off",
                "repeat=3", "warmup=1", timeout=1500)
     return root, run
 
@@ -73,15 +78,21 @@ def bert_project(tmp_path_factory):
 def test_bert_builds_validates_and_benches_fp32_and_int8(bert_project):
     root, run = bert_project
     assert run.returncode == 0, run.output[-6000:]
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8", "int8_dynamic"):
         art = root / "artifacts" / f"bert_{variant}" / "cpu"
         report = json.loads((art / "validate" / "validation.json").read_text())
         assert report["status"] == "pass", json.dumps(report["records"], indent=1)[-4000:]
         gated = {r["comparison"]: [g["metric"] for g in r["gates"]] for r in report["records"]}
         # not class scores: no top-1 gate anywhere
         assert not any(m.startswith("top") for ms in gated.values() for m in ms), gated
-        if variant == "int8":
+        if variant != "fp32":
             assert gated["tvm_int8_vs_ort_fp32"] == ["cosine"]  # the quality gate
+        if variant == "int8_dynamic":
+            # every linear layer's matmul in integers; attention's two per layer in float
+            imported = json.loads((root / "artifacts" / "bert_int8_dynamic" / "import" /
+                                   "import_report.json").read_text())["dynamic_to_integer"]
+            assert (len(imported["integer_matmuls"]), len(imported["float_matmuls"]),
+                    imported["kept_int32"]) == (12, 4, []), imported
         assert json.loads((art / "bench" / "bench.json").read_text())["status"] == "ok"
     normalisation = json.loads((root / "artifacts" / "bert" / "source" / "manifest.json")
                                .read_text())["info"]["normalisation"]

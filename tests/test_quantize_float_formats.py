@@ -118,7 +118,8 @@ def test_float16_of_an_int64_mask_cast_loads_in_onnxruntime(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, bits", [("float16", 0), ("bfloat16_weights", 0),
-                                          ("matmul_nbits", 4), ("weight_codes8", 0)])
+                                          ("matmul_nbits", 4), ("weight_codes8", 0),
+                                          ("dynamic_int8", 0)])
 def test_a_source_with_external_data_is_quantized_to_external_data(tmp_path, recipe, bits):
     """A model past protobuf's 2 GiB limit reaches quantize with external data: each recipe
     writes ``model.onnx`` + ``model.onnx.data`` (the data's sha256 inside), and the model is

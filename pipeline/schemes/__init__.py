@@ -76,6 +76,35 @@ SCHEMES: dict[str, Scheme] = {
                  "exclude_nodes"),
         summary="integer compute: 8-bit activations and weights, int32 accumulation, "
                 "requantized with onnxruntime's rounding"),
+    # onnxruntime's dynamic quantization, the usual CPU recipe for transformers. Defaults:
+    # int8 weights (u8 activations x s8 weights is what VNNI's vpdpbusd multiplies, and what
+    # onnxruntime's own dynamic default and its fused DynamicQuantizeMatMul /
+    # MatMulIntegerToFloat kernels run fastest on AVX512-VNNI/AVX-VNNI/AMX; on AVX2-only CPUs
+    # onnxruntime's u8 x s8 kernels can saturate, and weight_type = "uint8" is its advice
+    # there); per-channel weight scales (onnxruntime's default is per tensor, but per channel
+    # costs nothing at run time, a scale vector in the float epilogue that onnxruntime fuses
+    # the same way, checked on 1.31, and keeps a layer's small-magnitude columns); op_types
+    # MatMul and Gemm (the linear layers; mask arithmetic and attention stay float32).
+    "int8_dynamic": Scheme(
+        name="int8_dynamic",
+        description="dynamic INT8: onnxruntime quantize_dynamic, MatMul/Gemm weights s8 per "
+                    "channel offline, activations u8 per tensor quantized at run time "
+                    "(DynamicQuantizeLinear), u8 x s8 -> int32 matmuls scaled back to float32",
+        quantize="dynamic_int8", import_passes=("dynamic_to_integer",),
+        compute_dtype="int8",
+        comparisons=("tvm_int8_vs_ort_dynamic", "tvm_int8_vs_ort_fp32",
+                     "ort_int8_vs_ort_fp32"),
+        # vs onnxruntime on the same model: the integer arithmetic is exact on both sides,
+        # only a run-time rounding flipped by last-bit differences of the float ops before
+        # it can differ: within one step of the output's own dynamic 8-bit range
+        # ((max(y, 0) - min(y, 0)) / 255, what DynamicQuantizeLinear would use)
+        default_gates=MappingProxyType({"int8_cosine_min": 0.999, "int8_top1_min": 0.99,
+                                        "int8_max_steps": 1.0,
+                                        "int8_fp32_cosine_min": 0.99}),
+        options=("weight_type", "per_channel", "op_types", "exclude_nodes"),
+        summary="integer matmuls: activations quantized to u8 at run time (per tensor), s8 "
+                "per-channel weights, int32 accumulation, scaled back to float32; every "
+                "other op (attention, softmax, layer norm, GELU) float32"),
     "fp16": Scheme(
         name="fp16",
         description="float16 weights and activations (onnxconverter-common conversion, "

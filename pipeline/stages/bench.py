@@ -41,7 +41,8 @@ RUNNERS = ("cpp", "tvm_python", "onnxruntime")
 _LABELS = {"cpp": "C++ binary", "tvm_python": "TVM in Python", "onnxruntime": "onnxruntime"}
 _ROOT = REPO
 # what onnxruntime runs for a quantized scheme: the quantize stage's model
-_ORT_MODEL = {"int8": "QDQ ONNX", "fp16": "float16 ONNX", "bf16": "bfloat16-weight ONNX"}
+_ORT_MODEL = {"int8": "QDQ ONNX", "int8_dynamic": "dynamically quantized ONNX (quantize_dynamic)",
+              "fp16": "float16 ONNX", "bf16": "bfloat16-weight ONNX"}
 RSS_METHOD = ("getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process whose only child is "
               "bin/infer")
 

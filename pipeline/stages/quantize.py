@@ -9,15 +9,17 @@ weights and Gather tables rounded to bfloat16 and stored as bfloat16 initializer
 decoded by a ``Cast(to=float)``; ``matmul_nbits``, onnxruntime's MatMulNBits quantizer
 (block-wise INT4/INT8 MatMul weights, scales rounded to float16 values); ``weight_codes8``,
 MatMul weights as FP8 E4M3 or posit8 codes with per-channel float32 scales
-(:mod:`pipeline.schemes.codes8`). onnxruntime runs
-each recipe's model as the reference and the baseline.
+(:mod:`pipeline.schemes.codes8`); ``dynamic_int8``, onnxruntime's ``quantize_dynamic``
+(weights s8 per channel offline, activations u8 at run time: DynamicQuantizeLinear ->
+MatMulInteger -> float scale; no calibration). onnxruntime runs each recipe's model as the
+reference and the baseline.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
@@ -418,6 +420,112 @@ def _weight_codes8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> d
     return report
 
 
+# What dynamic quantization takes: onnxruntime's dynamic quantizer has an integer form for
+# MatMul only among these (Gemm is rewritten to MatMul + Add first); its Conv form
+# (ConvInteger) has no converter in TVM 0.27 (FACTS.md), its Gather/Attention/LSTM forms
+# compute in float or are contrib ops.
+DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
+
+
+def _dynamic_int8(model_path: Path, config: QuantizeConfig, out_dir: Path) -> dict:
+    """onnxruntime ``quantize_dynamic``: each MatMul (and Gemm) with a constant weight gets
+    its weight as int8 (or uint8) codes with a scale per output channel (or per tensor), and
+    its input quantized at run time by ``DynamicQuantizeLinear`` (uint8, scale and zero
+    point from the tensor's min/max) into a ``MatMulInteger`` whose int32 result is scaled
+    back to float32. No calibration. MatMuls of two activations (attention) stay float32
+    (``MatMulConstBOnly``, onnxruntime's dynamic default). A Gemm is first written as MatMul
+    + Add (alpha, beta and transB folded into the constants), which onnxruntime's dynamic
+    quantizer takes and fuses back into one kernel with the bias."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline.frontend import onnx_normalize
+
+    op_types = tuple(config.op_types) or DYNAMIC_OP_TYPES
+    unsupported = sorted(set(op_types) - set(DYNAMIC_OP_TYPES))
+    if unsupported:
+        raise ConfigError(f"op_types: {', '.join(unsupported)} cannot be quantized dynamically "
+                          f"here (allowed: {', '.join(DYNAMIC_OP_TYPES)}; Conv becomes "
+                          "ConvInteger, which TVM cannot import: use the int8 scheme for "
+                          "convolutions)")
+    model, external = _load_source(model_path)
+    _check_selection(model_path, replace(config, op_types=op_types), model.graph)
+    gemms = _gemm_to_matmul(model, config.exclude_nodes) if "Gemm" in op_types else []
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        # given as a file, not a ModelProto: onnxruntime would serialize the proto whole,
+        # which fails past protobuf's 2 GiB for a model with external data
+        source = Path(scratch) / "source.onnx"
+        onnx_normalize.save_model(model, source, external)
+        quantized = Path(scratch) / "quantized.onnx"
+        quantize_dynamic(str(source), str(quantized), op_types_to_quantize=["MatMul"],
+                         per_channel=config.per_channel,
+                         weight_type=qtype[config.weight_type],
+                         nodes_to_exclude=list(config.exclude_nodes) or None,
+                         use_external_data_format=external)
+        model = onnx_normalize.load_inline(quantized)
+    integer = [n.name or n.output[0] for n in model.graph.node if n.op_type == "MatMulInteger"]
+    if not integer:
+        raise ConfigError(f"{model_path}: no MatMul or Gemm with a constant weight to quantize "
+                          "(int8_dynamic quantizes layers with constant weights); use fp32 or "
+                          "int8 for this model")
+    left = sorted(f"{n.op_type} {n.name or n.output[0]}" for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm", "Conv"))
+    report = {"op_counts": _op_counts(model), "quantized_matmuls": len(integer),
+              "gemms_as_matmul": gemms, "float_layers_left": left,
+              "float_layers_why": "MatMuls of two activations (attention) and excluded nodes "
+                                  "stay float32",
+              "weights": f"{config.weight_type}, "
+                         + ("per output channel" if config.per_channel else "per tensor"),
+              "activations": "uint8, per tensor, quantized at run time",
+              "external_data": external}
+    _save(model, out_dir, external)
+    return report
+
+
+def _gemm_to_matmul(model, exclude: tuple[str, ...]) -> list[str]:
+    """Each Gemm with a constant 2-D weight (``transA`` 0) -> MatMul (its name kept, so
+    ``exclude_nodes`` still names it) + Add of the bias, in place: ``alpha`` and ``transB``
+    folded into the weight, ``beta`` into the bias. Returns the names of the Gemms
+    rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done, nodes = [], []
+    for index, node in enumerate(graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name in exclude or attrs.get("transA", 0)
+                or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2
+                or (len(node.input) > 2 and node.input[2]
+                    and node.input[2] not in inits)):
+            nodes.append(node)
+            continue
+        name = node.name or f"{node.output[0]}.Gemm{index}"
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
+        weight = f"{name}.weight"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), weight))
+        has_bias = len(node.input) > 2 and node.input[2]
+        out = node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight],
+                                      [f"{out}.matmul" if has_bias else out], name=name))
+        if has_bias:
+            c = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            bias = f"{name}.bias"
+            graph.initializer.append(numpy_helper.from_array(
+                c * np.float32(attrs.get("beta", 1.0)), bias))
+            nodes.append(helper.make_node("Add", [f"{out}.matmul", bias], [out],
+                                          name=f"{name}/bias"))
+        done.append(name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return done
+
+
 # How a scheme's ONNX is quantized: pipeline.schemes names a key of this table.
 RECIPES = {
     "static_qdq": _static_qdq,
@@ -426,4 +534,5 @@ RECIPES = {
     "bfloat16_weights": _bfloat16_weights,
     "mixed": _mixed,
     "weight_codes8": _weight_codes8,
+    "dynamic_int8": _dynamic_int8,
 }

@@ -11,8 +11,11 @@ comparison                 gates                                                
 ``tvm_fp32_vs_ort_fp32``   max abs err <= fp32_rel_tol * max(1, max abs ref); top-1    fp32
 ``tvm_int8_vs_ort_int8``   cosine >= int8_cosine_min; top-1 agreement >=              int8
                            int8_top1_min; max error <= int8_max_steps output steps
-``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8
-                           the artifact delivers it: a ruined model fails)
+``tvm_int8_vs_ort_dynamic``  as ``tvm_int8_vs_ort_int8``; the output step is the     int8_dynamic
+                           reference output's own dynamic step (see
+                           :func:`dynamic_step`): its outputs are float
+``tvm_int8_vs_ort_fp32``   cosine >= int8_fp32_cosine_min (quantization quality as    int8,
+                           the artifact delivers it: a ruined model fails)            int8_dynamic
 ``ort_int8_vs_ort_fp32``   none (quantization quality of the quantized model itself)  quantized
 ``tvm_vs_ort_quantized``   max abs err <= quantized_rel_tol * max(1, max abs ref)     w4g32...
                            (TVM and onnxruntime run the same quantized ONNX)
@@ -37,7 +40,8 @@ Metric definitions (``reference`` is the right-hand side of the comparison name)
   i.e. one row per sample of a classifier's (batch, classes) output. Top-1: fraction of rows
   whose argmax agrees. Top-5: mean overlap of the two top-5 index sets (|A & B| / 5).
 - ``sqnr_db``: 10 log10(sum reference^2 / sum (actual - reference)^2); ``"inf"`` if equal.
-- ``max_err_steps``: ``max_abs_err`` in output quantization steps (see :func:`output_steps`).
+- ``max_err_steps``: ``max_abs_err`` in output quantization steps (see :func:`output_steps`;
+  for dynamic quantization, whose outputs are float, :func:`dynamic_step`).
 - ``mismatched_elements``: elements whose bytes differ (C++ vs Python only).
 
 Aggregates over inputs are worst cases (max errors, min cosine/SQNR), except the top-k
@@ -71,6 +75,7 @@ NO_CUDA = "not validated: no CUDA device"
 FP32 = "tvm_fp32_vs_ort_fp32"
 INT8 = "tvm_int8_vs_ort_int8"
 INT8_QUALITY = "tvm_int8_vs_ort_fp32"
+DYNAMIC = "tvm_int8_vs_ort_dynamic"  # int8_dynamic: the same quantize_dynamic model
 ORT_QUALITY = "ort_int8_vs_ort_fp32"  # name kept from int8: any quantized ONNX vs fp32
 QUANTIZED = "tvm_vs_ort_quantized"
 QUALITY = "tvm_vs_ort_fp32_quality"
@@ -81,7 +86,7 @@ BF16, BF16_QUALITY, ORT_BF16_QUALITY = ("tvm_bf16_vs_ort_bf16", "tvm_bf16_vs_ort
 CPP = "cpp_vs_tvm_python"
 # comparisons whose reference is onnxruntime on the quantize stage's model; the int8 ones
 # run it in the session pipeline.runtime.ort_reference picks for this CPU
-_ON_QUANTIZED = {INT8: True, INT8_QUALITY: True, ORT_QUALITY: True, QUANTIZED: True,
+_ON_QUANTIZED = {INT8: True, DYNAMIC: True, INT8_QUALITY: True, ORT_QUALITY: True, QUANTIZED: True,
                  QUALITY: True, FP16: False, ORT_FP16_QUALITY: False, BF16: False,
                  ORT_BF16_QUALITY: False}
 # the gate key of each "TVM vs onnxruntime fp32" quality comparison
@@ -89,6 +94,7 @@ _QUALITY_GATES = {INT8_QUALITY: "int8_fp32_cosine_min", QUALITY: "quality_cosine
                   FP16_QUALITY: "fp16_fp32_cosine_min", BF16_QUALITY: "bf16_fp32_cosine_min"}
 
 _TITLES = {FP32: "TVM fp32 vs onnxruntime fp32", INT8: "TVM int8 vs onnxruntime int8 (QDQ)",
+           DYNAMIC: "TVM int8 vs onnxruntime int8 (dynamic quantization)",
            INT8_QUALITY: "TVM int8 vs onnxruntime fp32 (quality)",
            ORT_QUALITY: "onnxruntime quantized vs onnxruntime fp32 (reported)",
            QUANTIZED: "TVM vs onnxruntime on the same quantized ONNX",
@@ -282,6 +288,17 @@ def output_steps(qdq_onnx: Path) -> list[float]:
     return steps
 
 
+def dynamic_step(reference: np.ndarray) -> float:
+    """The 8-bit step of a float output as dynamic quantization would quantize it:
+    ``(max(y, 0) - min(y, 0)) / 255`` (DynamicQuantizeLinear's scale; 1 for an all-zero
+    output). A dynamically quantized model's outputs are float, with no step of their own;
+    this one is the output's own granularity at 8 bits, so "within one step" reads as for
+    the static int8 gate."""
+    hi = max(float(np.max(reference)), 0.0) if reference.size else 0.0
+    lo = min(float(np.min(reference)), 0.0) if reference.size else 0.0
+    return (hi - lo) / 255.0 if hi != lo else 1.0
+
+
 # ----------------------------------------------------------------------------- runners
 
 def _ort_outputs(model_path: Path, feeds: list[dict], quantized: bool = False,
@@ -387,7 +404,7 @@ def _gates_for(comparison: str, g: dict, is_gpu: bool) -> list[_Gate]:
         # no top-1 gate: two float16 computations may order near-tied scores differently
         tol = max(g["fp16_rel_tol"], g["gpu_rel_tol"]) if is_gpu else g["fp16_rel_tol"]
         return [_Gate("max_abs_err", "<=", tol, scaled=True)]
-    if comparison == INT8:
+    if comparison in (INT8, DYNAMIC):
         return [_Gate("cosine", ">=", g["int8_cosine_min"]),
                 _Gate("top1_agreement", ">=", g["int8_top1_min"], pooled=True),
                 _Gate("max_err_steps", "<=", g["int8_max_steps"])]
@@ -418,7 +435,7 @@ def _class_outputs(fp32_onnx: Path, names: Sequence[str] | None) -> set[int] | N
 
 
 def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: list,
-            g: dict, steps: list[float] | None = None,
+            g: dict, steps: list[float] | Callable[[np.ndarray], float] | None = None,
             class_outputs: set[int] | None = None) -> dict:
     """One artifact x comparison record: per-(input, output) metrics, aggregate, gates."""
     bitwise = comparison == CPP and not art.is_gpu
@@ -429,7 +446,9 @@ def _record(art: ArtifactUnderTest, comparison: str, actual: list, reference: li
                 row = {"shape_ok": False, "actual": f"{len(outs_a)} outputs",
                        "reference": f"{len(outs_r)} outputs"}
             else:
-                row = compare(outs_a[k], outs_r[k], steps[k] if steps else None, bitwise)
+                step = (steps(outs_r[k]) if callable(steps) else
+                        steps[k] if steps else None)
+                row = compare(outs_a[k], outs_r[k], step, bitwise)
             rows.append({"input": i, "output": k, **row})
     agg = _aggregate(rows)
     gates = _gates_for(comparison, g, art.is_gpu)
@@ -645,11 +664,12 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     quantized_session = any(_ON_QUANTIZED[c] for c in needs_qdq)
     ort_quant = (_ort_outputs(Path(art.qdq_onnx), feeds, quantized=quantized_session,
                               config=_ort_config(art)) if needs_qdq else None)
-    if INT8 in comparisons:
+    if INT8 in comparisons or DYNAMIC in comparisons:
         result["int8_reference"] = ort_reference.reference_description(quantized=True)
     # comparison -> (actual, reference, output steps)
     pairs = {FP32: lambda: (tvm_py, ort_fp32, None),
              INT8: lambda: (tvm_py, ort_quant, output_steps(Path(art.qdq_onnx))),
+             DYNAMIC: lambda: (tvm_py, ort_quant, dynamic_step),
              ORT_QUALITY: lambda: (ort_quant, ort_fp32, None)}
     for same_model in (QUANTIZED, FP16, BF16):
         pairs[same_model] = lambda: (tvm_py, ort_quant, None)

@@ -1,4 +1,5 @@
-"""The project's own Relax passes: QDQ fake quantization to integer arithmetic, and its layout.
+"""The project's own Relax passes: QDQ fake quantization and dynamic quantization to integer
+arithmetic, and its layout.
 
 :data:`IMPORT_PASSES` names the passes a scheme's ``import_passes`` may list (see
 :mod:`pipeline.schemes`); the layout passes are chosen by :mod:`pipeline.compiler.lowering`.
@@ -48,9 +49,23 @@ def _bf16_weights(mod):
     return _float_format("bf16_weights", keep_bfloat16_weights)(mod)
 
 
+def _dynamic_to_integer(mod):
+    """onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger) as u8 x s8
+    integer matmuls; returns (mod, report fields)."""
+    from pipeline.compiler.passes.dynamic_quant import dynamic_to_integer
+
+    mod, report = dynamic_to_integer(mod)
+    print(f"import: {report.summary()}", flush=True)
+    for entry in report.kept:
+        print(f"import:   stays an int32 x int32 matmul: {entry}", flush=True)
+    return mod, {"integer_pass": bool(report.integer), "summary": report.summary(),
+                 "dynamic_to_integer": report.as_dict()}
+
+
 # name -> function(mod) -> (mod, report fields), run in the order a scheme lists them
 IMPORT_PASSES = {
     "qdq_to_integer": _qdq_to_integer,
     "fp16_accumulate_fp32": _fp16_accumulate_fp32,
     "bf16_weights": _bf16_weights,
+    "dynamic_to_integer": _dynamic_to_integer,
 }
