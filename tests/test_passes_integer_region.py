@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import qdq_helpers as H
 
 from pipeline.compiler.passes.integer_region import IntegerRegion
@@ -58,5 +60,42 @@ def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(tmp_path):
     mod, report = quantize_to_integer(H.import_qdq(qdq))
     assert [m.split(" ->")[0] for m in report.matched] == ["add"]
     # QLinearAdd multiplies nothing in u8 x s8: onnxruntime's fused kernel is exact on any CPU
+    np.testing.assert_array_equal(H.build_and_run(mod, [feed])[0],
+                                  H.run_ort(qdq, [feed], fused=True)[0])
+
+
+@pytest.mark.parametrize("kernel,stride,pad,count_include_pad,hw", [
+    (2, 2, 0, 0, 16),  # DenseNet's transitions
+    (3, 2, 1, 0, 16),  # ShuffleNet's shortcut
+    (3, 1, 1, 0, 14),  # Inception's pool branch
+    (3, 1, 1, 1, 14),
+    (7, 1, 0, 0, 7),  # the window is the image: onnxruntime's global average pool
+])
+def test_average_pool_is_bit_exact_with_onnxruntime(kernel, stride, pad, count_include_pad, hw,
+                                                    tmp_path):
+    """Every input code, odd zero point: QLinearAveragePool rounds ``y / sy + zy``.
+
+    onnxruntime adds the zero point before rounding; quantize's ``round(y / sy) + zy``
+    flips each exact half-step tie when the zero point is odd, and a 2x2 average of one
+    scale lands on half a step for about a quarter of its outputs.
+    """
+    from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
+
+    # calibrated on [-1, 2.6]: an odd input zero point (the output shares it)
+    calib = [{"x": np.linspace(-1.0, 2.6, 8 * hw * hw, dtype=np.float32).reshape(1, 8, hw, hw)}]
+    qdq = H.quantize_qdq(H.avgpool_model(kernel, stride, pad, count_include_pad, hw=hw),
+                         tmp_path, calib=calib,
+                         extra_options={"ForceQuantizeNoInputCheck": True})
+    sx, zx = H.input_qparams(qdq, "x")
+    assert zx % 2 == 1
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (1, 8, hw, hw)).astype(np.float32)
+    feed = {"x": ((codes - zx) * np.float32(sx)).astype(np.float32)}
+    mod, report = quantize_to_integer(H.import_qdq(qdq))
+    assert report.unmatched == []
+    assert report.matched[0].startswith("average pool" if (kernel, pad) != (hw, 0)
+                                        else "global average pool")
+    assert H.count_ops(mod, "relax.nn.avg_pool2d") == 0
+    # no u8 x s8 products: onnxruntime's fused kernel is exact on any CPU
     np.testing.assert_array_equal(H.build_and_run(mod, [feed])[0],
                                   H.run_ort(qdq, [feed], fused=True)[0])

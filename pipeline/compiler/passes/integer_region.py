@@ -14,6 +14,7 @@ from ._qdq import (
     emit_requantize,
     op_name,
     rewrite_quantized_ops,
+    shape_of,
     tensor_const,
 )
 
@@ -88,23 +89,105 @@ def _residual_add(ctx, qcall, producer, out: QParams, relu: bool):
 
 def _global_average(ctx, qcall, producer, out: QParams, relu: bool):
     """onnxruntime's QLinearGlobalAveragePool: int32 sum, one requantize by sx / (sy * HW)."""
-    from tvm.relax import op
-
     x_q, xp = activation_qparams(ctx.bindings, producer.args[0], "mean input")
     shape = [int(s) for s in x_q.ty.shape]
     axes = sorted(int(a) % len(shape) for a in (producer.attrs.axis or range(len(shape))))
     if len(shape) != 4 or axes != [2, 3]:
         raise NoMatch(f"mean over axes {axes} of a {len(shape)}-D tensor "
                       "(only global average pooling, axes [2, 3], is integer)")
-    count = shape[2] * shape[3]
+    return _emit_global_average(ctx, x_q, xp, out, relu, bool(producer.attrs.keepdims))
+
+
+def _emit_global_average(ctx, x_q, xp: QParams, out: QParams, relu: bool, keepdims: bool):
+    from tvm.relax import op
+
+    _, _, h, w = shape_of(x_q)
+    count = h * w
     acc = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
-    acc = ctx.emit(op.sum(acc, axis=[2, 3], keepdims=bool(producer.attrs.keepdims)))
+    acc = ctx.emit(op.sum(acc, axis=[2, 3], keepdims=keepdims))
     if xp.zero_point:
         acc = ctx.emit(op.subtract(acc, tensor_const(xp.zero_point * count, "int32")))
     mult = np.float32(xp.scale) / (np.float32(out.scale) * np.float32(count))
     result = emit_requantize(ctx.bb, acc, np.asarray(mult), out,
                              lower=out.zero_point if relu else None)
     return result, f"global average pool (int32 sum of {count})"
+
+
+def _window_counts(size: int, out_size: int, kernel: int, stride: int, pad: int) -> np.ndarray:
+    """Input elements inside each pooling window along one axis, as onnxruntime counts
+    them for ``count_include_pad=0``: the window clipped to the unpadded input."""
+    start = np.arange(out_size) * stride - pad
+    return np.minimum(start + kernel, size) - np.maximum(start, 0)
+
+
+def _average_pool(ctx, qcall, producer, out: QParams, relu: bool):
+    """onnxruntime's QLinearAveragePool (``DequantizeLinear -> AveragePool ->
+    QuantizeLinear`` fused), to the last bit.
+
+    onnxruntime dequantizes to float32 (``x_scale * (x - x_zero_point)``), sums each
+    window in float32 row by row, divides by the element count, and quantizes with
+    ``nearbyint(y / y_scale + y_zero_point)``: the zero point is added *before* rounding,
+    unlike QuantizeLinear's ``round(y / y_scale) + y_zero_point``. An average of k*k
+    values of one scale often lands exactly on half a step, so the two disagree on up to
+    a fifth of a tensor whenever the zero point is odd (DenseNet's 2x2 transitions: 2
+    steps at the output). A window covering the whole input with no padding is, in
+    onnxruntime, QLinearGlobalAveragePool's integer arithmetic instead.
+
+    The window sum is emitted as one strided slice per kernel position, added in
+    onnxruntime's order (a reduction could be reordered by a schedule, and float32 sums
+    depend on the order); the dequantize multiplies in float64 and rounds once to
+    float32, which equals a float32 multiply and cannot be contracted into an FMA with
+    the sum that follows.
+    """
+    from tvm.relax import op
+
+    attrs = producer.attrs
+    layouts = (str(attrs.layout), str(attrs.out_layout))
+    if layouts != ("NCHW", "NCHW"):
+        raise NoMatch(f"average pool layouts {layouts} (expects NCHW, before any layout pass)")
+    if relu:
+        raise NoMatch("average pool followed by a separate relu")
+    if bool(attrs.ceil_mode) or any(int(d) != 1 for d in attrs.dilation):
+        raise NoMatch("average pool with ceil_mode or dilation")
+    x_q, xp = activation_qparams(ctx.bindings, producer.args[0], "average pool input")
+    _, _, h, w = shape_of(x_q)
+    _, _, ho, wo = shape_of(qcall)
+    kh, kw = (int(k) for k in attrs.pool_size)
+    sh, sw = (int(s) for s in attrs.strides)
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    if (kh, kw) == (h, w) and not any((top, left, bottom, right)):
+        return _emit_global_average(ctx, x_q, xp, out, relu=False, keepdims=True)
+    if (ho - 1) * sh + kh > h + top + bottom or (wo - 1) * sw + kw > w + left + right:
+        raise NoMatch("average pool windows reach past the padded input")
+
+    x = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
+    if xp.zero_point:
+        x = ctx.emit(op.subtract(x, tensor_const(xp.zero_point, "int32")))
+    x = ctx.emit(op.multiply(ctx.emit(op.astype(x, "float64")),
+                             tensor_const(xp.scale, "float64")))
+    x = ctx.emit(op.astype(x, "float32"))
+    if any((top, left, bottom, right)):
+        # zeros: onnxruntime skips padded elements, and adding +0.0 changes no sum
+        x = ctx.emit(op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
+    acc = None
+    for dh in range(kh):
+        for dw in range(kw):
+            window = ctx.emit(op.strided_slice(
+                x, axes=[2, 3], begin=[dh, dw], end=[dh + (ho - 1) * sh + 1,
+                                                     dw + (wo - 1) * sw + 1],
+                strides=[sh, sw]))
+            acc = window if acc is None else ctx.emit(op.add(acc, window))
+    if bool(attrs.count_include_pad) or not any((top, left, bottom, right)):
+        count = tensor_const(kh * kw, "float32")
+    else:
+        counts = np.outer(_window_counts(h, ho, kh, sh, top), _window_counts(w, wo, kw, sw, left))
+        count = tensor_const(counts.reshape(1, 1, ho, wo), "float32")
+    y = ctx.emit(op.divide(acc, count))
+    y = ctx.emit(op.divide(y, tensor_const(out.scale, "float32")))
+    y = ctx.emit(op.add(y, tensor_const(out.zero_point, "float32")))
+    y = ctx.emit(op.round(y))
+    y = ctx.emit(op.clip(y, float(out.qmin), float(out.qmax)))
+    return op.astype(y, out.dtype), f"average pool {kh}x{kw} (onnxruntime's float arithmetic)"
 
 
 def _requantize(ctx, qcall, producer, out: QParams, relu: bool):
@@ -128,6 +211,7 @@ def region_rules() -> dict:
     rules = {name: _move for name in _MOVE_OPS}
     rules["relax.add"] = _residual_add
     rules["relax.mean"] = _global_average
+    rules["relax.nn.avg_pool2d"] = _average_pool
     rules["relax.dequantize"] = _requantize
     return rules
 
