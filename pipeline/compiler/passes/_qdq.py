@@ -379,8 +379,10 @@ def recover_affine_8bit(v: np.ndarray) -> tuple[np.ndarray, np.float32] | None:
     255; the rounding of the codes at the extremes is searched too.
     """
     v = np.asarray(v, np.float32)
+    if v.size == 0:
+        return None
     lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
-    if v.size == 0 or hi == lo:
+    if hi == lo:
         return None
     found: dict = {}
     for span in (255, 254, 256, 253, 257):

@@ -1,4 +1,4 @@
-"""IntegerRegion: residual add, pooling and reshapes on quantized tensors kept in integers."""
+"""IntegerRegion: residual add, multiply, pooling, reshapes kept quantized, as onnxruntime does."""
 
 from __future__ import annotations
 
@@ -281,7 +281,8 @@ def region_rules() -> dict:
 
 
 def IntegerRegion():  # noqa: N802  (a pass factory, named like TVM's)
-    """Module pass: keep residual adds, pooling and reshapes between quantized tensors integer.
+    """Module pass: keep residual adds, multiplies, pooling and reshapes between quantized
+    tensors quantized (each as onnxruntime's fused kernel computes it).
 
     Usually run as part of :func:`.qdq_to_integer.QDQToInteger` (its ``region=True``);
     alone it leaves conv2d/matmul in fake-quantized form. The report of the last run is
