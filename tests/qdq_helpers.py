@@ -151,6 +151,25 @@ def add_model(hw: int = 256):
                              ir_version=IR_VERSION)
 
 
+def avgpool_model(kernel: int = 2, stride: int = 2, pad: int = 0, count_include_pad: int = 0,
+                  channels: int = 8, hw: int = 16):
+    """x[1,channels,hw,hw] -> AveragePool: a lone QLinearAveragePool in onnxruntime once
+    quantized with ``ForceQuantizeNoInputCheck`` (its quantizer leaves a pooling op whose
+    input nothing else quantizes in float)."""
+    from onnx import TensorProto, helper
+
+    out = (hw + 2 * pad - kernel) // stride + 1
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kernel, kernel],
+                            strides=[stride, stride], pads=[pad] * 4,
+                            count_include_pad=count_include_pad)
+    graph = helper.make_graph(
+        [node], "avgpool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, out, out])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                             ir_version=IR_VERSION)
+
+
 def inputs(shape, n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
@@ -167,11 +186,12 @@ def _feed(x) -> dict:
 
 def quantize_qdq(model, workdir: Path, per_channel: bool = True, activation: str = "QUInt8",
                  calib_count: int = 4, calib: list[dict] | None = None,
-                 op_types: list[str] | None = None):
+                 op_types: list[str] | None = None, extra_options: dict | None = None):
     """Quantize like the pipeline does: QDQ, u8 activations, s8 per-channel weights.
 
     Calibrates on ``calib`` (feed dicts), or on ``calib_count`` seeded normal inputs;
-    ``op_types`` limits the ops quantized (onnxruntime's ``op_types_to_quantize``).
+    ``op_types`` limits the ops quantized (onnxruntime's ``op_types_to_quantize``);
+    ``extra_options`` go to ``quantize_static``.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -200,7 +220,7 @@ def quantize_qdq(model, workdir: Path, per_channel: bool = True, activation: str
     quantize_static(str(pre), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=getattr(QuantType, activation),
                     weight_type=QuantType.QInt8, per_channel=per_channel,
-                    op_types_to_quantize=op_types)
+                    op_types_to_quantize=op_types, extra_options=extra_options)
     return onnx.load(qdq)
 
 

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import qdq_helpers as H
 
-from pipeline.compiler.passes._qdq import IntegerReport, recover_symmetric_int8
+from pipeline.compiler.passes._qdq import (
+    IntegerReport,
+    recover_affine_8bit,
+    recover_symmetric_int8,
+)
 from pipeline.compiler.passes.qdq_to_integer import QDQToInteger, quantize_to_integer
 
 # (model factory, quantize options, ops the report must list as matched)
@@ -180,6 +184,24 @@ def test_recover_int8_weights_from_folded_floats():
     np.testing.assert_array_equal(got.values.astype(np.float32) * got.scale.reshape(8, 1, 1, 1),
                                   floats)
     assert recover_symmetric_int8(rng.standard_normal((8, 3)).astype(np.float32), 0) is None
+
+
+def test_recover_affine_uint8_constant_from_folded_floats():
+    """A BatchNorm scale as onnxruntime quantizes a Mul's constant (uint8, a zero point):
+    the codes and the scale come back from the floats FoldConstant leaves."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    rng = np.random.default_rng(0)
+    data = (0.3 + rng.standard_normal((64, 1, 1))).astype(np.float32)
+    zp, scale = compute_scale_zp(data.min(), data.max(), np.uint8(0), np.uint8(255))
+    codes = np.clip(np.rint(data / scale) + int(zp), 0, 255).astype(np.int32) - int(zp)
+    floats = codes.astype(np.float32) * np.float32(scale)
+    got = recover_affine_8bit(floats)
+    assert got is not None
+    np.testing.assert_array_equal(got[0], codes)
+    assert got[1] == np.float32(scale)
+    assert recover_affine_8bit(data) is None  # floats that are no codes x one scale
+    assert recover_affine_8bit(np.float32([0.5])) is None  # one value: many scales fit
 
 
 def test_report_summary():

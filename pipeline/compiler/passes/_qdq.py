@@ -380,6 +380,40 @@ def _recover_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return q_out, scales
 
 
+def recover_affine_8bit(v: np.ndarray) -> tuple[np.ndarray, np.float32] | None:
+    """``(q - zero_point, scale)`` with ``float32(q - zero_point) * scale == v`` exactly, for
+    a constant that onnxruntime quantized per tensor to uint8/int8 with a zero point
+    (activation-type constants: a BatchNorm's scale or bias as a Mul/Add operand) and
+    FoldConstant turned back into floats; None unless exactly one scale reproduces every
+    value (the integer arithmetic needs the codes and the scale, not their product).
+
+    onnxruntime's scale is ``(max(v, 0) - min(v, 0)) / 255``, the extremes at codes 0 and
+    255; the rounding of the codes at the extremes is searched too.
+    """
+    v = np.asarray(v, np.float32)
+    if v.size == 0:
+        return None
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    if hi == lo:
+        return None
+    found: dict = {}
+    for span in (255, 254, 256, 253, 257):
+        base = np.float32((hi - lo) / span)
+        for steps in range(-3, 4):
+            s = base
+            for _ in range(abs(steps)):
+                s = np.nextafter(s, np.float32(np.inf if steps > 0 else -np.inf))
+            k = np.rint(v.astype(np.float64) / float(s))
+            if k.max() - min(k.min(), 0) > 255 or k.min() < -255:
+                continue
+            if np.array_equal((k.astype(np.float32) * s).astype(np.float32), v):
+                found[float(s)] = k.astype(np.int32)
+    if len(found) != 1:
+        return None
+    (scale, k), = found.items()
+    return k, np.float32(scale)
+
+
 def tensor_const(value, dtype: str):
     """A constant the kernels receive as a buffer, never as an immediate.
 

@@ -187,7 +187,7 @@ def integer_rules(region: bool = True) -> dict:
     Parameters
     ----------
     region : bool
-        Also keep residual adds, pooling and reshapes in the integer domain
+        Also keep residual adds, multiplies, pooling and reshapes in the integer domain
         (:mod:`.integer_region`).
     """
     rules = {
@@ -212,7 +212,7 @@ def quantize_to_integer(mod, region: bool = True):
         A module imported by ``from_onnx`` from a QDQ model (before or after FoldConstant;
         before any layout conversion).
     region : bool
-        Also keep residual adds, pooling and reshapes in the integer domain.
+        Also keep residual adds, multiplies, pooling and reshapes in the integer domain.
 
     Returns
     -------
@@ -233,7 +233,7 @@ def QDQToInteger(region: bool = True):  # noqa: N802  (a pass factory, named lik
     Parameters
     ----------
     region : bool
-        Also keep residual adds, pooling and reshapes in the integer domain.
+        Also keep residual adds, multiplies, pooling and reshapes in the integer domain.
     """
     import tvm
 
