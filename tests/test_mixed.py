@@ -56,7 +56,9 @@ def test_the_search_keeps_the_sensitive_layer_precise_and_packs_the_other():
     assert real >= BUDGET and real == pytest.approx(found.cosine_estimated, abs=1e-5)
     # no single format that is cheaper meets the budget, and the mix is cheaper than
     # every single format that does
-    for fmt in [f for f in mixed.DEFAULT_FORMATS if "MatMul" in mixed.FORMATS[f].ops]:
+    # (int8 is no candidate here: the search was given no calibrated int8 quantizer)
+    for fmt in [f for f in mixed.DEFAULT_FORMATS
+                if "MatMul" in mixed.FORMATS[f].ops and not mixed.FORMATS[f].int8]:
         uniform = {layer.node: fmt for layer in found.layers}
         meets = mixed.model_cosine(mixed.apply(model, uniform, True), model, _feeds()) >= BUDGET
         if meets:
@@ -173,11 +175,17 @@ def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
     odd = mixed.Layer("odd", "v", "MatMul", (4096, 2048), 4096, 2048)
     times = mixed.layer_seconds([big, odd], mixed.DEFAULT_FORMATS, logs_dir, True)
     matmul_formats = [f for f in mixed.DEFAULT_FORMATS if "MatMul" in mixed.FORMATS[f].ops]
-    recorded = [f for f in matmul_formats if not mixed.FORMATS[f].code8]  # no records yet
+    # no 4096x4096 records of the 8-bit codes or of int8 yet
+    recorded = [f for f in matmul_formats if not mixed.FORMATS[f].code8 and f != "int8"]
+    decoded = [f for f in recorded if f in mixed.KERNEL_FAMILIES]  # block-wise: recorded
     for fmt in matmul_formats:
-        assert times[("big", fmt)][1] == ("tuning record" if fmt in recorded else
-                                         "estimated from bytes"), fmt
+        expected = ("tuning record" if fmt in recorded else
+                    "record of a sibling format" if fmt in mixed.KERNEL_FAMILIES else
+                    "estimated from bytes")
+        assert times[("big", fmt)][1] == expected, fmt
         assert times[("odd", fmt)][1] == "estimated from bytes", fmt
+    # the 8-bit code kernels compute like the block-wise ones: timed by their best record
+    assert times[("big", "fp8_e4m3")][0] == min(times[("big", f)][0] for f in decoded)
     for fmt in recorded:
         # the estimate uses the format's own rate: half the bytes, half the time
         assert times[("odd", fmt)][0] == pytest.approx(
@@ -185,9 +193,27 @@ def test_layer_times_come_from_the_tuning_logs_else_from_bytes():
     assert times[("big", "w4g32")][0] < times[("big", "fp32")][0]
     # no logs at all: every time is a bytes estimate, and the formats keep the bytes order
     blind = mixed.layer_seconds([big], mixed.DEFAULT_FORMATS, None, True)
-    assert ("big", "int8") not in blind  # int8 takes convs, not MatMuls (yet)
+    assert ("big", "int8") in blind  # int8 takes MatMuls too (packed for VNNI)
     order = sorted(matmul_formats, key=lambda f: blind[("big", f)][0])
     assert order == sorted(matmul_formats, key=lambda f: big.bytes(f, True))
+
+
+def test_int8_matmuls_are_timed_by_their_packed_kernels_records():
+    """An int8 MatMul's kernel holds its weight packed in vpdpbusd blocks: the committed logs'
+    records of the BERT encoder's (minilm) int8 layers time a layer of that shape."""
+    logs_dir = Path(__file__).resolve().parent.parent / "models" / "tuning_logs" / \
+        "cpu-x86_64-avx512-vnni"
+    ffn = mixed.Layer("ffn_in", "w", "MatMul", (384, 1536), 384, 1536)
+    odd = mixed.Layer("odd", "v", "MatMul", (384, 1000), 384, 1000)  # N not a multiple of 16
+    times = mixed.layer_seconds([ffn, odd], ["int8", "fp32"], logs_dir, True)
+    assert times[("ffn_in", "int8")][1] == "tuning record"
+    assert times[("ffn_in", "int8")][0] < times[("ffn_in", "fp32")][0]
+    assert times[("odd", "int8")][1] == "estimated from bytes"
+    # at 128 rows w4g128 (no record at this shape) is timed by w4g32's record, not by its
+    # bytes (one-row records would make it look 8x faster than fp32)
+    both = mixed.layer_seconds([ffn], ["w4g32", "w4g128"], logs_dir, True)
+    assert both[("ffn_in", "w4g128")] == (both[("ffn_in", "w4g32")][0],
+                                          "record of a sibling format")
 
 
 def test_int8_convs_are_searched_with_their_activations(tmp_path: Path):

@@ -68,17 +68,16 @@ class LayerFormat:
 
 
 # bf16 takes no convolutions: a bf16 conv decodes its weight inside a kernel kept in NCHW
-# (passes.float_formats), slower than the fp32 conv it would replace. int8 takes convs only:
-# they are packed for VNNI and have tuning records of their kind; an int8 MatMul/Gemm has
-# neither yet (its kernels mostly compile as naive loops), and an INT8 transformer is not
-# bit-exact with onnxruntime (issue "INT8 transformers").
+# (passes.float_formats), slower than the fp32 conv it would replace. int8 convs and
+# matmuls are both packed for VNNI (passes.pack_int8_vnni) and have tuning records of
+# their kinds.
 FORMATS = {f.name: f for f in (
     LayerFormat("w4g32", ("MatMul",), bits=4, block_size=32),
     LayerFormat("w4g128", ("MatMul",), bits=4, block_size=128),
     LayerFormat("w8g128", ("MatMul",), bits=8, block_size=128),
     LayerFormat("fp8_e4m3", ("MatMul",), code8=True),
     LayerFormat("posit8", ("MatMul",), code8=True),
-    LayerFormat("int8", ("Conv",), int8=True),
+    LayerFormat("int8", ("Conv", "MatMul", "Gemm"), int8=True),
     LayerFormat("bf16", ("MatMul", "Gemm"), float_bits=16),
     LayerFormat("fp32", WEIGHT_OPS, float_bits=32))}
 
@@ -124,6 +123,8 @@ def _args_of(fmt: str, layer: Layer) -> tuple[str, ...] | None:
     holding a MatMul's ``[K, N]`` weight in ``fmt``; None where no such spelling is known
     (convolutions and int8 weights are repacked by the lowering; Gemm transposes)."""
     spec, k, n = FORMATS[fmt], layer.k, layer.n
+    if spec.int8 and layer.op in ("MatMul", "Gemm") and k % 4 == 0 and n % 16 == 0:
+        return (f"int8[{n // 16},{k // 4},16,4]",)  # packed in vpdpbusd blocks
     # code8 kernels hold uint8[K, N] codes and float32[N] scales, as w8g128's hold codes and
     # its bias: no spelling tells them apart, so they are estimated
     if layer.op != "MatMul" or spec.int8 or spec.code8:
@@ -133,12 +134,23 @@ def _args_of(fmt: str, layer: Layer) -> tuple[str, ...] | None:
     return (f"{'bfloat16' if fmt == 'bf16' else 'float32'}[{k},{n}]",)
 
 
+# Formats whose kernels compute alike (float32 multiply-adds on weights decoded in the
+# kernel: the block-wise template and the 8-bit code kernels): where a layer has a record in
+# one of them and none in another, the record times the other too. A bytes estimate from
+# other shapes would not: at one row these kernels are bound by weight bytes, at a BERT's
+# 128 rows by arithmetic, where 4-bit weights are no faster than 8-bit ones.
+_DECODED = ("w4g32", "w4g128", "w8g128", "fp8_e4m3", "posit8")
+KERNEL_FAMILIES = {fmt: tuple(f for f in _DECODED if f != fmt) for fmt in _DECODED}
+
+
 def layer_seconds(layers: Sequence[Layer], formats: Sequence[str], logs_dir: Path | None,
                   symmetric: bool) -> dict[tuple[str, str], tuple[float, str]]:
     """``(node, format) -> (seconds, source)`` for each format a layer takes: the tuning
     database's best record for the layer's kernel in that format (source "tuning record"),
-    else an estimate: its :meth:`Layer.work` at the seconds per unit of work the database
-    shows for that format (or for all formats) (source "estimated from bytes")."""
+    else the best record of the layer in a format whose kernel computes alike
+    (:data:`KERNEL_FAMILIES`, source "record of a sibling format"), else an estimate: its
+    :meth:`Layer.work` at the seconds per unit of work the database shows for that format
+    (or for all formats) (source "estimated from bytes")."""
     from collections import defaultdict
 
     best: dict[frozenset, float] = {}
@@ -158,12 +170,19 @@ def layer_seconds(layers: Sequence[Layer], formats: Sequence[str], logs_dir: Pat
                 found[(layer.node, fmt)] = (min(times), "tuning record")
                 rates[fmt].append(min(times) / layer.work(fmt, symmetric))
     every = sorted(r for rs in rates.values() for r in rs) or [1e-10]  # 10 GB/s
+    recorded = dict(found)
     for layer in layers:
         for fmt in formats:
-            if layer.takes(fmt) and (layer.node, fmt) not in found:
-                rate = sorted(rates[fmt] or every)[len(rates[fmt] or every) // 2]
-                found[(layer.node, fmt)] = (rate * layer.work(fmt, symmetric),
-                                            "estimated from bytes")
+            if not layer.takes(fmt) or (layer.node, fmt) in found:
+                continue
+            siblings = [recorded[(layer.node, f)][0] for f in KERNEL_FAMILIES.get(fmt, ())
+                        if (layer.node, f) in recorded]
+            if siblings:
+                found[(layer.node, fmt)] = (min(siblings), "record of a sibling format")
+                continue
+            rate = sorted(rates[fmt] or every)[len(rates[fmt] or every) // 2]
+            found[(layer.node, fmt)] = (rate * layer.work(fmt, symmetric),
+                                        "estimated from bytes")
     return found
 
 
@@ -235,9 +254,10 @@ class Int8Static:
 
     def quantize(self, model, nodes: Sequence[str], only: bool = False):
         """``model`` with the layers ``nodes`` in int8. ``only``: nothing else quantized
-        (a sensitivity trial); otherwise as the int8 recipe quantizes with every other weight
-        layer in ``exclude_nodes`` (the ops between int8 layers: Add, pooling ... in int8
-        too, so the integer regions stay whole)."""
+        (a sensitivity trial); otherwise, in a CNN, as the int8 recipe quantizes with every
+        other weight layer in ``exclude_nodes`` (the ops between int8 layers: Add,
+        pooling ... in int8 too, so the integer regions stay whole), and in a model without
+        convolutions, those layers alone (see below)."""
         import logging
 
         import onnx
@@ -258,7 +278,18 @@ class Int8Static:
             def get_next(self):
                 return next(self._it, None)
 
-        layer_nodes = {layer.node for layer in layers_of(model)}
+        layers = layers_of(model)
+        layer_nodes = {layer.node for layer in layers}
+        # A CNN gets every op between its int8 layers quantized (integer regions). A model
+        # without convolutions (a transformer) gets its int8 layers only: quantizing the mask
+        # arithmetic ruins it (FACTS.md), and a quantized attention MatMul's dequantize
+        # would travel (onnxruntime's QDQ propagation through Transpose/Reshape) to the
+        # input of a layer in another format, which onnxruntime then fuses with that
+        # layer's FP8 weight dequantize into an integer MatMul that refuses FP8. For the
+        # same reason each int8 layer gets its own quantize/dequantize pair of a shared
+        # input, so a LayerNorm's output read by int8 and FP8 layers stays float for the latter.
+        cnn = any(layer.op == "Conv" for layer in layers)
+        selected = list(nodes) if only or not cnn else None
         source, out = self.scratch / "int8_in.onnx", self.scratch / "int8_out.onnx"
         onnx.save(model, str(source))
         # onnxruntime warns on the root logger that the model was not pre-processed: the
@@ -274,10 +305,11 @@ class Int8Static:
                 activation_type=qtype[self.activation_type],
                 weight_type=qtype[self.weight_type],
                 per_channel=self.per_channel, calibrate_method=method,
-                nodes_to_quantize=list(nodes) if only else None,
-                nodes_to_exclude=None if only else sorted(layer_nodes - set(nodes)),
+                nodes_to_quantize=selected,
+                nodes_to_exclude=None if selected else sorted(layer_nodes - set(nodes)),
                 calibration_cache_path=str(self.ranges),
-                extra_options={"CalibTensorRangeSymmetric": False})
+                extra_options={"CalibTensorRangeSymmetric": False,
+                               "DedicatedQDQPair": not cnn})
         finally:
             root.setLevel(level)
         return onnx.load(str(out))
