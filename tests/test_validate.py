@@ -247,3 +247,28 @@ def test_top1_is_gated_only_on_outputs_marked_as_class_scores(artifacts, tmp_pat
     assert {g["metric"] for g in fp32["gates"]} == {"max_abs_err", "top1_agreement"}
     with pytest.raises(ConfigError, match="not outputs of .*its outputs: y"):
         validate.run(artifacts["fp32"], {}, tmp_path / "c", class_scores=["logits"])
+
+
+def test_a_mixed_model_with_int8_activations_is_judged_in_output_steps(tmp_path):
+    """The same-model comparison of weight-only formats keeps its float tolerance; where the
+    model quantizes activations (a mixed model's int8 layers) it is the int8 gate: one
+    output step: one rounding tie (up to a step) passes, more fails."""
+    import qdq_helpers as H
+
+    qdq = H.quantize_qdq(H.conv_model(), tmp_path)  # writes tmp_path / "qdq.onnx"
+    weight_only = tmp_path / "fp32.onnx"  # the float model: no QuantizeLinear
+    assert validate._int8_steps(weight_only) is None
+    steps = validate._int8_steps(tmp_path / "qdq.onnx")
+    assert steps == [H.output_scale(qdq)]
+    art = ArtifactUnderTest("tiny_mixed", "tiny", "mixed", "cpu", False, weight_only,
+                            tmp_path / "qdq.onnx", tmp_path, tmp_path / "io.json", INPUTS)
+    gates = {"quantized_rel_tol": 1e-4, "int8_max_steps": 1.0}
+    ref = [[np.linspace(-1, 1, 64, dtype=np.float32)]]
+    for shift, passed in ((0.99, True), (1.5, False)):
+        got = [[ref[0][0] + np.float32(shift * steps[0]) * (np.arange(64) == 7)]]
+        record = validate._record(art, validate.QUANTIZED, got, ref, gates, steps)
+        assert [g["metric"] for g in record["gates"]] == ["max_err_steps"]
+        assert record["pass"] is passed
+        float_only = validate._record(art, validate.QUANTIZED, got, ref, gates, None)
+        assert [g["metric"] for g in float_only["gates"]] == ["max_abs_err"]
+        assert float_only["pass"] is False  # a step is far past 1e-4 relative

@@ -207,7 +207,9 @@ SCHEMES["mixed"] = Scheme(
     compute_dtype="mixed",
     comparisons=("tvm_vs_ort_quantized", "tvm_vs_ort_fp32_quality", "ort_int8_vs_ort_fp32"),
     # the quality gate is the variant's budget (core.spec.variant_validation)
-    default_gates=MappingProxyType({"quantized_rel_tol": 1e-4, "quality_cosine_min": 0.99}),
+    # int8_max_steps: the same-model gate where int8 layers quantize activations
+    default_gates=MappingProxyType({"quantized_rel_tol": 1e-4, "quality_cosine_min": 0.99,
+                                    "int8_max_steps": 1.0}),
     options=("formats", "budget", "assignment", "symmetric", "activation_type",
              "weight_type", "per_channel"),
     # as bf16's, and for the same onnxruntime bug (pipeline.schemes.mixed.SESSION_CONFIG)

@@ -288,8 +288,12 @@ class Int8Static:
         # layer's FP8 weight dequantize into an integer MatMul that refuses FP8. For the
         # same reason each int8 layer gets its own quantize/dequantize pair of a shared
         # input, so a LayerNorm's output read by int8 and FP8 layers stays float for the latter.
+        # With every layer int8 nothing can conflict: the int8 scheme's recipe (attention's
+        # MatMuls integer too, one quantize per shared input).
         cnn = any(layer.op == "Conv" for layer in layers)
-        selected = list(nodes) if only or not cnn else None
+        every_layer = set(nodes) == layer_nodes  # all int8: the int8 scheme's own recipe
+        selected = list(nodes) if only or not (cnn or every_layer) else None
+        op_types = ["MatMul", "Gemm"] if not cnn else None
         source, out = self.scratch / "int8_in.onnx", self.scratch / "int8_out.onnx"
         onnx.save(model, str(source))
         # onnxruntime warns on the root logger that the model was not pre-processed: the
@@ -305,11 +309,11 @@ class Int8Static:
                 activation_type=qtype[self.activation_type],
                 weight_type=qtype[self.weight_type],
                 per_channel=self.per_channel, calibrate_method=method,
-                nodes_to_quantize=selected,
+                nodes_to_quantize=selected, op_types_to_quantize=op_types,
                 nodes_to_exclude=None if selected else sorted(layer_nodes - set(nodes)),
                 calibration_cache_path=str(self.ranges),
                 extra_options={"CalibTensorRangeSymmetric": False,
-                               "DedicatedQDQPair": not cnn})
+                               "DedicatedQDQPair": bool(selected) and not only})
         finally:
             root.setLevel(level)
         return onnx.load(str(out))
