@@ -149,7 +149,7 @@ def unpack(bundle: Path, kit: dict, workdir: Path, any_bundle: bool) -> tuple[Pa
             for member in tar.getmembers():
                 if member.name.startswith("/") or ".." in Path(member.name).parts:
                     raise CannotCheck(f"{bundle}: unsafe member path {member.name!r}")
-            if sys.version_info >= (3, 12):
+            if hasattr(tarfile, "data_filter"):  # 3.12, and 3.8-3.11 security releases
                 tar.extractall(workdir, filter="data")
             else:
                 tar.extractall(workdir)
