@@ -44,6 +44,17 @@ def test_checker_metrics_are_validates():
     assert not kit_check.metrics(ref[:1], ref)["shape_ok"]
 
 
+def test_checker_imports_only_the_standard_library_and_numpy():
+    import ast
+
+    tree = ast.parse(Path(kit_check.__file__).read_text())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported - {"__future__", "numpy"} <= set(sys.stdlib_module_names), imported
+
+
 def test_kit_task_sits_next_to_the_bundle_and_feeds_build(tmp_path):
     project = Project.load(make_project(tmp_path))
     groups = all_tasks(project, get_target("cpu"), Options())
