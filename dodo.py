@@ -124,6 +124,11 @@ def task_smoke():
     yield from _group("smoke")
 
 
+def task_kit():
+    """Validation kit next to the bundle: inputs, onnxruntime's outputs, gates, check.py."""
+    yield from _group("kit")
+
+
 def task_build():
     """Build an artifact end to end: doit build:<model>_<variant> [target=cpu|rtx4090|h100]."""
     yield from _group("build")

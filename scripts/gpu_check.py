@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """On a machine with an NVIDIA GPU: build, run, validate and benchmark the CUDA artifacts.
 
+This needs TVM and this project on the GPU machine. Where the GPU machine has no TVM (only
+Python, numpy and the driver), use the validation kit instead: ``scripts/gpu_kit.py`` packs
+the bundle and its kit into one tarball, ``check.py`` runs there, and ``doit validate ...
+kit_report=PATH`` reads its report back here (README, "Running on a GPU").
+
 The CUDA targets cross-compile anywhere (no GPU needed), but they can only be checked where a
 GPU is. This script does every such check in one go, for the fp32 and the int8 variant:
 

@@ -120,7 +120,7 @@ int8_cosine_min = 0.9
 """
 
 
-def test_validation_data_files_are_inputs_of_validate_only(tmp_path):
+def test_validation_data_files_are_inputs_of_validate_and_the_kit_only(tmp_path):
     import numpy as np
 
     root = make_project(tmp_path, spec_text=VALIDATION_DATA_SPEC)
@@ -130,7 +130,9 @@ def test_validation_data_files_are_inputs_of_validate_only(tmp_path):
     tasks = _by_name(all_tasks(Project.load(root), get_target("cpu"), Options()))
     reading = sorted(name for name, t in tasks.items()
                      if any("data/val" in d for d in t.get("file_dep", [])))
-    assert reading == ["validate:tiny_fp32@cpu", "validate:tiny_int8@cpu"]
+    # the validation kit carries the same inputs to the device
+    assert reading == ["kit:tiny_fp32@cpu", "kit:tiny_int8@cpu", "validate:tiny_fp32@cpu",
+                       "validate:tiny_int8@cpu"]
     deps = [d for d in tasks["validate:tiny_int8@cpu"]["file_dep"] if "data/val" in d]
     assert len(deps) == 2
 
@@ -179,7 +181,7 @@ def test_parse_options_names_every_bad_value():
                    "rpc=host:port:key: port 'port' must be a number 1..65535",
                    "threads=0: must be 1..", "warmup=x: not a whole number (allowed: >= 0)",
                    "repeat=0: must be a whole number >= 1",
-                   "trails=3: unknown option 'trails' (options: baseline, layout"):
+                   "trails=3: unknown option 'trails' (options: baseline, kit_report, layout"):
         assert needle in msg
     assert "trials=abc" in msg and "build:tiny_int8" not in msg
 

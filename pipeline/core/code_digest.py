@@ -28,6 +28,8 @@ STAGE_MODULES: dict[str, str] = {
     "package": "pipeline.stages.package",
     "smoke": "pipeline.stages.smoke",
     "validate": "pipeline.stages.validate",
+    # the validation kit is validate's other product (same comparisons, gates, references)
+    "kit": "pipeline.stages.validate",
     "bench": "pipeline.stages.bench",
 }
 

@@ -24,6 +24,7 @@ TOOLS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "package": ("apache-tvm", "apache-tvm-ffi", "jinja2"),
     "smoke": ("apache-tvm",),
     "validate": ("onnxruntime", "apache-tvm"),
+    "kit": ("onnx", "onnxruntime"),
     "bench": ("onnxruntime", "apache-tvm"),
 }
 

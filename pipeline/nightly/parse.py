@@ -217,5 +217,5 @@ def validation_metrics(validation: dict) -> dict:
     return out
 
 
-STAGES = ("source", "quantize", "import", "tune", "compile", "package", "smoke", "validate",
-          "bench")
+STAGES = ("source", "quantize", "import", "tune", "compile", "package", "smoke", "kit",
+          "validate", "bench")

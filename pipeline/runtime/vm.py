@@ -114,10 +114,72 @@ def cuda_device_name() -> str:
         return "cuda:0"
 
 
-def cuda_available() -> bool:
+# CUresult codes of the driver API (cuda.h) that mean "no GPU here", not "broken":
+# no device, or only the toolkit's stub libcuda (no driver installed).
+_CU_NO_DEVICE = {100: "CUDA_ERROR_NO_DEVICE", 34: "CUDA_ERROR_STUB_LIBRARY"}
+
+
+def _driver_device_count(load=None) -> int:
+    """GPUs the NVIDIA driver sees: 0 without a driver (no ``libcuda.so.1``) or device.
+
+    Any other driver error (a driver/kernel-module mismatch, an unsupported GPU, a driver
+    too old for the runtime...) raises :class:`StageFailed` naming the CUresult.
+    """
+    import ctypes
+
+    load = load or ctypes.CDLL
+    try:
+        lib = load("libcuda.so.1")
+    except OSError:
+        return 0  # no NVIDIA driver on this machine
+    code = lib.cuInit(0)
+    if code == 0:
+        count = ctypes.c_int(0)
+        code = lib.cuDeviceGetCount(ctypes.byref(count))
+        if code == 0:
+            return int(count.value)
+    if code in _CU_NO_DEVICE:
+        return 0
+    raise StageFailed("cuda", f"the NVIDIA driver (libcuda.so.1) fails with CUresult {code} "
+                      f"({_cu_error_name(lib, code)}): the GPU is there but CUDA is broken; "
+                      "check `nvidia-smi`, the driver and kernel module versions, and "
+                      "`dmesg` (this is not 'no GPU': nothing was skipped)")
+
+
+def _cu_error_name(lib, code: int) -> str:
+    import ctypes
+
+    try:
+        name = ctypes.c_char_p()
+        if lib.cuGetErrorName(code, ctypes.byref(name)) == 0 and name.value:
+            return name.value.decode()
+    except (AttributeError, OSError):
+        pass
+    return "unknown error"
+
+
+def cuda_available(driver_count=_driver_device_count) -> bool:
+    """True if TVM can run on a CUDA device here.
+
+    False only when there is no GPU: no NVIDIA driver, or the driver sees no device. Every
+    other failure is reported, never read as "no GPU" (which would turn validation into
+    "not validated: no CUDA device" instead of a failure): a driver error, or a driver that
+    sees a GPU while TVM's CUDA runtime (``libtvm_runtime_cuda.so``, its ``libcudart``)
+    cannot use it, raises :class:`StageFailed` with the cause.
+    """
+    devices = driver_count()
+    if devices == 0:
+        return False
     try:
         import tvm
 
-        return bool(tvm.cuda(0).exist)
-    except Exception:
-        return False
+        exists = bool(tvm.cuda(0).exist)
+    except Exception as e:  # the runtime is installed but broken: say how
+        raise StageFailed("cuda", f"the NVIDIA driver sees {devices} GPU(s) but TVM's CUDA "
+                          f"runtime fails: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise StageFailed("cuda", f"the NVIDIA driver sees {devices} GPU(s) but TVM's CUDA "
+                          "runtime does not (libtvm_runtime_cuda.so or the libcudart it needs "
+                          "failed to load or to initialise: is the CUDA runtime of the TVM "
+                          "wheel's major version on the loader path?)")
+    return True

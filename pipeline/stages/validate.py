@@ -64,7 +64,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError, ValidationFailed
 from pipeline.core.hashing import jsonable
 from pipeline.core.spec import ValidationSpec
-from pipeline.runtime import ort_reference
+from pipeline.runtime import kit_check, ort_reference
 from pipeline.runtime.artifact import ArtifactUnderTest
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 STAGE = "validate"
 NO_CUDA = "not validated: no CUDA device"
+KIT_REPORT = "kit_report.json"  # where validate looks for a kit's report: artifacts/<a>/<t>/
 
 FP32 = "tvm_fp32_vs_ort_fp32"
 INT8 = "tvm_int8_vs_ort_int8"
@@ -526,6 +527,8 @@ def _fmt(value: Any) -> str:
 def _headline(result: dict) -> str:
     word = {"pass": "PASS", "fail": "FAIL"}.get(result["status"], result["status"].upper())
     art = f"{result['artifact']} on {result['target']}"
+    if result.get("validated_on"):
+        art += f" (validated on {result['validated_on']})"
     if result["status"] == NO_CUDA:
         return f"- **NOT VALIDATED** {art}: no CUDA device on this machine"
     scheme = (f" (scheme {result['scheme']}: {result['computes']})"
@@ -538,6 +541,14 @@ def _headline(result: dict) -> str:
 def _markdown(results: Sequence[dict], title: str) -> str:
     lines = [f"# {title}", ""]
     lines += [_headline(r) for r in results]
+    for r in results:
+        kit = r.get("kit_report")
+        if kit:
+            lat = kit.get("latency_ms") or {}
+            timing = (f"; bin/infer there: median {_fmt(lat.get('median'))} ms, p90 "
+                      f"{_fmt(lat.get('p90'))} ms" if lat else "")
+            lines.append(f"  - kit report {kit['report']}: checked on {kit['device']} "
+                         f"(host {kit.get('host')}, {kit.get('checked_at')}){timing}")
     failures = [line for r in results for line in failure_lines(r)]
     if failures:
         lines += ["", "Failures:", ""] + [f"- {line}" for line in failures]
@@ -587,7 +598,8 @@ class ValidateConfig:
 def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None,
         out_dir: Path, *, check: bool = True,
         comparisons: Sequence[str] | None = None,
-        class_scores: Sequence[str] | None = None) -> dict:
+        class_scores: Sequence[str] | None = None,
+        kit_report: Path | None = None, kit_dir: Path | None = None) -> dict:
     """Validate one artifact; write ``validation.json`` and ``validation.md`` into ``out_dir``.
 
     Parameters
@@ -609,6 +621,12 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
         Names of the ONNX outputs whose rows are class scores: the top-1 gates judge those
         outputs only, and none when the sequence is empty (top-k agreement is then only
         reported). Default (None): every output, as for a classifier.
+    kit_report, kit_dir : Path, optional
+        A report of the validation kit's checker (``check.py``, run where the bundle can run,
+        e.g. a GPU machine without TVM) and the kit it was made from: its gates become
+        records of this validation, ``validated_on`` names its device, and for a CUDA
+        artifact with no device here they alone decide. A report of another build's kit is
+        a :class:`ConfigError`.
 
     Returns
     -------
@@ -641,6 +659,14 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
     if needs_qdq and art.qdq_onnx is None:
         raise ConfigError(f"{art.name}: comparison(s) {', '.join(sorted(needs_qdq))} need the "
                           "quantized ONNX model, and this artifact has none")
+    kit_recs, kit_info = (_kit_records(art, Path(kit_report), Path(kit_dir or ""))
+                          if kit_report else ([], None))
+    if kit_info:
+        result.update(validated_on=kit_info["device"], kit_report=kit_info)
+    if art.is_gpu and kit_recs and not cuda_available():
+        # No device here, but the kit's checker ran the bundle on one: its numbers decide.
+        return _finish(art, result, kit_recs, out_dir, title, check,
+                       f"{kit_info['samples']} kit inputs, bin/infer on {kit_info['device']}")
     if art.is_gpu and not cuda_available():
         # Checked first: a CUDA artifact cannot even be loaded here, and must not pass.
         records = [{**art.header(), "comparison": c, "title": _TITLES[c], "status": NO_CUDA,
@@ -709,13 +735,21 @@ def run(art: ArtifactUnderTest, gates: Mapping[str, Any] | ValidationSpec | None
                         "per_input": []})
     else:
         records.append(_record(art, CPP, cpp, tvm_py, g))
+    return _finish(art, result, records + kit_recs, out_dir, title, check,
+                   result["inputs_desc"])
 
+
+def _finish(art: ArtifactUnderTest, result: dict, records: list[dict], out_dir: Path,
+            title: str, check: bool, inputs_desc: str) -> dict:
+    """Status from the records; write the reports; raise if a gate failed and ``check``."""
     passed = all(r["pass"] is not False for r in records)
     result.update(status="pass" if passed else "fail", records=records)
     result["pass"] = passed
+    result.setdefault("inputs_desc", inputs_desc)
     _write(out_dir, result, [result], title)
+    where = f"; validated on {result['validated_on']}" if result.get("validated_on") else ""
     print(f"validate: {art.name} on {art.target}: {result['status'].upper()} "
-          f"({result['inputs_desc']})", flush=True)
+          f"({inputs_desc}{where})", flush=True)
     if not passed and check:
         error = ValidationFailed(
             f"validation failed for {art.name} on {art.target}:\n  - "
@@ -752,3 +786,227 @@ def summarize(results: list[dict], out_dir: Path) -> dict:
     _write(Path(out_dir), summary, results,
            f"Validation: {status.upper()} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     return summary
+
+
+# ----------------------------------------------------------------------------- validation kit
+#
+# The kit validates a bundle where the pipeline cannot run (a GPU machine without TVM or
+# onnxruntime): inputs, onnxruntime's reference outputs computed here, the gates, and the
+# numpy-only checker (pipeline/runtime/kit_check.py, copied as check.py). Its report comes
+# back to `doit validate ... kit_report=PATH`, read by _kit_records.
+
+# each comparison with a TVM side: the onnxruntime outputs it compares bin/infer's with
+_KIT_REFERENCE = {FP32: "ort_fp32", INT8: "ort_quantized", INT8_QUALITY: "ort_fp32",
+                  QUANTIZED: "ort_quantized", QUALITY: "ort_fp32", FP16: "ort_quantized",
+                  BF16: "ort_quantized", FP16_QUALITY: "ort_fp32", BF16_QUALITY: "ort_fp32"}
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """What goes into one artifact's validation kit (its recipe, as data)."""
+
+    gates: dict  # as ValidateConfig's
+    comparisons: tuple[str, ...]  # the scheme's; those with a TVM side go into the kit
+    target: dict  # core.targets.target_config()
+    class_scores: tuple[str, ...] = ()
+    warmup: int = 10  # the checker's timed run of bin/infer
+    repeat: int = 50
+
+
+def _kit_gates(comparison: str, g: dict, is_gpu: bool, n_outputs: int,
+               class_outputs: set[int] | None) -> list[dict]:
+    """The scheme's gates of ``comparison`` as the checker judges them, per output: a
+    threshold scaled by max(1, max |ref|) on max_abs_err is the same gate on max_rel_err."""
+    out = []
+    for gate in _gates_for(comparison, g, is_gpu):
+        metric = "max_rel_err" if gate.scaled and gate.metric == "max_abs_err" else gate.metric
+        outputs = list(range(n_outputs))
+        if gate.metric.startswith("top") and class_outputs is not None:
+            outputs = sorted(class_outputs)  # top-k means something for class scores only
+        if outputs:
+            out.append({"metric": metric, "op": gate.op, "threshold": gate.threshold,
+                        "pooled": gate.pooled, "outputs": outputs})
+    return out
+
+
+def make_kit(art: ArtifactUnderTest, config: KitConfig, out_dir: Path) -> dict:
+    """Write the validation kit of ``art`` into ``out_dir``.
+
+    Layout: ``check.py`` (the checker), ``kit.json`` (artifact, bundle and model sha256,
+    inputs, outputs, samples, comparisons with their gates, timing), ``README.txt``,
+    ``inputs/input<i>_<name>.npy`` and ``reference/<ort_fp32|ort_quantized>/
+    input<i>_output<k>.npy``. Deterministic: the same artifact and settings give the same
+    bytes (onnxruntime on the same machine).
+
+    Returns
+    -------
+    dict
+        What the manifest records: samples, comparisons, bytes.
+    """
+    import shutil
+
+    import onnxruntime
+
+    from pipeline.core.hashing import sha256_file
+    from pipeline.runtime.data import calibration_samples, file_stems
+
+    g = resolve_gates(config.gates)
+    out_dir = Path(out_dir)
+    comparisons = [c for c in config.comparisons if c in _KIT_REFERENCE]
+    on_qdq = set(_ON_QUANTIZED) & set(config.comparisons)  # as validate runs onnxruntime
+    needs_qdq = any(_KIT_REFERENCE.get(c) == "ort_quantized" for c in comparisons)
+    if needs_qdq and art.qdq_onnx is None:
+        raise ConfigError(f"{art.name}: comparison(s) need the quantized ONNX model, and this "
+                          "artifact has none")
+    io = json.loads(Path(art.io_json).read_text(encoding="utf-8"))
+    order = [t["name"] for t in io["inputs"]]
+    spec_names = dict(zip(order, art.feed_names(io), strict=True))
+    feeds = calibration_samples(art.inputs, g["samples"], g["seed"], g["data_dir"], art.ranges)
+    class_outputs = _class_outputs(Path(art.fp32_onnx), config.class_scores)
+    references = {"ort_fp32": _ort_outputs(Path(art.fp32_onnx), feeds)}
+    if needs_qdq:
+        quantized_session = any(_ON_QUANTIZED[c] for c in on_qdq)
+        references["ort_quantized"] = _ort_outputs(Path(art.qdq_onnx), feeds,
+                                                   quantized=quantized_session,
+                                                   config=_ort_config(art))
+    stems = file_stems(order)
+    samples = []
+    for i, feed in enumerate(feeds):
+        sample: dict[str, Any] = {"inputs": {}, "references": {}}
+        for name in order:
+            rel = f"inputs/input{i}_{stems[name]}.npy"
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / rel, np.ascontiguousarray(feed[spec_names[name]]))
+            sample["inputs"][name] = rel
+        for ref, outs in references.items():
+            sample["references"][ref] = []
+            for k, y in enumerate(outs[i]):
+                rel = f"reference/{ref}/input{i}_output{k}.npy"
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.save(out_dir / rel, y)
+                sample["references"][ref].append(rel)
+        samples.append(sample)
+    n_out = len(io["outputs"])
+    kit_comparisons = []
+    for c in comparisons:
+        kit_comparisons.append({
+            "name": c, "title": _TITLES[c], "reference": _KIT_REFERENCE[c],
+            "steps": output_steps(Path(art.qdq_onnx)) if c == INT8 else None,
+            "gates": _kit_gates(c, g, art.is_gpu, n_out, class_outputs)})
+    bundle = Path(art.package_dir) / f"{art.name}-{art.target}.tar.gz"
+    params = Path(art.package_dir) / "model.params"
+    kit = {"format": kit_check.KIT_FORMAT, "artifact": art.name, "model": art.model,
+           "variant": art.variant, "target": art.target,
+           "target_kind": config.target.get("kind", "llvm"), "scheme": art.scheme,
+           "bundle": {"file": bundle.name, "sha256": sha256_file(bundle),
+                      "model_sha256": sha256_file(Path(art.package_dir) / "model.so"),
+                      "params_sha256": (sha256_file(params) if params.is_file() else None)},
+           "inputs": io["inputs"], "outputs": io["outputs"],
+           "inputs_desc": (f"{len(feeds)} inputs from {g['data_dir']}" if g["data_dir"] else
+                           f"{len(feeds)} seeded synthetic inputs (seed {g['seed']})"),
+           "references": {"ort_fp32": f"onnxruntime {onnxruntime.__version__} on the CPU, "
+                                      "fp32 model",
+                          **({"ort_quantized": f"onnxruntime {onnxruntime.__version__} on the "
+                              "CPU, the quantized model: "
+                              + ort_reference.reference_description(quantized=True)}
+                             if needs_qdq else {})},
+           "samples": samples, "comparisons": kit_comparisons, "gates": g,
+           "timing": {"warmup": config.warmup, "repeat": config.repeat}}
+    (out_dir / "kit.json").write_text(json.dumps(jsonable(kit), indent=2, sort_keys=True,
+                                                 allow_nan=False) + "\n", encoding="utf-8")
+    shutil.copyfile(Path(kit_check.__file__), out_dir / "check.py")
+    (out_dir / "check.py").chmod(0o755)
+    (out_dir / "README.txt").write_text(_kit_readme(kit), encoding="utf-8")
+    print(f"kit: {art.name} on {art.target}: {len(samples)} inputs, "
+          f"{len(kit_comparisons)} comparison(s) -> {out_dir}", flush=True)
+    return {"samples": len(samples), "comparisons": [c["name"] for c in kit_comparisons]}
+
+
+def _kit_readme(kit: dict) -> str:
+    name = f"{kit['artifact']}-{kit['target']}"
+    return "\n".join([
+        f"Validation kit of {kit['artifact']} for target '{kit['target']}' "
+        f"(bundle {kit['bundle']['file']}, sha256 {kit['bundle']['sha256'][:16]}...).",
+        "",
+        "On the machine that runs the bundle (Python 3 and numpy; no TVM, no onnxruntime):",
+        f"  python3 {name}-kit/check.py --bundle {kit['bundle']['file']} --out kit_report.json",
+        "It unpacks the bundle, runs bin/infer on every input in inputs/, compares each output",
+        "with onnxruntime's (reference/, computed on the build machine) with the gates in",
+        "kit.json, times bin/infer and writes the JSON report. Exit 0 pass, 1 fail, 2 cannot",
+        "check. Then, on the build machine:",
+        f"  doit validate:{kit['artifact']}@{kit['target']} kit_report=kit_report.json",
+        "",
+        f"Inputs: {kit['inputs_desc']}. Comparisons: "
+        + ", ".join(f"{c['name']} (vs {c['reference']})" for c in kit["comparisons"]) + ".",
+    ]) + "\n"
+
+
+def _kit_records(art: ArtifactUnderTest, report_path: Path,
+                 kit_dir: Path) -> tuple[list[dict], dict]:
+    """Validation records from a kit checker's report, after checking that it is a report of
+    this build's kit (same kit.json, the kit's bundle)."""
+    from pipeline.core.hashing import sha256_file
+
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"kit report {report_path}: cannot read it ({e}); pass the JSON "
+                          "file the kit's check.py wrote") from None
+    problems = []
+    if report.get("format") != kit_check.REPORT_FORMAT:
+        problems.append(f"report format {report.get('format')!r}, expected "
+                        f"{kit_check.REPORT_FORMAT}")
+    if (report.get("artifact"), report.get("target")) != (art.name, art.target):
+        problems.append(f"it is a report on {report.get('artifact')} for target "
+                        f"{report.get('target')}, not {art.name} for {art.target}")
+    kit_json = kit_dir / "kit.json"
+    if not problems and (not kit_json.is_file() or
+                         report.get("kit_sha256") != sha256_file(kit_json)):
+        problems.append("it was made with another kit than this build's (the artifact, its "
+                        "gates or its validation inputs changed since): copy the current "
+                        f"bundle and kit ({kit_dir}) to the device and run check.py again")
+    if not problems and not (report.get("bundle") or {}).get("matches_kit"):
+        problems.append("its checker ran another bundle than the kit's (--any-bundle)")
+    if problems:
+        raise ConfigError(f"kit report {report_path} cannot validate {art.name} on "
+                          f"{art.target}: " + "; ".join(problems))
+    device = report["device"]["name"]
+    records = []
+    for comp in report.get("comparisons", []):
+        gates = [gate for out in comp["outputs"] for gate in out["gates"]]
+        worst: dict[str, Any] = {}
+        for out in comp["outputs"]:
+            for metric, value in out["metrics"].items():
+                if isinstance(value, str):  # "inf"
+                    value = float(value)
+                low = metric in ("cosine", "sqnr_db", "top1_agreement")
+                if metric not in worst or (value < worst[metric] if low else
+                                           value > worst[metric]):
+                    worst[metric] = value
+        passed = all(gate["pass"] for gate in gates) if gates else None
+        records.append({**art.header(), "comparison": comp["comparison"], "source": "kit",
+                        "title": f"{comp['title']}: bin/infer on {device} (kit)",
+                        "status": "reported" if passed is None else
+                        ("pass" if passed else "fail"),
+                        "pass": passed, "metrics": worst, "gates": gates, "per_input": []})
+    for error in report.get("errors", []):
+        records.append({**art.header(), "comparison": "kit_run", "source": "kit",
+                        "title": f"bin/infer on {device} (kit)", "status": "fail",
+                        "pass": False, "metrics": {}, "error": error["message"],
+                        "gates": [{"metric": "bin/infer runs", "op": "==",
+                                   "value": f"exit {error['exit']}: {error['message'][-300:]}",
+                                   "threshold": "exit 0", "pass": False,
+                                   "input_index": error["input_index"],
+                                   "output_index": None}], "per_input": []})
+    if not records:
+        records.append({**art.header(), "comparison": "kit_run", "source": "kit",
+                        "title": f"kit check on {device}", "status": "fail", "pass": False,
+                        "metrics": {}, "gates": [{"metric": "comparisons", "op": ">=",
+                                                  "value": 0, "threshold": 1, "pass": False,
+                                                  "input_index": None, "output_index": None}],
+                        "per_input": []})
+    info = {"report": str(report_path), "device": device, "device_info": report["device"],
+            "checked_at": report.get("checked_at"), "host": report.get("host"),
+            "samples": report.get("samples", 0), "latency_ms": report.get("latency_ms"),
+            "latency": report.get("latency"), "status": report.get("status")}
+    return records, info

@@ -158,6 +158,17 @@ def _artifact(spec, variant, target, paths):
 
 
 @doit_action
+def kit(root: Path, config, upstream: dict[str, Path], stable: Path, spec, variant,
+        target, paths) -> None:
+    """The artifact's validation kit: inputs, onnxruntime's references, gates, check.py."""
+    from pipeline.stages import validate as stage
+
+    art = _artifact(spec, variant, target, paths)
+    run_stage(root, "kit", recipe_of(config), upstream, stable,
+              lambda out: stage.make_kit(art, config, out))
+
+
+@doit_action
 def validate(root: Path, config, upstream: dict[str, Path], stable: Path, spec, variant,
              target, paths) -> None:
     """Validate one artifact; the report is published even when a gate fails, then the
@@ -169,7 +180,9 @@ def validate(root: Path, config, upstream: dict[str, Path], stable: Path, spec, 
     result = run_stage(root, "validate", recipe_of(config), upstream, stable,
                        lambda out: stage.run(art, config.gates, out, check=False,
                                              comparisons=config.comparisons,
-                                             class_scores=config.class_scores))
+                                             class_scores=config.class_scores,
+                                             kit_report=upstream.get("kit_report"),
+                                             kit_dir=paths.artifact_dir / "kit"))
     report = json.loads((result.path / "validation.json").read_text(encoding="utf-8"))
     # (the stage itself ran in a temp dir: the report's lasting address is the stable one)
     print(f"validate: report {stable / 'validation.md'}", flush=True)

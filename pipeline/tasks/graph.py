@@ -218,7 +218,7 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     """validate and bench for one artifact: they run when the artifact, the gates or the
     validation data change."""
     from pipeline.stages.bench import BenchConfig
-    from pipeline.stages.validate import ValidateConfig
+    from pipeline.stages.validate import KitConfig, ValidateConfig
 
     name = f"{spec.name}_{variant.name}"
     at = f"{name}@{target.name}"
@@ -235,12 +235,21 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     validate_upstream = dict(upstream)
     if gates.data_dir:
         _data_files(validate_upstream, "validation", project.root / gates.data_dir)
+    class_scores = tuple(o.name for o in spec.outputs if o.class_scores)
+    kit_upstream = {**validate_upstream, "bundle": p.package / f"{name}-{target.name}.tar.gz"}
+    del kit_upstream["weights"]  # in the bundle (the binary stays: package's doit target)
+    kit = _task(project, at, f"validation kit of {name} for {target.name}: inputs, "
+                "onnxruntime's outputs, gates, check.py", stages.kit,
+                KitConfig(gates=asdict(gates), comparisons=scheme.comparisons, target=tcfg,
+                          class_scores=class_scores),
+                kit_upstream, p.artifact_dir / "kit", "kit.json", extra_args=extra)
+    report = kit_report_for(project, name, target, options)
+    if report is not None:  # the kit's checker ran the bundle elsewhere: validate reads it
+        validate_upstream.update(kit_report=report, kit=p.artifact_dir / "kit" / "kit.json")
     validate = _task(project, at, f"validate {name} on {target.name} against onnxruntime",
                      stages.validate,
                      ValidateConfig(gates=asdict(gates), comparisons=scheme.comparisons,
-                                    target=tcfg,
-                                    class_scores=tuple(o.name for o in spec.outputs
-                                                       if o.class_scores)),
+                                    target=tcfg, class_scores=class_scores),
                      validate_upstream, p.artifact_dir / "validate", "validation.json",
                      extra_args=extra)
     bench_config = BenchConfig(threads=options.threads or tcfg.get("num_cores", 1),
@@ -248,7 +257,36 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
     bench = _task(project, at, f"latency of {name} on {target.name} vs onnxruntime",
                   stages.bench, bench_config, upstream, p.artifact_dir / "bench", "bench.json",
                   extra_args=extra)
-    return {"validate": validate, "bench": bench}
+    return {"kit": kit, "validate": validate, "bench": bench}
+
+
+def read_kit_report_names(path: Path) -> tuple[str, str]:
+    """(artifact, target) a kit checker's report is about; ConfigError if unreadable."""
+    import json
+
+    from pipeline.core.errors import ConfigError
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        return str(report["artifact"]), str(report["target"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"kit_report={path}: not a report of a kit's check.py ({e}); pass "
+                          "the JSON file check.py wrote (--out)") from None
+
+
+def kit_report_for(project: Project, name: str, target: TargetSpec,
+                   options: Options) -> Path | None:
+    """The kit report validate reads for artifact ``name`` on ``target``: ``kit_report=PATH``
+    when it names this artifact and target, else ``artifacts/<name>/<target>/kit_report.json``
+    if there is one."""
+    from pipeline.stages.validate import KIT_REPORT
+
+    if options.kit_report:
+        path = Path(options.kit_report).resolve()
+        if read_kit_report_names(path) == (name, target.name):
+            return path
+    default = project.artifacts / name / target.name / KIT_REPORT
+    return default if default.is_file() else None
 
 
 def summary_task(project: Project, kind: str, members: list[dict]) -> dict:
@@ -296,7 +334,8 @@ def build_task(project: Project, spec: ModelSpec, variant: VariantSpec,
         "name": name,
         "doc": f"{name} for {target.name}: every stage, up to the smoke check",
         "actions": [(stages.link_deliverables, [p.artifact_dir])],
-        "file_dep": [str(p.smoke / "smoke.json"), str(p.package / MANIFEST)],
+        "file_dep": [str(p.smoke / "smoke.json"), str(p.package / MANIFEST),
+                     str(p.artifact_dir / "kit" / "kit.json")],
         "targets": [str(p.artifact_dir / "model.so")],
         "uptodate": [config_changed({"deliverables": list(stages.DELIVERABLES)}),
                      functools.partial(_deliverables_current, p.artifact_dir)],
@@ -313,7 +352,8 @@ def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[st
     """Every task of the project, grouped by doit task group (stage name)."""
     groups: dict[str, list[dict]] = {g: [] for g in
                                      ("source", "quantize", "import", "tune", "compile",
-                                      "package", "smoke", "build", "validate", "bench")}
+                                      "package", "smoke", "kit", "build", "validate",
+                                      "bench")}
     for spec in project.specs.values():
         groups["source"].append(source_task(project, spec))
         for variant in spec.variants.values():
@@ -322,6 +362,16 @@ def all_tasks(project: Project, target: TargetSpec, options: Options) -> dict[st
             for stage, task in per_stage.items():
                 groups[stage].append(task)
             groups["build"].append(build_task(project, spec, variant, target))
+    if options.kit_report:
+        named = read_kit_report_names(Path(options.kit_report))
+        built = {(t["name"].split("@")[0], target.name) for t in groups["validate"]}
+        if named not in built:
+            from pipeline.core.errors import ConfigError
+
+            raise ConfigError(f"kit_report={options.kit_report} is a report on {named[0]} for "
+                              f"target {named[1]}, which is not an artifact of this run "
+                              f"(target {target.name}); run `doit validate:{named[0]}@"
+                              f"{named[1]} kit_report={options.kit_report}`")
     for kind in ("validate", "bench"):
         groups[kind].append(summary_task(project, kind, groups[kind]))
     taken = {t["name"] for t in groups["build"]}

@@ -40,6 +40,7 @@ class Options:
     threads: int | None = None  # bench threads (default: every core of this machine)
     warmup: int = 5
     repeat: int = 30
+    kit_report: str = ""  # a validation kit checker's report for `doit validate` to read
 
     def problems(self) -> list[str]:
         """Every option out of range, each naming the option, its value and what is allowed."""
@@ -67,6 +68,9 @@ class Options:
             problems.append(f"warmup={self.warmup}: must be a whole number >= 0")
         if self.repeat < 1:
             problems.append(f"repeat={self.repeat}: must be a whole number >= 1")
+        if self.kit_report and not Path(self.kit_report).is_file():
+            problems.append(f"kit_report={self.kit_report}: no such file (the JSON report a "
+                            "validation kit's check.py wrote)")
         return problems
 
     def validate(self) -> None:
@@ -125,7 +129,7 @@ def parse_options(get_var: Callable[..., str | None], target: str | None = None,
             values["tune_minutes"] = float(text)
         except ValueError:
             problems.append(f"tune_minutes={text}: not a number (allowed: minutes > 0)")
-    for name in ("tune", "rpc", "layout"):
+    for name in ("tune", "rpc", "layout", "kit_report"):
         text = (get_var(name) or "").strip()
         if text:
             values[name] = text
