@@ -52,13 +52,10 @@ class CannotCheck(Exception):
 
 # ----------------------------------------------------------------------------- metrics
 
-def metrics(actual: np.ndarray, reference: np.ndarray, step: float | None = None) -> dict:
-    """The metrics of one output against its reference, as the pipeline's validate defines
-    them (``pipeline.stages.validate.compare``; a test keeps the two equal)."""
-    if actual.shape != reference.shape:
-        return {"shape_ok": False, "actual": f"{list(actual.shape)} {actual.dtype}",
-                "reference": f"{list(reference.shape)} {reference.dtype}"}
-    a, r = actual.astype(np.float64), reference.astype(np.float64)
+def error_stats(a: np.ndarray, r: np.ndarray) -> dict:
+    """``max_abs_err``, ``max_ref``, ``max_rel_err``, ``cosine`` and ``sqnr_db`` of ``a``
+    against ``r`` (same shape, float64). The pipeline's validate computes them with this
+    very function, so the kit and validate cannot drift apart."""
     err = np.abs(a - r)
     max_abs = float(err.max()) if err.size else 0.0
     ref_max = float(np.abs(r).max()) if r.size else 0.0
@@ -70,16 +67,26 @@ def metrics(actual: np.ndarray, reference: np.ndarray, step: float | None = None
     signal, noise = float(np.sum(r * r)), float(np.sum(err * err))
     sqnr = math.inf if noise == 0.0 else (-math.inf if signal == 0.0 else
                                           10.0 * math.log10(signal / noise))
+    return {"max_abs_err": max_abs, "max_ref": ref_max,
+            "max_rel_err": max_abs / max(1.0, ref_max), "cosine": cosine, "sqnr_db": sqnr}
+
+
+def metrics(actual: np.ndarray, reference: np.ndarray, step: float | None = None) -> dict:
+    """The metrics of one output against its reference, as the pipeline's validate defines
+    them (``pipeline.stages.validate.compare``; a test keeps the two equal)."""
+    if actual.shape != reference.shape:
+        return {"shape_ok": False, "actual": f"{list(actual.shape)} {actual.dtype}",
+                "reference": f"{list(reference.shape)} {reference.dtype}"}
+    a, r = actual.astype(np.float64), reference.astype(np.float64)
     ra = a.reshape(1, -1) if a.ndim == 0 else a.reshape(-1, a.shape[-1])
     rr = r.reshape(1, -1) if r.ndim == 0 else r.reshape(-1, r.shape[-1])
     top_a = np.argsort(-ra, axis=1, kind="stable")[:, 0]
     top_r = np.argsort(-rr, axis=1, kind="stable")[:, 0]
     top1 = int(np.sum(top_a == top_r))
-    out = {"shape_ok": True, "max_abs_err": max_abs, "max_ref": ref_max,
-           "max_rel_err": max_abs / max(1.0, ref_max), "cosine": cosine, "sqnr_db": sqnr,
+    out = {"shape_ok": True, **error_stats(a, r),
            "rows": int(len(rr)), "top1_agree": top1, "top1_agreement": top1 / len(rr)}
     if step is not None:
-        out["max_err_steps"] = max_abs / step
+        out["max_err_steps"] = out["max_abs_err"] / step
     return out
 
 

@@ -164,18 +164,10 @@ def compare(actual: np.ndarray, reference: np.ndarray, step: float | None = None
     if actual.shape != reference.shape or (bitwise and actual.dtype != reference.dtype):
         return {"shape_ok": False, "actual": f"{list(actual.shape)} {actual.dtype}",
                 "reference": f"{list(reference.shape)} {reference.dtype}"}
+    from pipeline.runtime.kit_check import error_stats  # the kit's checker computes alike
+
     a, r = actual.astype(np.float64), reference.astype(np.float64)
-    err = np.abs(a - r)
-    max_abs = float(err.max()) if err.size else 0.0
-    ref_max = float(np.abs(r).max()) if r.size else 0.0
-    norm_a, norm_r = float(np.linalg.norm(a)), float(np.linalg.norm(r))
-    if norm_a == 0.0 or norm_r == 0.0:
-        cosine = 1.0 if norm_a == norm_r else 0.0
-    else:
-        cosine = float(np.dot(a.ravel(), r.ravel()) / (norm_a * norm_r))
-    signal, noise = float(np.sum(r * r)), float(np.sum(err * err))
-    sqnr = math.inf if noise == 0.0 else (-math.inf if signal == 0.0 else
-                                          10.0 * math.log10(signal / noise))
+    stats = error_stats(a, r)
     ra, rr = _rows(a), _rows(r)
     k = min(5, rr.shape[1])
     # Stable sort: tied scores rank by index, as the C++ app's top-5 listing does.
@@ -185,12 +177,11 @@ def compare(actual: np.ndarray, reference: np.ndarray, step: float | None = None
     pairs = zip(top_a.tolist(), top_r.tolist(), strict=True)
     overlap = sum(len(set(x) & set(y)) / k for x, y in pairs)
     out: dict[str, Any] = {
-        "shape_ok": True, "max_abs_err": max_abs, "max_ref": ref_max,
-        "max_rel_err": max_abs / max(1.0, ref_max), "cosine": cosine,
+        "shape_ok": True, **stats,
         "rows": len(rr), "top1_agree": top1, "top5_overlap": overlap,
-        "top1_agreement": top1 / len(rr), "top5_agreement": overlap / len(rr), "sqnr_db": sqnr}
+        "top1_agreement": top1 / len(rr), "top5_agreement": overlap / len(rr)}
     if step is not None:
-        out["max_err_steps"] = max_abs / step
+        out["max_err_steps"] = stats["max_abs_err"] / step
     if bitwise:
         out["mismatched_elements"] = _bytes_differ(actual, reference)
     return out
