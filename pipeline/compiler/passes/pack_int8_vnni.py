@@ -1,4 +1,6 @@
-"""PackInt8ForVNNI: integer conv regions in NCHW16c with VNNI-packed weights, for x86."""
+"""VNNI packing for x86: integer conv regions in NCHW16c (PackInt8ForVNNI) and integer
+matmuls (PackInt8MatmulForVNNI), each with its int8 weights prepacked in ``vpdpbusd`` blocks
+so that MetaSchedule tensorizes the kernel with the VNNI intrinsic."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import numpy as np
 from ._qdq import Bindings, fold_constant, op_name, shape_of
 from .pack_nchwc import OC_BLOCK, ConvPacking, packing_pass
 
-__all__ = ["PackInt8ForVNNI", "pack_conv_weight", "OC_BLOCK"]
+__all__ = ["PackInt8ForVNNI", "PackInt8MatmulForVNNI", "pack_conv_weight",
+           "pack_matmul_weight", "OC_BLOCK"]
 
 IC_GROUP = 4  # input channels summed by one vpdpbusd lane (4 bytes)
 
@@ -146,9 +149,9 @@ def PackInt8MatmulForVNNI():  # noqa: N802  (a pass factory, named like TVM's)
     """Module pass: each u8 x s8 -> int32 ``R.matmul`` with a constant ``[K, N]`` weight
     (K a multiple of 4, N of 16) becomes a ``matmul_vnni`` kernel on weights prepacked to
     ``[N/16, K/4, 16, 4]`` (the requantize epilogue still fuses into it). Run after
-    :func:`.qdq_to_integer.QDQToInteger`, for
-    x86 targets with AVX512-VNNI only. The number of matmuls packed is kept on the pass
-    object as ``last_stats``."""
+    :func:`.qdq_to_integer.QDQToInteger` (or the dynamic quantization's pass), for x86
+    targets with AVX512-VNNI only. The number of matmuls packed is kept on the pass object
+    as ``last_stats``."""
     import tvm
     from tvm import relax
 
