@@ -136,6 +136,8 @@ def _fast_math(mod, report: dict):
     """The float32 ops of :data:`FAST_MATH_OPS` as their TOPI fast versions."""
     from tvm import topi
 
+    from pipeline.compiler.passes._qdq import rewrite_calls
+
     fast = {"relax.exp": topi.fast_exp, "relax.erf": topi.fast_erf,
             "relax.tanh": topi.fast_tanh}
     counts: dict[str, int] = {}
@@ -149,8 +151,6 @@ def _fast_math(mod, report: dict):
             return mutator.builder_.call_te(topi.nn.fast_softmax, call.args[0],
                                             int(call.attrs.axis))
         return mutator.builder_.call_te(fast[name], call.args[0])
-
-    from pipeline.compiler.passes._qdq import rewrite_calls
 
     mod = rewrite_calls(mod, rewrite)
     report["fast_math"] = {k.removeprefix("relax."): v for k, v in sorted(counts.items())}

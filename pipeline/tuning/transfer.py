@@ -87,8 +87,9 @@ def adapting_decisions(sch):
     return provider
 
 
-def _best_records(database) -> dict[tuple, list]:
-    """Each workload's fastest record, grouped by the workload's block names."""
+def records_by_kind(database) -> dict[tuple, list]:
+    """Each workload's fastest record in ``database`` as ``(secs, func, record)``, grouped by
+    the workload's block names (a kernel's kind)."""
     best: dict = {}
     for record in database.get_all_tuning_records():
         if not record.run_secs:
@@ -104,16 +105,23 @@ def _best_records(database) -> dict[tuple, list]:
     return by_kind
 
 
+def _ranked(func, by_kind: dict) -> list:
+    """The ``(secs, func, record)`` entries of records of ``func``'s kind, nearest in size
+    first, then fastest."""
+    kind = by_kind.get(block_names(func.without_attr("global_symbol"))) or []
+    return sorted(kind, key=lambda e: (_distance(func, e[1]), e[0]))
+
+
 def _replayed(record, func):
-    """``func`` scheduled by ``record``'s trace with adapted decisions (raises if it does not
-    replay)."""
+    """The schedule of ``func`` by ``record``'s trace with adapted decisions (raises if it
+    does not replay)."""
     import tvm
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     record.trace.apply_to_schedule(sch, remove_postproc=False,
                                    decision_provider=adapting_decisions(sch))
-    return sch.mod["main"]
+    return sch
 
 
 def _unscheduled(mod) -> list:
@@ -152,7 +160,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
         return mod, report
     database, scratch = open_logs(logs_dir)
     try:
-        by_kind = _best_records(database)
+        by_kind = records_by_kind(database)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     candidates: dict[str, list] = {}
@@ -169,13 +177,13 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
             # half a minute to compile (inception_v2's transposes: up to 33 s each)
             report.kept_naive[name] = "no reduction (elementwise or layout): not transferred"
             continue
-        kind = by_kind.get(block_names(func.without_attr("global_symbol")))
-        if not kind:
+        ranked = _ranked(func, by_kind)[:MAX_TRIES]
+        if not ranked:
             report.kept_naive[name] = "no record of a kernel with the same blocks"
             continue
-        ranked = sorted(kind, key=lambda e: (_distance(func, e[1]), e[0]))[:MAX_TRIES]
         naive[name] = func
-        candidates[name] = [(lambda f=func, r=record: _replayed(r, f)) for _, _, record in ranked]
+        candidates[name] = [(lambda f=func, r=record: _replayed(r, f).mod["main"])
+                            for _, _, record in ranked]
         sources[name] = ["x".join(str(int(d)) for d in e[1].params[0].shape) + " " +
                          (e[1].attrs["global_symbol"] if e[1].attrs is not None and
                           "global_symbol" in e[1].attrs else "main") for e in ranked]
@@ -193,36 +201,24 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     return mod, report
 
 
-def seed_traces(mod, by_kind: dict, limit: int = 2) -> list:
-    """Traces for ``mod``'s kernel (an IRModule with ``main``, a tuning task's workload) from
-    the nearest records of kernels of its kind, decisions adapted, at most ``limit``; empty
-    where there is no such record or the kernel is not one :func:`transfer_schedules` would
-    transfer. The tuner measures them as the task's first candidates (prior-guided search:
-    MetaSchedule's evolutionary search starts from a workload's best records)."""
-    import tvm
-    from tvm import s_tir
-
+def seed_schedules(mod, by_kind: dict, limit: int = 2) -> list:
+    """Schedules of ``mod``'s kernel (an IRModule with ``main``, a tuning task's workload) by
+    the nearest records of kernels of its kind (:func:`records_by_kind`), decisions adapted,
+    at most ``limit``; empty where there is no such record or the kernel is not one
+    :func:`transfer_schedules` would transfer. The tuner measures them as the task's first
+    candidates (prior-guided search: MetaSchedule's evolutionary search starts from a
+    workload's best records)."""
     from pipeline.tuning.kernel_check import reads_by_index
 
     func = mod["main"]
     if reads_by_index(func) or not _has_reduction(func):
         return []
-    kind = by_kind.get(block_names(func.without_attr("global_symbol")))
-    traces = []
-    for _, _, record in sorted(kind or [], key=lambda e: (_distance(func, e[1]), e[0])):
-        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    schedules = []
+    for _, _, record in _ranked(func, by_kind):
         try:
-            record.trace.apply_to_schedule(sch, remove_postproc=False,
-                                           decision_provider=adapting_decisions(sch))
+            schedules.append(_replayed(record, func))
         except Exception:  # noqa: BLE001  (TVM raises its own error types; try the next)
             continue
-        traces.append(sch.trace)
-        if len(traces) == limit:
+        if len(schedules) == limit:
             break
-    return traces
-
-
-def records_by_kind(database) -> dict[tuple, list]:
-    """Each workload's fastest record in ``database``, grouped by block names (the input of
-    :func:`seed_traces`)."""
-    return _best_records(database)
+    return schedules

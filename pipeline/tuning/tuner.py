@@ -563,19 +563,12 @@ def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
 
     task = _on_stored_workload(database, plan.task)
     mod, target = task.dispatched[0], task.target
-    traces = transfer.seed_traces(mod, by_kind)
-    if not traces:
+    schedules = transfer.seed_schedules(mod, by_kind)
+    if not schedules:
         return 0, None
     kind = target.kind.name
     builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout,
                                       initializer=WORKER_INITIALIZERS[kind])
-    from tvm import s_tir
-
-    schedules = []
-    for trace in traces:
-        sch = s_tir.Schedule(mod)
-        trace.apply_to_schedule(sch, remove_postproc=False)
-        schedules.append(sch)
     built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
     args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     device = "cuda" if kind == "cuda" else "cpu"

@@ -441,6 +441,33 @@ def emit_lower_bound(bb, x, lo: float, qmin: int, dtype: str = "float32"):
     return bb.emit(op.maximum(x, tensor_const(lo, dtype))) if lo > qmin else x
 
 
+def emit_centered(ctx, q, params: QParams, dtype: str = "int32"):
+    """``dtype(q) - zero_point``, emitted: the exact integer an 8-bit activation ``q`` (an
+    expression of the original function) stands for; the cast alone where the zero point
+    is 0."""
+    from tvm.relax import op
+
+    wide = ctx.emit(op.astype(ctx.remap(q), dtype))
+    if params.zero_point == 0:
+        return wide
+    return ctx.emit(op.subtract(wide, tensor_const(params.zero_point, dtype)))
+
+
+def emit_round_after_zero_point(ctx, y, out: QParams):
+    """``saturate(nearbyint(y + zy))`` cast to ``out.dtype`` (returned unemitted): how
+    onnxruntime's fused QLinear kernels (Mul, AveragePool) quantize a float32 ``y`` already
+    divided by the output scale. The zero point is added *before* rounding, unlike
+    QuantizeLinear's ``round(y) + zy``: with an odd zero point the two differ on every
+    exact half step."""
+    from tvm.relax import op
+
+    if out.zero_point:
+        y = ctx.emit(op.add(y, tensor_const(out.zero_point, "float32")))
+    y = ctx.emit(op.round(y))
+    y = ctx.emit(op.clip(y, float(out.qmin), float(out.qmax)))
+    return op.astype(y, out.dtype)
+
+
 def emit_requantize(bb, acc, multiplier: np.ndarray, out: QParams, lower: int | None = None):
     """``clip(round(float32(acc) * multiplier) + zp, lower, qmax)`` cast to ``out.dtype``.
 

@@ -10,8 +10,10 @@ from ._qdq import (
     NotThisRule,
     QParams,
     activation_qparams,
+    emit_centered,
     emit_lower_bound,
     emit_requantize,
+    emit_round_after_zero_point,
     op_name,
     recover_affine_8bit,
     rewrite_quantized_ops,
@@ -93,20 +95,13 @@ def _mul_operand(ctx, expr, what: str):
     int32: the codes of an activation, or of a constant (still under its dequantize, or
     folded to floats and recovered). Nothing is emitted until both operands matched."""
     from tvm import relax
-    from tvm.relax import op
 
     try:
         x_q, xp = activation_qparams(ctx.bindings, expr, what)
     except NoMatch:
         pass
     else:
-        def emit_activation():
-            x = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
-            if xp.zero_point:
-                x = ctx.emit(op.subtract(x, tensor_const(xp.zero_point, "int32")))
-            return x
-
-        return emit_activation, xp.scale
+        return (lambda: emit_centered(ctx, x_q, xp)), xp.scale
     value = ctx.bindings.value(expr)
     if op_name(value) == "relax.dequantize":
         q, scale, zp = (ctx.bindings.const(a) for a in value.args)
@@ -143,11 +138,7 @@ def _multiply(ctx, qcall, producer, out: QParams, relu: bool):
     ratio = np.float32(np.float32(sa * sb) / np.float32(out.scale))
     y = ctx.emit(op.astype(ctx.emit(op.multiply(emit_a(), emit_b())), "float64"))
     y = ctx.emit(op.astype(ctx.emit(op.multiply(y, tensor_const(ratio, "float64"))), "float32"))
-    if out.zero_point:
-        y = ctx.emit(op.add(y, tensor_const(out.zero_point, "float32")))
-    y = ctx.emit(op.round(y))
-    y = ctx.emit(op.clip(y, float(out.qmin), float(out.qmax)))
-    return op.astype(y, out.dtype), "multiply"
+    return emit_round_after_zero_point(ctx, y, out), "multiply"
 
 
 def _global_average(ctx, qcall, producer, out: QParams, relu: bool):
@@ -223,9 +214,7 @@ def _average_pool(ctx, qcall, producer, out: QParams, relu: bool):
     if (ho - 1) * sh + kh > h + top + bottom or (wo - 1) * sw + kw > w + left + right:
         raise NoMatch("average pool windows reach past the padded input")
 
-    x = ctx.emit(op.astype(ctx.remap(x_q), "int32"))
-    if xp.zero_point:
-        x = ctx.emit(op.subtract(x, tensor_const(xp.zero_point, "int32")))
+    x = emit_centered(ctx, x_q, xp)
     x = ctx.emit(op.multiply(ctx.emit(op.astype(x, "float64")),
                              tensor_const(xp.scale, "float64")))
     x = ctx.emit(op.astype(x, "float32"))
@@ -247,10 +236,8 @@ def _average_pool(ctx, qcall, producer, out: QParams, relu: bool):
         count = tensor_const(counts.reshape(1, 1, ho, wo), "float32")
     y = ctx.emit(op.divide(acc, count))
     y = ctx.emit(op.divide(y, tensor_const(out.scale, "float32")))
-    y = ctx.emit(op.add(y, tensor_const(out.zero_point, "float32")))
-    y = ctx.emit(op.round(y))
-    y = ctx.emit(op.clip(y, float(out.qmin), float(out.qmax)))
-    return op.astype(y, out.dtype), f"average pool {kh}x{kw} (onnxruntime's float arithmetic)"
+    return (emit_round_after_zero_point(ctx, y, out),
+            f"average pool {kh}x{kw} (onnxruntime's float arithmetic)")
 
 
 def _requantize(ctx, qcall, producer, out: QParams, relu: bool):

@@ -12,6 +12,7 @@ from ._qdq import (
     QParams,
     activation_qparams,
     check_int32,
+    emit_centered,
     emit_requantize,
     emit_zero_point_pad,
     first_of,
@@ -139,18 +140,6 @@ def _matmul(ctx, qcall, producer, out: QParams, relu: bool):
 _FLOAT32_EXACT = 2**24
 
 
-def _centered(ctx, q, params: QParams, dtype: str):
-    """``dtype(q) - zero_point``: the exact integer an 8-bit activation stands for."""
-    from tvm.relax import op
-
-    from ._qdq import tensor_const
-
-    wide = ctx.emit(op.astype(ctx.remap(q), dtype))
-    if params.zero_point == 0:
-        return wide
-    return ctx.emit(op.subtract(wide, tensor_const(params.zero_point, dtype)))
-
-
 def _activation_matmul(ctx, qcall, producer, out: QParams, relu: bool):
     """A matmul of two quantized activations (attention's Q x K^T and P x V), as
     onnxruntime's QLinearMatMul computes it: ``sum_k (a - za)(b - zb)`` exactly, then
@@ -172,8 +161,8 @@ def _activation_matmul(ctx, qcall, producer, out: QParams, relu: bool):
     if bound > INT32_MAX:
         raise NoMatch(f"matmul of two activations with K={k} could overflow int32")
     dtype = "float32" if bound < _FLOAT32_EXACT else "int32"
-    acc = ctx.emit(op.matmul(_centered(ctx, a_q, ap, dtype), _centered(ctx, b_q, bp, dtype),
-                             out_dtype=dtype))
+    acc = ctx.emit(op.matmul(emit_centered(ctx, a_q, ap, dtype),
+                             emit_centered(ctx, b_q, bp, dtype), out_dtype=dtype))
     mult = _requant_multiplier(ap, np.float32(bp.scale), out)
     result = emit_requantize(ctx.bb, acc, mult, out, lower=out.zero_point if relu else None)
     how = "exact integer sums in float32" if dtype == "float32" else "int32"
