@@ -189,6 +189,8 @@ def test_parse_options_names_every_bad_value():
 @pytest.mark.parametrize("name, value, needle", [
     ("rpc", "h:70000:k", "port '70000' must be a number 1..65535"),
     ("rpc", ":9190:k", "use host:port:device_key"),
+    ("rpc", "h:9190:k:soon", "session timeout 'soon' must be a positive number"),
+    ("rpc", "h:9190:k:1:2", "use host:port:device_key"),
     ("tune_minutes", "nan", "must be a number of minutes > 0"),
     ("tune_minutes", "inf", "must be a number of minutes > 0"),
     ("threads", "100000", "must be 1.."),

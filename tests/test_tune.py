@@ -126,8 +126,9 @@ def test_merged_log_of_a_real_run_is_a_cache_hit(retried, tmp_path):
     assert plan.best_us == pytest.approx(retried[1][0].best_us)
 
 
-@pytest.mark.slow
-def test_tune_through_rpc_tracker(tmp_path):
+@pytest.fixture(scope="module")
+def rpc_tracker():
+    """A TVM RPC tracker and one server registered under RPC_KEY, both on 127.0.0.1."""
     from tvm import rpc
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker
@@ -140,17 +141,71 @@ def test_tune_through_rpc_tracker(tmp_path):
         while RPC_KEY not in rpc.connect_tracker(tracker.host, tracker.port).text_summary():
             assert time.monotonic() < deadline, "the RPC server never registered"
             time.sleep(0.5)
-        runner = tuner.make_runner({"tracker_host": tracker.host, "tracker_port": tracker.port,
-                                   "device_key": RPC_KEY, "timeout": 60})
-        assert isinstance(runner, ms.runner.RPCRunner)
-        plans = tuner.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
-                                 runner=runner, progress=lambda s: None)
+        yield tracker
     finally:
         server.terminate()
         tracker.terminate()
+
+
+@pytest.mark.slow
+def test_tune_through_rpc_tracker(tmp_path, rpc_tracker):
+    runner = tuner.make_runner({"tracker_host": rpc_tracker.host,
+                                "tracker_port": rpc_tracker.port, "device_key": RPC_KEY,
+                                "timeout": 60})
+    assert isinstance(runner, ms.runner.RPCRunner)
+    plans = tuner.tune_module(tiny_module(), target(), tmp_path / "db", budget(),
+                              runner=runner, progress=lambda s: None)
     assert plans[0].best_us is not None and plans[0].attempts == 1
     stats = tuning_log.stats(tmp_path / "db")
     assert stats["valid_records"] > 0 and stats["warnings"] == []
+
+
+RPC_SPEC = """
+name = "tiny"
+[source]
+path = "models/tiny.onnx"
+[[inputs]]
+name = "x"
+shape = [1, 3, 8, 8]
+[variants.fp32]
+scheme = "fp32"
+[tuning]
+trials_per_task = 2
+wall_seconds = 600
+"""
+
+
+@pytest.mark.slow
+def test_rpc_from_the_doit_command_line(tmp_path, rpc_tracker):
+    """``rpc=host:port:key`` as a user types it: every candidate is measured through the
+    tracker (it used to fail at once: the stage gave the runner no session timeout)."""
+    import json
+
+    from doit_runner import doit
+    from test_tune_continue import _one_conv
+
+    from models import make_project
+
+    project = make_project(tmp_path / "p", _one_conv(), RPC_SPEC)
+    run = doit(project, "tune:tiny_fp32@cpu", "tune=missing",
+               f"rpc={rpc_tracker.host}:{rpc_tracker.port}:{RPC_KEY}")
+    assert run.returncode == 0, run.output
+    report = json.loads((project / "artifacts" / "tiny_fp32" / "cpu" / "tune"
+                         / "tune_report.json").read_text())
+    assert report["complete"] is True and report["untuned"] == [], report
+    assert report["kernels_checked"] is False  # measured elsewhere: not checked here
+    cache = project / "artifacts" / "tuning_cache"
+    (db,) = [d for d in cache.iterdir() if d.is_dir()]
+    assert tuning_log.stats(db)["valid_records"] >= len(report["tasks"])
+
+
+def test_rpc_option_takes_an_optional_session_timeout():
+    from pipeline.stages.tune import _rpc
+
+    assert _rpc("h:9190:k") == {"tracker_host": "h", "tracker_port": 9190, "device_key": "k"}
+    assert _rpc("h:9190:k:120")["timeout"] == 120
+    runner = tuner.make_runner(_rpc("h:9190:k"))  # no timeout: the default, not an error
+    assert isinstance(runner, ms.runner.RPCRunner)
 
 
 def test_make_runner_validates():

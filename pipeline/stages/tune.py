@@ -224,10 +224,12 @@ def _merge_logs(sources: list[Path], dest: Path) -> None:
 
 
 def _rpc(spec: str) -> dict | None:
+    """``host:port:device_key[:timeout_s]`` (checked by tasks.options) as make_runner's dict."""
     if not spec:
         return None
-    host, port, key = spec.split(":")
-    return {"tracker_host": host, "tracker_port": int(port), "device_key": key}
+    host, port, key, *timeout = spec.split(":")
+    return {"tracker_host": host, "tracker_port": int(port), "device_key": key,
+            **({"timeout": float(timeout[0])} if timeout else {})}
 
 
 def _has_cuda() -> bool:

@@ -85,12 +85,21 @@ def _raise(problems: list[str]) -> None:
 
 def _rpc_problems(rpc: str) -> list[str]:
     parts = rpc.split(":")
-    if len(parts) != 3 or not parts[0] or not parts[2]:
-        return [f"rpc={rpc}: use host:port:device_key (e.g. rpc=127.0.0.1:9190:rtx4090)"]
+    if len(parts) not in (3, 4) or not parts[0] or not parts[2]:
+        return [f"rpc={rpc}: use host:port:device_key[:timeout_s] "
+                "(e.g. rpc=127.0.0.1:9190:rtx4090)"]
     port = parts[1]
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         return [f"rpc={rpc}: port {port!r} must be a number 1..65535 "
                 "(use host:port:device_key)"]
+    if len(parts) == 4:
+        try:
+            ok = 0 < float(parts[3]) < float("inf")
+        except ValueError:
+            ok = False
+        if not ok:
+            return [f"rpc={rpc}: session timeout {parts[3]!r} must be a positive number "
+                    "of seconds"]
     return []
 
 

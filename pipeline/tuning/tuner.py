@@ -223,6 +223,10 @@ RPC_FIELDS: dict[str, tuple[type, ...]] = {
     "tracker_host": (str,), "tracker_port": (int,), "device_key": (str,),
     "timeout": (int, float),
 }
+RPC_REQUIRED = ("tracker_host", "tracker_port", "device_key")
+# Bounds one RPC session (upload, measure one batch). MetaSchedule's own default; the
+# command line's rpc=host:port:key may set it as a fourth field.
+RPC_DEFAULT_TIMEOUT = 60
 
 
 def make_runner(rpc: dict | None):
@@ -234,7 +238,8 @@ def make_runner(rpc: dict | None):
         None measures on this machine (``LocalRunner``). Otherwise
         ``{"tracker_host": str, "tracker_port": int, "device_key": str, "timeout": seconds}``:
         candidates are measured on a device registered with the tracker under
-        ``device_key``; ``timeout`` bounds each RPC session.
+        ``device_key``; ``timeout`` (optional, default ``RPC_DEFAULT_TIMEOUT``) bounds each
+        RPC session.
 
     Returns
     -------
@@ -252,7 +257,7 @@ def make_runner(rpc: dict | None):
         return ms.runner.LocalRunner()
     if not isinstance(rpc, dict):
         raise ConfigError(f"rpc settings must be a dict or None, got {type(rpc).__name__}")
-    problems = [f"missing '{k}'" for k in RPC_FIELDS if k not in rpc]
+    problems = [f"missing '{k}'" for k in RPC_REQUIRED if k not in rpc]
     problems += [f"unknown field '{k}' (known: {', '.join(RPC_FIELDS)})"
                  for k in sorted(set(rpc) - set(RPC_FIELDS))]
     for key, types in RPC_FIELDS.items():
@@ -271,7 +276,8 @@ def make_runner(rpc: dict | None):
             "{tracker_host, tracker_port, device_key, timeout}:")
     return ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(
         tracker_host=rpc["tracker_host"], tracker_port=rpc["tracker_port"],
-        tracker_key=rpc["device_key"], session_timeout_sec=rpc["timeout"]))
+        tracker_key=rpc["device_key"],
+        session_timeout_sec=rpc.get("timeout", RPC_DEFAULT_TIMEOUT)))
 
 
 def rank_by_measured_share(plans: list[TaskPlan]) -> list[TaskPlan]:
