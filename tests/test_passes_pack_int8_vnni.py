@@ -82,7 +82,7 @@ def test_metaschedule_tensorizes_packed_conv_with_vnni(tmp_path, monkeypatch):
 
     from pipeline.compiler import intrinsics
     from pipeline.compiler.lowering import lower_for_target
-    from pipeline.tuning.tuner import _import_cpu_intrinsics
+    from pipeline.tuning.tuner import WORKER_INITIALIZERS
 
     intrinsics.register()
     # builder workers are fresh processes: they must be able to import `pipeline`
@@ -97,7 +97,7 @@ def test_metaschedule_tensorizes_packed_conv_with_vnni(tmp_path, monkeypatch):
     database = ms.tir_integration.tune_tir(
         task.dispatched[0], target, str(tmp_path / "ms"), max_trials_global=16,
         num_trials_per_iter=16, seed=0,
-        builder=ms.builder.LocalBuilder(timeout_sec=120, initializer=_import_cpu_intrinsics))
+        builder=ms.builder.LocalBuilder(timeout_sec=120, initializer=WORKER_INITIALIZERS["llvm"]))
     sch = ms.tir_integration.compile_tir(database, task.dispatched[0], target)
     assert sch is not None, "no valid tuning record"
     assert tir_uses_vnni(sch.mod)

@@ -86,3 +86,41 @@ def _child(db: Path) -> int:
 
 if __name__ == "__main__":
     sys.exit(_child(Path(sys.argv[1])))
+
+
+
+TUNER_KILLED_BY_SIGKILL = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from tvm.support.popen_pool import PopenPoolExecutor
+from pipeline.tuning import tuner
+
+pool = PopenPoolExecutor(max_workers=1, initializer=tuner.WORKER_INITIALIZERS["llvm"])
+print(pool.submit(os.getpid).result(), flush=True)  # the worker, its initializer run
+pool.submit(time.sleep, 300)  # a build that takes minutes
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_tuning_workers_die_with_a_killed_tuner():
+    """``kill -9`` of the tuning process (doit) used to leave a busy builder worker running
+    until its build ended; the worker initializer now asks the kernel to kill it too."""
+    import psutil
+
+    tuner_proc = subprocess.Popen(
+        [sys.executable, "-c", TUNER_KILLED_BY_SIGKILL.format(repo=str(REPO))],
+        stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = psutil.Process(int(tuner_proc.stdout.readline()))
+        time.sleep(1)  # the sleep is in the worker's hands now
+        assert worker.is_running()
+        os.kill(tuner_proc.pid, signal.SIGKILL)
+        tuner_proc.wait(10)
+        _, alive = psutil.wait_procs([worker], timeout=10)
+        assert not alive, "the builder worker outlived its killed tuner"
+    finally:
+        tuner_proc.kill()
+        if worker is not None and worker.is_running():
+            worker.kill()

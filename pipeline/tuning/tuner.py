@@ -196,8 +196,32 @@ def _workers_can_import_pipeline() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
 
 
-def _import_cpu_intrinsics() -> None:
-    """Builder worker initializer: register tensor intrinsics outside the per-build timeout.
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Worker initializer part: the kernel kills this worker when the tuning process dies.
+
+    A worker otherwise notices its parent is gone only when it next reads its pipe, after
+    the build or measurement in hand (a build may run minutes past a ``kill -9`` of doit,
+    and a timed-out one is never interrupted). SIGINT/SIGTERM are handled by
+    :class:`_StopOnSignal`; this covers SIGKILL and crashes. Linux only; elsewhere a no-op.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _cpu_worker() -> None:
+    """Builder/runner worker initializer: die with the tuner, and register the tensor
+    intrinsics outside the per-build timeout.
 
     Each fresh LocalBuilder worker would otherwise import the whole stock set (7-80 s by
     load) inside its build timeout, and on a loaded 2-core machine whole batches come back
@@ -205,18 +229,27 @@ def _import_cpu_intrinsics() -> None:
     """
     from pipeline.compiler import intrinsics
 
+    die_with_parent()
     intrinsics.register("llvm")
 
 
-def _import_cuda_intrinsics() -> None:
-    """:func:`_import_cpu_intrinsics` for CUDA tasks (tensor-core intrinsics too)."""
+def _cuda_worker() -> None:
+    """:func:`_cpu_worker` for CUDA tasks (tensor-core intrinsics too)."""
     from pipeline.compiler import intrinsics
 
+    die_with_parent()
     intrinsics.register("cuda")
 
 
 # Initializers are pickled by reference, so each target kind has its own function.
-WORKER_INITIALIZERS = {"llvm": _import_cpu_intrinsics, "cuda": _import_cuda_intrinsics}
+WORKER_INITIALIZERS = {"llvm": _cpu_worker, "cuda": _cuda_worker}
+
+
+def local_runner():
+    """MetaSchedule's LocalRunner whose workers die with the tuning process."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.LocalRunner(initializer=die_with_parent)
 
 
 RPC_FIELDS: dict[str, tuple[type, ...]] = {
@@ -254,7 +287,7 @@ def make_runner(rpc: dict | None):
     from tvm.s_tir import meta_schedule as ms
 
     if rpc is None:
-        return ms.runner.LocalRunner()
+        return local_runner()
     if not isinstance(rpc, dict):
         raise ConfigError(f"rpc settings must be a dict or None, got {type(rpc).__name__}")
     problems = [f"missing '{k}'" for k in RPC_REQUIRED if k not in rpc]
@@ -398,7 +431,6 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     TuningInterrupted
         On SIGINT or SIGTERM, once the workers are ended (records measured are kept).
     """
-    from tvm.s_tir import meta_schedule as ms
 
     db_dir.mkdir(parents=True, exist_ok=True)
     database = tuning_log.open_database(db_dir)
@@ -446,7 +478,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     failed: list[str] = []
     by_kind = None  # records grouped by kernel kind, read once when a task needs a prior
     with _StopOnSignal() as stop:
-        runner = runner or ms.runner.LocalRunner()
+        runner = runner or local_runner()
         for i, p in enumerate(todo, 1):
             cut_short = False
             # First try, then one retry from another seed with twice the builder timeout:
