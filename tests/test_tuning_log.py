@@ -320,3 +320,68 @@ def test_plain_and_gzipped_that_differ_is_an_error(tmp_path):
     assert "delete the .gz" in msg
     with pytest.raises(CorruptInputError):  # merging (how the tune stage seeds) refuses too
         tuning_log.merge([db_dir], tmp_path / "merged")
+
+
+ZEN4, XEON = "AMD EPYC 25/17", "Intel(R) Xeon(R) Platinum 8480+ 6/143"
+
+
+def _measured_on(db_dir: Path, cpu: str) -> Path:
+    """Tag every record of ``db_dir`` as measured on ``cpu`` (as the tuner does)."""
+    assert tuning_log.tag_measured_on(db_dir, 0, cpu) == len(tuning_log.load(db_dir).records)
+    return db_dir
+
+
+def test_the_same_schedule_measured_on_two_cpus_is_two_records(tmp_path):
+    zen = _measured_on(make_db(tmp_path / "zen", [16], [(16, 4, [1e-6]), (16, 2, [2e-6])]),
+                       ZEN4)
+    xeon = _measured_on(make_db(tmp_path / "xeon", [16], [(16, 4, [3e-6])]), XEON)
+    report = tuning_log.merge([zen, xeon], tmp_path / "out")
+    assert (report.records_out, report.duplicates_dropped) == (3, 0)
+    merged = tuning_log.load(tmp_path / "out")
+    assert sorted(merged.cpu_of(r) for r in merged.records) == [ZEN4, ZEN4, XEON]
+    # measured elsewhere only: a record keeps its CPU through a second merge
+    tuning_log.merge([tmp_path / "out"], tmp_path / "again")
+    assert tuning_log.load(tmp_path / "again").measured_on == merged.measured_on
+
+
+def test_prefer_cpu_ranks_by_this_cpus_own_times(tmp_path):
+    """MetaSchedule takes the fastest record whatever measured it; on a Xeon, a Zen 4's
+    faster time must not outrank the Xeon's own measurement of the workload."""
+    zen = _measured_on(make_db(tmp_path / "zen", [16, 32],
+                               [(16, 4, [1e-6]), (32, 4, [5e-6])]), ZEN4)
+    xeon = _measured_on(make_db(tmp_path / "xeon", [16], [(16, 2, [3e-6])]), XEON)
+    report = tuning_log.merge([zen, xeon], tmp_path / "view", prefer_cpu=XEON)
+    assert report.other_cpus_dropped == 1
+    assert best_in_tvm(tmp_path / "view", 16) == pytest.approx([3e-6])  # the Xeon's own
+    assert best_in_tvm(tmp_path / "view", 32) == pytest.approx([5e-6])  # none here: kept
+    tuning_log.merge([zen, xeon], tmp_path / "all")
+    assert best_in_tvm(tmp_path / "all", 16) == pytest.approx([1e-6])  # without it
+
+
+def test_top_k_is_per_cpu_and_the_committed_form_keeps_the_cpus(tmp_path):
+    zen = _measured_on(make_db(tmp_path / "zen", [16], [(16, 1, [4e-6]), (16, 2, [2e-6])]),
+                       ZEN4)
+    xeon = _measured_on(make_db(tmp_path / "xeon", [16], [(16, 4, [9e-6]), (16, 8, [8e-6])]),
+                        XEON)
+    report = tuning_log.export_compressed([zen, xeon], tmp_path / "logs", keep_top_k=1)
+    assert (report.records_out, report.dropped_by_top_k) == (2, 2)
+    assert (tmp_path / "logs" / f"{tuning_log.MEASURED_ON_FILE}.gz").is_file()
+    contents = tuning_log.load(tmp_path / "logs")
+    assert {contents.cpu_of(r): r.mean_secs for r in contents.records} == pytest.approx(
+        {ZEN4: 2e-6, XEON: 8e-6})
+
+
+def test_tagging_marks_only_the_new_records(tmp_path):
+    db = make_db(tmp_path / "db", [16], [(16, 4, [1e-6])])
+    make_db(tmp_path / "db", [16], [(16, 2, [2e-6])])  # appended by a later run
+    assert tuning_log.tag_measured_on(db, 1, ZEN4) == 1
+    contents = tuning_log.load(db)
+    assert [contents.cpu_of(r) for r in contents.records] == [tuning_log.UNKNOWN_CPU, ZEN4]
+
+
+def test_an_unreadable_cpu_table_is_a_warning_not_a_failure(tmp_path):
+    db = make_db(tmp_path / "db", [16], [(16, 4, [1e-6])])
+    (db / tuning_log.MEASURED_ON_FILE).write_text("{not json")
+    contents = tuning_log.load(db)
+    assert len(contents.records) == 1 and contents.measured_on == {}
+    assert any("every record's CPU is unknown" in w for w in contents.warnings)

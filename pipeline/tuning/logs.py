@@ -24,6 +24,12 @@ RECORD_FILE = "database_tuning_record.json"
 # a failure, never a measurement.
 FAILED_RUN_SECS = 1e9
 
+# Which CPU measured each record, ``{"<record digest>": "<cpu identity>"}``
+# (core.targets.cpu_identity). A record line has no room for it, so it lives beside the
+# database; a record not listed was measured on an unknown CPU (logs from before this file).
+MEASURED_ON_FILE = "measured_on.json"
+UNKNOWN_CPU = "unknown CPU"
+
 # A record line is ``[workload_index,[trace,run_secs,target,args_info]]``. The body is kept as
 # the exact text TVM wrote (its floats carry 20 digits that a Python round trip would change),
 # so only the index in front is rewritten when merging.
@@ -75,6 +81,11 @@ class RecordEntry:
         """The record line pointing at ``workload_index``."""
         return f"[{workload_index},{self.body}]"
 
+    @property
+    def digest(self) -> str:
+        """Identity of this measurement (trace, times, target): its key in MEASURED_ON_FILE."""
+        return hashlib.sha256(self.body.encode()).hexdigest()[:24]
+
 
 @dataclass
 class LogContents:
@@ -84,6 +95,11 @@ class LogContents:
     workloads: list[WorkloadEntry] = field(default_factory=list)
     records: list[RecordEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    measured_on: dict[str, str] = field(default_factory=dict)  # record digest -> CPU
+
+    def cpu_of(self, record: RecordEntry) -> str:
+        """The CPU ``record`` was measured on (UNKNOWN_CPU if not recorded)."""
+        return self.measured_on.get(record.digest, UNKNOWN_CPU)
 
     def workload_at(self, index: int) -> WorkloadEntry | None:
         """The workload on line ``index`` (0-based), or None if that line was skipped."""
@@ -102,8 +118,9 @@ class MergeReport:
     workloads: int = 0  # distinct workloads written
     records_in: int = 0  # readable records over all sources
     records_out: int = 0
-    duplicates_dropped: int = 0  # same workload and same trace as a better record
+    duplicates_dropped: int = 0  # same workload, trace and CPU as a better record
     dropped_by_top_k: int = 0
+    other_cpus_dropped: int = 0  # prefer_cpu: records of workloads measured there too
     skipped: list[str] = field(default_factory=list)  # corrupt lines, "path:line: why"
     warnings: list[str] = field(default_factory=list)  # e.g. records from several targets
 
@@ -127,6 +144,12 @@ def _module_digest(mod_b64: str) -> str:
         except ValueError:
             pass
     return hashlib.sha256(payload).hexdigest()
+
+
+def workload_key(workload) -> tuple[str, str]:
+    """The key :func:`load` gives a workload, of a TVM ``ms.database.Workload``."""
+    shash, mod_b64 = workload.as_json()
+    return str(shash), _module_digest(str(mod_b64))
 
 
 def _parse_workload(text: str, index: int) -> WorkloadEntry:
@@ -291,7 +314,42 @@ def load(db_dir: Path | str) -> LogContents:
             _warn(out.warnings, f"{where}: skipped: {_why(e)}")
             continue
         out.records.append(record)
+    out.measured_on = _read_measured_on(db_dir, out.warnings)
     return out
+
+
+def _read_measured_on(db_dir: Path, warnings: list[str]) -> dict[str, str]:
+    """MEASURED_ON_FILE of ``db_dir`` (plain or gzipped); {} when absent or unreadable."""
+    path = db_dir / MEASURED_ON_FILE
+    try:
+        data = (gzip.decompress(_gz(path).read_bytes()) if not path.exists()
+                and _gz(path).exists() else path.read_bytes())
+        table = json.loads(data)
+    except FileNotFoundError:
+        return {}
+    except (OSError, EOFError, ValueError) as e:
+        _warn(warnings, f"{path}: unreadable, every record's CPU is unknown: {e}")
+        return {}
+    if not (isinstance(table, dict) and all(isinstance(v, str) for v in table.values())):
+        _warn(warnings, f"{path}: not a {{record digest: CPU}} object; ignored")
+        return {}
+    return table
+
+
+def tag_measured_on(db_dir: Path | str, first_line: int, cpu: str) -> int:
+    """Record that the records from line ``first_line`` (0-based) of ``db_dir``'s record
+    file on were measured on ``cpu``. Returns how many were tagged."""
+    db_dir = Path(db_dir)
+    contents = load(db_dir)
+    new = [r for r in contents.records if int(r.where.rsplit(":", 1)[1]) > first_line
+           and r.digest not in contents.measured_on]
+    if not new:
+        return 0
+    table = {**contents.measured_on, **{r.digest: cpu for r in new}}
+    tmp = db_dir / f".{MEASURED_ON_FILE}.tmp"
+    tmp.write_text(json.dumps(table, sort_keys=True, indent=0) + "\n", encoding="utf-8")
+    os.replace(tmp, db_dir / MEASURED_ON_FILE)
+    return len(new)
 
 
 def _why(e: ValueError) -> str:
@@ -310,7 +368,8 @@ def _target_class(target_json: str) -> str:
     return _canonical(target)
 
 
-def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> MergeReport:
+def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None,
+          prefer_cpu: str | None = None) -> MergeReport:
     """Merge MetaSchedule JSON databases into one, re-indexed, deduplicated and sorted.
 
     Workloads are identified by content (structural hash + serialized module), never by
@@ -318,6 +377,9 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
     one workload with the same trace are one schedule: only the best is kept. Output is
     canonical (workloads sorted by key; records by workload, mean latency, trace text), so
     the same inputs always give identical bytes. Workloads without records are kept.
+
+    A record carries the CPU it was measured on (MEASURED_ON_FILE): the same schedule
+    measured on two CPUs is two records, since one CPU's times say little of another's.
 
     All databases merged should come from one target: MetaSchedule ignores the target when
     it looks a record up. Records from several targets are merged but reported in
@@ -333,8 +395,12 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
         from one merge with the record file of another. Other entries already in ``dest``
         (e.g. tuning logs) are carried over.
     keep_top_k : int, optional
-        Keep at most this many records per workload, best first (failed ones are dropped
-        first).
+        Keep at most this many records per workload and CPU, best first (failed ones are
+        dropped first).
+    prefer_cpu : str, optional
+        A CPU identity: for every workload with a valid record measured on it, records
+        measured elsewhere are left out, so the fastest record is the fastest *here*
+        (MetaSchedule ranks by time alone). Workloads without such a record keep all.
 
     Returns
     -------
@@ -345,11 +411,13 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
         raise ValueError(f"keep_top_k must be >= 1 or None, got {keep_top_k}")
     report = MergeReport(dest=Path(dest), sources=[Path(s) for s in sources])
     workloads: dict[tuple[str, str], WorkloadEntry] = {}
-    best: dict[tuple[tuple[str, str], str], RecordEntry] = {}  # (workload, trace) -> record
+    best: dict[tuple, RecordEntry] = {}  # (workload, trace, CPU) -> record
     targets: set[str] = set()
+    cpu_of: dict[str, str] = {}  # record digest -> CPU
     for source in report.sources:
         contents = load(source)
         report.skipped += contents.warnings
+        cpu_of.update(contents.measured_on)
         by_index = contents._by_index()
         for w in contents.workloads:
             # Same module, two spellings: keep the smallest text, whatever the input order.
@@ -359,7 +427,8 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
             report.records_in += 1
             if r.target is not None:
                 targets.add(_target_class(r.target))
-            k = (by_index[r.workload_index].key, r.trace_key)
+            k = (by_index[r.workload_index].key, r.trace_key,
+                 cpu_of.get(r.digest, UNKNOWN_CPU))
             if k in best:
                 report.duplicates_dropped += 1
                 if r.sort_key() >= best[k].sort_key():
@@ -373,17 +442,29 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None) -> Mer
     keys = sorted(workloads)
     new_index = {k: i for i, k in enumerate(keys)}
     per_workload: dict[tuple[str, str], list[RecordEntry]] = {k: [] for k in keys}
-    for (wkey, _), r in best.items():
+    for (wkey, _, _), r in best.items():
         per_workload[wkey].append(r)
-    record_lines = []
+    record_lines, measured_on = [], {}
     for k in keys:
         ranked = sorted(per_workload[k], key=RecordEntry.sort_key)
+        cpus = [cpu_of.get(r.digest, UNKNOWN_CPU) for r in ranked]
+        if prefer_cpu is not None and any(
+                c == prefer_cpu and r.valid for c, r in zip(cpus, ranked)):
+            report.other_cpus_dropped += sum(c != prefer_cpu for c in cpus)
+            ranked = [r for c, r in zip(cpus, ranked) if c == prefer_cpu]
         if keep_top_k is not None:
-            report.dropped_by_top_k += max(0, len(ranked) - keep_top_k)
-            ranked = ranked[:keep_top_k]
+            kept, per_cpu = [], {}
+            for r in ranked:
+                cpu = cpu_of.get(r.digest, UNKNOWN_CPU)
+                per_cpu[cpu] = per_cpu.get(cpu, 0) + 1
+                if per_cpu[cpu] <= keep_top_k:
+                    kept.append(r)
+            report.dropped_by_top_k += len(ranked) - len(kept)
+            ranked = kept
         record_lines += [r.line(new_index[k]) for r in ranked]
+        measured_on.update({r.digest: cpu_of[r.digest] for r in ranked if r.digest in cpu_of})
     report.workloads, report.records_out = len(keys), len(record_lines)
-    _publish(report.dest, [workloads[k].line() for k in keys], record_lines)
+    _publish(report.dest, [workloads[k].line() for k in keys], record_lines, measured_on)
     log.info("merged %d databases into %s: %d workloads, %d -> %d records (%d duplicates, "
              "%d beyond top-k, %d corrupt lines skipped)", len(report.sources), report.dest,
              report.workloads, report.records_in, report.records_out,
@@ -487,7 +568,9 @@ def drop_unreplayable(db_dir: Path | str) -> tuple[list[str], list[Path]]:
     indices = sorted(by_index)
     new_index = {old: new for new, old in enumerate(indices)}
     _publish(db_dir, [by_index[i].line() for i in indices],
-             [r.line(new_index[r.workload_index]) for r in kept])
+             [r.line(new_index[r.workload_index]) for r in kept],
+             {r.digest: contents.measured_on[r.digest] for r in kept
+              if r.digest in contents.measured_on})
     return dropped, backup
 
 
@@ -498,8 +581,10 @@ def _write_lines(path: Path, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
-def _publish(dest: Path, workload_lines: list[str], record_lines: list[str]) -> None:
-    """Write both files into a fresh directory and swap it in place of ``dest``.
+def _publish(dest: Path, workload_lines: list[str], record_lines: list[str],
+             measured_on: dict[str, str] | None = None) -> None:
+    """Write both files (and MEASURED_ON_FILE when ``measured_on`` names a CPU) into a fresh
+    directory and swap it in place of ``dest``.
 
     Replacing the two files one after the other would leave a window where the record file
     indexes into the wrong workload file; swapping whole directories never does (between
@@ -510,11 +595,15 @@ def _publish(dest: Path, workload_lines: list[str], record_lines: list[str]) -> 
     try:
         _write_lines(tmp / WORKLOAD_FILE, workload_lines)
         _write_lines(tmp / RECORD_FILE, record_lines)
+        if measured_on:
+            _write_lines(tmp / MEASURED_ON_FILE,
+                         [json.dumps(measured_on, sort_keys=True, indent=0)])
         if not dest.exists():
             os.replace(tmp, dest)
             return
         for entry in dest.iterdir():
-            if entry.name not in (WORKLOAD_FILE, RECORD_FILE):
+            if entry.name not in (WORKLOAD_FILE, RECORD_FILE, MEASURED_ON_FILE,
+                                  f"{MEASURED_ON_FILE}.gz"):
                 os.replace(entry, tmp / entry.name)
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, old)  # onto an empty directory: allowed by rename(2)
@@ -573,7 +662,10 @@ def export_compressed(sources: list[Path], dest: Path, keep_top_k: int = 8) -> M
     with tempfile.TemporaryDirectory() as scratch:
         report = merge([*sources, dest], Path(scratch) / "db", keep_top_k=keep_top_k)
         dest.mkdir(parents=True, exist_ok=True)
-        for name in (WORKLOAD_FILE, RECORD_FILE):
+        names = [WORKLOAD_FILE, RECORD_FILE]
+        if (Path(scratch) / "db" / MEASURED_ON_FILE).exists():
+            names.append(MEASURED_ON_FILE)
+        for name in names:
             data = (Path(scratch) / "db" / name).read_bytes()
             tmp = dest / f".{name}.gz.tmp"
             with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
