@@ -122,7 +122,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
                   "untuned kernels get DLight schedules", flush=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             db_dir = Path(scratch) / "db"
-            _merge_logs([seed_logs, cache_dir], db_dir)
+            _merge_logs([seed_logs, cache_dir], db_dir, prefer_cpu=_here(target))
             database = tuning_log.open_database(db_dir, report=_say)
             plans = plan_tasks(mod, target)
             for p in plans:
@@ -138,8 +138,12 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
             outcome = tune(mod, target, cache_dir, budget,
                            runner=make_runner(_rpc(config.rpc)), progress=_say)
             plans = outcome.plans
-            verdicts = _publish_records(tuning_log.open_database(cache_dir, report=_say),
-                                        plans, out_dir, target, verify)
+            with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+                view = Path(scratch) / "db"
+                _merge_logs([cache_dir], view,
+                            prefer_cpu=None if config.rpc else _here(target))
+                verdicts = _publish_records(tuning_log.open_database(view, report=_say),
+                                            plans, out_dir, target, verify)
     verdict = {v.name: v for v in verdicts}
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,
@@ -217,8 +221,16 @@ def _verdict_fields(verdict, plan: TaskPlan) -> dict:
     return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
 
 
-def _merge_logs(sources: list[Path], dest: Path) -> None:
-    report = tuning_log.merge(sources, dest)
+def _here(target) -> str | None:
+    """This host's CPU, whose own measurements rank a CPU target's records (a record
+    measured on another CPU is used only where none was measured here)."""
+    from pipeline.core.targets import cpu_identity
+
+    return cpu_identity() if target.kind.name == "llvm" else None
+
+
+def _merge_logs(sources: list[Path], dest: Path, prefer_cpu: str | None = None) -> None:
+    report = tuning_log.merge(sources, dest, prefer_cpu=prefer_cpu)
     for problem in [*report.skipped, *report.warnings]:
         print(f"tune: WARNING {problem}", flush=True)
 

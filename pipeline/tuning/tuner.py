@@ -3,11 +3,16 @@
 MetaSchedule alone re-tunes every task even when its database holds records, so this module
 decides per workload what still needs work: in ``missing`` mode only workloads with no valid
 record are tuned (a fully cached model tunes nothing); in ``extend`` mode every workload is
-tuned up to ``trials_per_task`` records (resuming a killed run). Tasks go in order of their
-estimated share of model latency, so a small budget buys most of the gain first. A task that
-ends with no valid measurement is retried once, then reported: compile would otherwise use
-its naive schedule without any error (FACTS.md). Used by the tune stage and by the layout
-search (both tune, neither owns the search).
+tuned up to ``trials_per_task`` records (resuming a killed run). A task that ends with no
+valid measurement is retried once, then reported: compile would otherwise use its naive
+schedule without any error (FACTS.md). Used by the tune stage and by the layout search
+(both tune, neither owns the search).
+
+The search is prior-guided and hierarchical (``TuneBudget``): a new task starts from the
+schedules of recorded kernels of its kind (:func:`_seed_from_kind`), one cost model serves
+the run, trained first on every record held (:mod:`.cost_model`); a coarse pass gives every
+task a few trials, largest estimated share first, then rounds go to the task with the
+largest measured share of model latency, and a task stops when its best stops improving.
 """
 
 from __future__ import annotations
@@ -50,6 +55,29 @@ class TuneBudget:
     # Prior-guided: a task with no record first measures the schedules borrowed from records
     # of kernels of its kind (see _seed_from_kind); False searches as stock MetaSchedule.
     seed_from_kind: bool = True
+    # Prior-guided: one cost model for the whole run, trained first on every record the
+    # database holds (pipeline.tuning.cost_model); False: MetaSchedule's fresh model per
+    # task, which ranks candidates at random for its first 100 samples.
+    warm_cost_model: bool = True
+    # Hierarchical: a coarse pass gives every task up to ``coarse_trials``, then rounds of
+    # ``round_trials`` go to the task with the largest measured share of model latency,
+    # until a task's best has improved by less than ``min_gain`` for ``patience`` rounds
+    # in a row (it stops) or reaches ``trials_per_task``. 0 coarse trials: each task takes
+    # its whole budget in turn (stock MetaSchedule's way).
+    coarse_trials: int = 16
+    round_trials: int = 16
+    patience: int = 2
+    min_gain: float = 0.02
+    # Portability: in ``extend`` mode, a task none of whose records was measured on this
+    # CPU first re-measures its best ``remeasure_top`` records here (another CPU's times
+    # do not rank schedules for this one), then searches.
+    remeasure_top: int = 4
+
+    @classmethod
+    def stock(cls, **kw) -> TuneBudget:
+        """MetaSchedule as it comes: no seeds, no warm model, each task in turn."""
+        return cls(**{"seed_from_kind": False, "warm_cost_model": False,
+                      "coarse_trials": 0, "remeasure_top": 0, **kw})
 
 
 @dataclass
@@ -473,62 +501,184 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     dequant_matmul.register_tuning_rule()  # its search space is the project's template
     _workers_can_import_pipeline()
-    start = time.monotonic()
-    deadline = start + budget.wall_seconds
-    failed: list[str] = []
-    by_kind = None  # records grouped by kernel kind, read once when a task needs a prior
-    with _StopOnSignal() as stop:
-        runner = runner or local_runner()
+    run = _Run(database, db_dir, budget, outcome, progress, {p.name: wanted(p) for p in todo})
+    here = _measuring_cpu(todo[0].task.target, runner)
+    first_new_line = _record_count(db_dir)
+    if budget.warm_cost_model:
+        from pipeline.tuning import cost_model
+
+        # without records of this target to learn from: still one model for the whole
+        # run, so it starts predicting after 100 samples of any task, not of each
+        run.cost_model = (cost_model.warm_model(database, db_dir,
+                                                todo[0].task.target.kind.name, progress)
+                          or cost_model.new_model())
+    try:
+        with _StopOnSignal() as stop:
+            run.stop = stop
+            run.runner = runner or local_runner()
+            if budget.mode == "extend" and budget.remeasure_top and here:
+                run.remeasure_elsewhere_measured(todo, here)
+            run.coarse_pass(todo)
+            if outcome.complete:
+                run.focus_rounds(todo)
+    finally:
+        if here:  # what this run measured, interrupted or not
+            tuning_log.tag_measured_on(db_dir, first_new_line, here)
+    outcome.seconds = time.monotonic() - run.start
+    if budget.warm_cost_model and run.cost_model is not None:
+        from pipeline.tuning import cost_model
+
+        cost_model.save(run.cost_model, db_dir)  # with this run's samples, for the next run
+    if run.failed:
+        progress(f"tune: NO VALID RECORD after a retry for {len(run.failed)} task(s): "
+                 + ", ".join(run.failed))
+        raise TuningFailed(run.failed, plans, db_dir)
+    return outcome
+
+
+def _time(us: float) -> str:
+    """``us`` microseconds, to 3 significant figures, in us or ms."""
+    return f"{us / 1000:.3g} ms" if us >= 1000 else f"{us:.3g} us"
+
+
+def _measuring_cpu(target, runner) -> str | None:
+    """The CPU this run's records are measured on: this host's for a CPU target measured
+    here; None (not recorded) for a GPU or a device behind an RPC tracker."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.core.targets import cpu_identity
+
+    if target.kind.name != "llvm" or isinstance(runner, ms.runner.RPCRunner):
+        return None
+    return cpu_identity()
+
+
+def _estimate_text(plans: list[TaskPlan]) -> str:
+    """The model's estimated latency from the best record of each task (sum of weight x
+    best), saying how many tasks have none yet."""
+    measured = [p for p in plans if p.best_us is not None]
+    text = _time(sum(p.weight * p.best_us for p in measured))
+    missing = len(plans) - len(measured)
+    return text + (f" + {missing} task(s) without a record" if missing else "")
+
+
+class _Run:
+    """One :func:`tune` call's search: the coarse pass, then the focus rounds."""
+
+    def __init__(self, database, db_dir: Path, budget: TuneBudget, outcome: TuneOutcome,
+                 progress, wanted: dict[str, int]) -> None:
+        self.database, self.db_dir, self.budget = database, db_dir, budget
+        self.outcome, self.progress, self.wanted = outcome, progress, wanted
+        self.done: dict[str, int] = dict.fromkeys(wanted, 0)  # trials measured this run
+        self.start = time.monotonic()
+        self.deadline = self.start + budget.wall_seconds
+        self.failed: list[str] = []
+        self.cost_model = None  # None: MetaSchedule's own per task
+        self.stop: _StopOnSignal | None = None
+        self.runner = None
+        self._by_kind = None  # records grouped by kernel kind, read once a task needs them
+
+    def _left(self) -> tuple[float, int]:
+        """(seconds, trials) this run may still spend."""
+        return (self.budget.wall_seconds - (time.monotonic() - self.start),
+                self.budget.max_trials - self.outcome.trials)
+
+    def _measure(self, p: TaskPlan, seed: int, timeout: float, n: int) -> tuple[int, bool]:
+        """Tune ``p`` for ``n`` trials; refresh its records and best. (measured, cut short)"""
+        try:
+            measured, cut_short = _tune_one(
+                self.database, p, self.db_dir, seed, timeout, n, self.budget.trials_per_iter,
+                self.runner, self.deadline, self.stop, self.cost_model)
+        except Exception:
+            if not self.stop.signame:
+                raise
+            # a worker ended under a build or measurement: that is the signal's doing
+            raise TuningInterrupted(self.stop.signame, self.db_dir,
+                                    _record_count(self.db_dir)) from None
+        p.attempts += 1
+        p.records, p.best_us = workload_stats(self.database, p)
+        self.outcome.trials += measured
+        self.done[p.name] += measured
+        if self.stop.signame:
+            raise TuningInterrupted(self.stop.signame, self.db_dir, _record_count(self.db_dir))
+        return measured, cut_short
+
+    def _seed(self, p: TaskPlan, timeout: float) -> int:
+        """Measure the schedules borrowed from kernels of ``p``'s kind; trials spent."""
+        if self._by_kind is None:
+            from pipeline.tuning import transfer
+
+            self._by_kind = transfer.records_by_kind(self.database)
+        seeded, seeded_us = _seed_from_kind(self.database, p, self._by_kind, self.runner,
+                                            timeout)
+        self.outcome.trials += seeded
+        self.done[p.name] += seeded
+        if seeded:
+            self.progress(f"tune: {p.name}: started from {seeded} schedule(s) of kernels of "
+                          "its kind: best " + (f"{seeded_us:.1f} us" if seeded_us
+                                               else "none valid"))
+        return seeded
+
+    def remeasure_elsewhere_measured(self, todo: list[TaskPlan], here: str) -> None:
+        """For each task (largest share first) whose records were all measured on other
+        CPUs: measure its best ``remeasure_top`` records here, filed as records of this CPU
+        (the stage then ranks by them: logs.merge's ``prefer_cpu``)."""
+        contents = tuning_log.load(self.db_dir)
+        local = {contents._by_index()[r.workload_index].key for r in contents.records
+                 if contents.cpu_of(r) == here}
+        for p in todo:
+            seconds_left, trials_left = self._left()
+            if seconds_left <= 0 or trials_left <= 0:
+                return
+            mod = p.task.dispatched[0]
+            if p.records == 0 or tuning_log.workload_key(
+                    self.database.commit_workload(mod)) in local:
+                continue
+            records = valid_records(self.database, mod, self.budget.remeasure_top)
+            before = p.best_us
+            measured, best_here = _measure_schedules(
+                self.database, p, [(r.as_measure_candidate().sch, r.trace) for r in records],
+                self.runner, self.budget.builder_timeout)
+            self.outcome.trials += measured
+            self.done[p.name] += measured
+            self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
+                          f"on other CPUs ({_time(before)}); here: "
+                          + (_time(best_here) if best_here else "none ran"))
+
+    def coarse_pass(self, todo: list[TaskPlan]) -> None:
+        """Every task in turn, largest share first: its coarse trials (all its trials
+        without a hierarchy). A task that ends with no valid record is tuned once more from
+        another seed with a doubled builder timeout."""
+        budget, outcome = self.budget, self.outcome
         for i, p in enumerate(todo, 1):
             cut_short = False
             # First try, then one retry from another seed with twice the builder timeout:
             # most all-failed tasks seen so far were builder timeouts on a loaded machine.
             for attempt in range(2):
-                elapsed = time.monotonic() - start
-                left_trials = budget.max_trials - outcome.trials
-                if elapsed >= budget.wall_seconds or left_trials <= 0:
+                seconds_left, trials_left = self._left()
+                if seconds_left <= 0 or trials_left <= 0:
                     break
                 seed = budget.seed + i + attempt * RETRY_SEED_OFFSET
                 timeout = budget.builder_timeout * 2 ** attempt
-                n = min(wanted(p), left_trials)
+                n = self.wanted[p.name]
+                if budget.coarse_trials:
+                    n = min(n, budget.coarse_trials)
+                n = min(n, trials_left)
                 if attempt:
-                    progress(f"tune: retrying {p.name} (seed {seed}, builder timeout "
-                             f"{timeout:g} s)")
-                progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% of "
-                         f"model), {n} trials, {budget.wall_seconds - elapsed:.0f} s left")
+                    self.progress(f"tune: retrying {p.name} (seed {seed}, builder timeout "
+                                  f"{timeout:g} s)")
+                self.progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% "
+                              f"of model), {n} trials, {seconds_left:.0f} s left")
                 if budget.seed_from_kind and p.records == 0 and attempt == 0:
-                    if by_kind is None:
-                        from pipeline.tuning import transfer
-
-                        by_kind = transfer.records_by_kind(database)
-                    seeded, seeded_us = _seed_from_kind(database, p, by_kind, runner, timeout)
-                    outcome.trials += seeded
-                    n = max(1, n - seeded)
-                    if seeded:
-                        progress(f"tune: {p.name}: started from {seeded} schedule(s) of "
-                                 f"kernels of its kind: best "
-                                 + (f"{seeded_us:.1f} us" if seeded_us else "none valid"))
-                try:
-                    measured, cut_short = _tune_one(database, p, db_dir, seed, timeout, n,
-                                                    budget.trials_per_iter, runner,
-                                                    deadline, stop)
-                except Exception:
-                    if not stop.signame:
-                        raise
-                    # a worker ended under a build or measurement: that is the signal's doing
-                    raise TuningInterrupted(stop.signame, db_dir,
-                                            _record_count(db_dir)) from None
-                p.attempts += 1
+                    n = max(1, n - self._seed(p, timeout))
                 before = p.records
-                p.records, p.best_us = workload_stats(database, p)
-                outcome.trials += measured
-                if stop.signame:
-                    raise TuningInterrupted(stop.signame, db_dir, _record_count(db_dir))
+                _, cut_short = self._measure(p, seed, timeout, n)
                 best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
-                progress(f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
-                         f"records, best {best}; {outcome.trials} trials in "
-                         f"{time.monotonic() - start:.0f} s"
-                         + (" (stopped at the time cap)" if cut_short else ""))
+                self.progress(
+                    f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
+                    f"records, best {best}; {outcome.trials} trials in "
+                    f"{time.monotonic() - self.start:.0f} s"
+                    + (" (stopped at the time cap)" if cut_short else ""))
                 if p.best_us is not None or cut_short:
                     break
             if p.attempts == 0 or cut_short or (
@@ -536,18 +686,57 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
                 left = todo[i - 1:] if (p.attempts == 0 or cut_short) else todo[i:]
                 outcome.complete = False
                 outcome.left = [t.name for t in left]
-                progress(f"tune: budget spent ({outcome.trials} trials, "
-                         f"{time.monotonic() - start:.0f} s); {len(left)} task(s) left "
-                         "for a later run: run the same command again to continue")
-                break
+                self.progress(f"tune: budget spent ({outcome.trials} trials, "
+                              f"{time.monotonic() - self.start:.0f} s); {len(left)} task(s) "
+                              "left for a later run: run the same command again to continue")
+                return
             if p.best_us is None:
-                failed.append(p.name)
-    outcome.seconds = time.monotonic() - start
-    if failed:
-        progress(f"tune: NO VALID RECORD after a retry for {len(failed)} task(s): "
-                 + ", ".join(failed))
-        raise TuningFailed(failed, plans, db_dir)
-    return outcome
+                self.failed.append(p.name)
+
+    def focus_rounds(self, todo: list[TaskPlan]) -> None:
+        """After the coarse pass: rounds for the task with the largest measured share,
+        until every task has its trials or has stopped improving, or the budget is spent."""
+        budget = self.budget
+        active = [p for p in todo if p.best_us is not None
+                  and self.done[p.name] < self.wanted[p.name]]
+        if not active:
+            return
+        self.progress(f"tune: coarse pass done: model estimate "
+                      f"{_estimate_text(self.outcome.plans)}; focusing {len(active)} task(s) "
+                      f"by measured share (rounds of {budget.round_trials} trials, a task "
+                      f"stops after {budget.patience} rounds gaining < "
+                      f"{budget.min_gain * 100:g}%)")
+        stale = dict.fromkeys((p.name for p in active), 0)
+        rounds = 0
+        while active:
+            seconds_left, trials_left = self._left()
+            if seconds_left <= 0 or trials_left <= 0:
+                self.progress(f"tune: budget spent in the focus rounds; {len(active)} task(s) "
+                              "could still improve (tune=extend continues them)")
+                return
+            rank_by_measured_share(self.outcome.plans)
+            p = max(active, key=lambda t: t.share)
+            n = min(budget.round_trials, self.wanted[p.name] - self.done[p.name], trials_left)
+            before = p.best_us
+            rounds += 1
+            _, cut_short = self._measure(p, budget.seed + rounds, budget.builder_timeout, n)
+            gain = (before - p.best_us) / before
+            stale[p.name] = 0 if gain >= budget.min_gain else stale[p.name] + 1
+            why = ""
+            if stale[p.name] >= budget.patience:
+                why = f"stopped: < {budget.min_gain * 100:g}% in {budget.patience} rounds"
+            elif self.done[p.name] >= self.wanted[p.name]:
+                why = f"its {self.wanted[p.name]} trials done"
+            if why:
+                active.remove(p)
+            self.progress(
+                f"tune: round {rounds}: {p.name} ({p.share * 100:.1f}%) best {_time(before)} -> "
+                f"{_time(p.best_us)}; model estimate {_estimate_text(self.outcome.plans)}; "
+                f"{self.outcome.trials} trials, {max(0.0, self._left()[0]):.0f} s left"
+                + (f"; {why}" if why else ""))
+            if cut_short:
+                self.progress("tune: time cap reached in the focus rounds")
+                return
 
 
 def _record_count(db_dir: Path) -> int:
@@ -557,8 +746,9 @@ def _record_count(db_dir: Path) -> int:
 
 def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout: float,
               trials: int, per_iter: int, runner, deadline: float,
-              stop: _StopOnSignal) -> tuple[int, bool]:
-    """One MetaSchedule run of one task; (candidates measured, whether the cap cut it)."""
+              stop: _StopOnSignal, cost_model=None) -> tuple[int, bool]:
+    """One MetaSchedule run of one task; (candidates measured, whether the cap cut it).
+    ``cost_model`` None: MetaSchedule's fresh XGBoost model for this run."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -585,6 +775,7 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
             ms.builder.LocalBuilder(timeout_sec=builder_timeout,
                                     initializer=WORKER_INITIALIZERS[kind]), stop),
         runner=runner, database=database, task_scheduler=scheduler,
+        cost_model=cost_model if cost_model is not None else "xgb",
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
     return counter.n, scheduler.cut_short
 
@@ -595,32 +786,41 @@ def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
     borrow for its kernel (the nearest records of kernels of its kind, tile sizes adapted)
     are measured first and filed as its records, so the evolutionary search starts from
     them instead of from random samples only. Returns (candidates measured, best us)."""
-    from tvm.s_tir import meta_schedule as ms
-
     from pipeline.tuning import transfer
 
     task = _on_stored_workload(database, plan.task)
-    mod, target = task.dispatched[0], task.target
-    schedules = transfer.seed_schedules(mod, by_kind)
+    schedules = transfer.seed_schedules(task.dispatched[0], by_kind)
+    return _measure_schedules(database, plan, [(s, s.trace) for s in schedules], runner,
+                              builder_timeout)
+
+
+def _measure_schedules(database, plan: TaskPlan, schedules: list, runner,
+                       builder_timeout: float) -> tuple[int, float | None]:
+    """Build and measure ``schedules`` ((schedule, trace) pairs of ``plan``'s workload) and
+    file each that runs as a record of it. Returns (candidates measured, best us)."""
+    from tvm.s_tir import meta_schedule as ms
+
     if not schedules:
         return 0, None
+    task = _on_stored_workload(database, plan.task)
+    mod, target = task.dispatched[0], task.target
     kind = target.kind.name
     builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout,
                                       initializer=WORKER_INITIALIZERS[kind])
-    built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch, _ in schedules])
     args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     device = "cuda" if kind == "cuda" else "cpu"
-    inputs = [(s, b) for s, b in zip(schedules, built) if b.error_msg is None]
+    inputs = [(trace, b) for (_, trace), b in zip(schedules, built) if b.error_msg is None]
     futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, args)
                           for _, b in inputs])
     workload = database.commit_workload(mod)
     best = None
-    for (sch, _), future in zip(inputs, futures):
+    for (trace, _), future in zip(inputs, futures):
         result = future.result()
         if result.error_msg is not None or not result.run_secs:
             continue
         database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, result.run_secs, target, args))
+            trace, workload, result.run_secs, target, args))
         secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
         best = secs * 1e6 if best is None else min(best, secs * 1e6)
     return len(inputs), best

@@ -1,0 +1,142 @@
+"""The prior-guided, hierarchical search: the warm-started cost model, the focus rounds and
+their stop rule (pipeline.tuning.tuner, pipeline.tuning.cost_model)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.core.project import REPO
+from pipeline.tuning import cost_model, transfer, tuner
+from pipeline.tuning import logs as tuning_log
+
+CPU_LOGS = REPO / "models" / "tuning_logs" / "cpu-x86_64-avx512-vnni"
+
+
+@pytest.fixture(scope="module")
+def committed_db():
+    database, scratch = transfer.open_logs(CPU_LOGS)
+    yield database, scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _candidates_of_one_workload(database):
+    records = database.get_all_tuning_records()
+    workload = records[-1].workload
+    mine = [r for r in records if r.workload.same_as(workload)][:4]
+    return workload, [r.as_measure_candidate() for r in mine], mine[0].target
+
+
+def test_the_warm_model_predicts_from_its_first_candidate(committed_db):
+    """MetaSchedule's fresh model scores candidates at random until it has 100 samples;
+    trained on the committed logs, the model ranks from the start (same input, same
+    scores), having learned from many workloads."""
+    from tvm.s_tir import meta_schedule as ms
+
+    database, _ = committed_db
+    workload, candidates, target = _candidates_of_one_workload(database)
+    context = ms.TuneContext(mod=workload.mod, target=target)
+
+    fresh = cost_model.new_model()
+    assert not np.array_equal(fresh.predict(context, candidates),
+                              fresh.predict(context, candidates))  # a coin toss
+
+    model, samples = cost_model.train_on_database(database, "llvm", per_workload=4)
+    assert model.booster is not None
+    assert samples >= fresh.num_warmup_samples and len(model.data) >= 50
+    scores = model.predict(context, candidates)
+    assert np.array_equal(scores, model.predict(context, candidates))
+    assert model.predict(context, candidates).std() > 0  # it tells the schedules apart
+    assert cost_model.train_on_database(database, "cuda")[1] == 0  # only its target's
+
+
+def test_the_warm_model_is_cached_by_the_records_it_learned(tmp_path, committed_db):
+    database, scratch = committed_db
+    db_dir = tmp_path / "db"
+    shutil.copytree(scratch, db_dir, ignore=shutil.ignore_patterns("logs", "*.orig*"))
+    lines: list[str] = []
+    first = cost_model.warm_model(database, db_dir, "llvm", lines.append)
+    assert "warm-started on" in lines[-1] and first.data_size > 100
+    (cached,) = (db_dir / cost_model.CACHE_DIR).glob("xgb-*.tar")
+    assert cost_model.record_digest(db_dir) in cached.name
+
+    again = cost_model.warm_model(database, db_dir, "llvm", lines.append)
+    assert f"warm-started from {cached.name}" in lines[-1]
+    assert again.data_size == first.data_size
+
+    with open(db_dir / tuning_log.RECORD_FILE, "a") as f:  # new records: another key
+        f.write("\n")
+    cost_model.warm_model(database, db_dir, "llvm", lines.append)
+    assert "warm-started on" in lines[-1]
+    assert [p.name for p in (db_dir / cost_model.CACHE_DIR).glob("*.tar")] != [cached.name]
+
+
+@pytest.mark.slow
+def test_focus_rounds_stop_a_task_that_stopped_improving(tmp_path):
+    """A 16x16 matmul is tuned out within a few dozen trials: the stop rule ends it long
+    before its 200 trials, and every round reports the model estimate and time left."""
+    from test_tune import target, tiny_module
+
+    messages: list[str] = []
+    budget = tuner.TuneBudget(trials_per_task=200, max_trials=400, wall_seconds=900,
+                              coarse_trials=8, round_trials=8, patience=2, min_gain=0.05,
+                              trials_per_iter=8, builder_timeout=60)
+    outcome = tuner.tune(tiny_module(), target(), tmp_path / "db", budget,
+                         progress=messages.append)
+    rounds = [m for m in messages if m.startswith("tune: round ")]
+    assert any("coarse pass done: model estimate" in m for m in messages), messages
+    assert rounds and "stopped: < 5% in 2 rounds" in rounds[-1], rounds
+    assert all("model estimate" in r and " s left" in r for r in rounds)
+    assert outcome.complete and outcome.trials < 200
+    (plan,) = outcome.plans
+    assert plan.records >= 8 + 2 * 8 - 4  # the coarse pass and two rounds (a few may fail)
+    # the run's cost model is kept for the next run, under the records it ends with
+    assert (tmp_path / "db" / cost_model.CACHE_DIR
+            / f"xgb-{cost_model.record_digest(tmp_path / 'db')}.tar").is_file()
+
+
+def test_stock_budget_is_metaschedule_as_it_comes():
+    stock = tuner.TuneBudget.stock(trials_per_task=8)
+    assert (stock.seed_from_kind, stock.warm_cost_model, stock.coarse_trials) == (
+        False, False, 0)
+    assert stock.trials_per_task == 8
+    guided = tuner.TuneBudget()
+    assert guided.seed_from_kind and guided.warm_cost_model and guided.coarse_trials > 0
+
+
+def test_round_lines_read_in_us_and_ms():
+    assert tuner._time(0.3684) == "0.368 us" and tuner._time(23456.0) == "23.5 ms"
+
+
+@pytest.mark.slow
+def test_a_new_cpu_remeasures_the_best_records_before_searching(tmp_path):
+    """Records carry the CPU that measured them; ``tune=extend`` on another CPU first
+    re-measures the best of a task's foreign records here, and those then rank it."""
+    import json
+
+    from test_tune import budget, target, tiny_module
+
+    from pipeline.core.targets import cpu_identity
+
+    db = tmp_path / "db"
+    first = tuner.tune(tiny_module(), target(), db, budget(trials_per_task=4),
+                       progress=lambda s: None)
+    contents = tuning_log.load(db)
+    assert {contents.cpu_of(r) for r in contents.records} == {cpu_identity()}
+    # as if the logs came from another machine
+    elsewhere = {digest: "Some Other CPU 1/2" for digest in contents.measured_on}
+    (db / tuning_log.MEASURED_ON_FILE).write_text(json.dumps(elsewhere))
+    records = first.plans[0].records
+
+    messages: list[str] = []
+    tuner.tune(tiny_module(), target(), db, budget(mode="extend", trials_per_task=records + 1,
+                                                   remeasure_top=2),
+               progress=messages.append)
+    assert any("best record(s) were measured on other CPUs" in m for m in messages), messages
+    contents = tuning_log.load(db)
+    here = [r for r in contents.records if contents.cpu_of(r) == cpu_identity()]
+    assert len(here) >= 2  # the two re-measured, and what the search added
+    view = tuning_log.merge([db], tmp_path / "view", prefer_cpu=cpu_identity())
+    assert view.other_cpus_dropped == len(contents.records) - len(here)
