@@ -109,34 +109,3 @@ def test_stock_budget_is_metaschedule_as_it_comes():
 def test_round_lines_read_in_us_and_ms():
     assert tuner._time(0.3684) == "0.368 us" and tuner._time(23456.0) == "23.5 ms"
 
-
-@pytest.mark.slow
-def test_a_new_cpu_remeasures_the_best_records_before_searching(tmp_path):
-    """Records carry the CPU that measured them; ``tune=extend`` on another CPU first
-    re-measures the best of a task's foreign records here, and those then rank it."""
-    import json
-
-    from test_tune import budget, target, tiny_module
-
-    from pipeline.core.targets import cpu_identity
-
-    db = tmp_path / "db"
-    first = tuner.tune(tiny_module(), target(), db, budget(trials_per_task=4),
-                       progress=lambda s: None)
-    contents = tuning_log.load(db)
-    assert {contents.cpu_of(r) for r in contents.records} == {cpu_identity()}
-    # as if the logs came from another machine
-    elsewhere = {digest: "Some Other CPU 1/2" for digest in contents.measured_on}
-    (db / tuning_log.MEASURED_ON_FILE).write_text(json.dumps(elsewhere))
-    records = first.plans[0].records
-
-    messages: list[str] = []
-    tuner.tune(tiny_module(), target(), db, budget(mode="extend", trials_per_task=records + 1,
-                                                   remeasure_top=2),
-               progress=messages.append)
-    assert any("best record(s) were measured on other CPUs" in m for m in messages), messages
-    contents = tuning_log.load(db)
-    here = [r for r in contents.records if contents.cpu_of(r) == cpu_identity()]
-    assert len(here) >= 2  # the two re-measured, and what the search added
-    view = tuning_log.merge([db], tmp_path / "view", prefer_cpu=cpu_identity())
-    assert view.other_cpus_dropped == len(contents.records) - len(here)
