@@ -676,7 +676,8 @@ class _Run:
                 best = f"{p.best_us:.1f} us" if p.best_us else "NO VALID RECORD"
                 self.progress(
                     f"tune: task {i}/{len(todo)} {p.name}: +{p.records - before} valid "
-                    f"records, best {best}; {outcome.trials} trials in "
+                    f"records, best {best}; model estimate "
+                    f"{_estimate_text(outcome.plans)}; {outcome.trials} trials in "
                     f"{time.monotonic() - self.start:.0f} s"
                     + (" (stopped at the time cap)" if cut_short else ""))
                 if p.best_us is not None or cut_short:
