@@ -125,7 +125,8 @@ def test_the_tuner_starts_a_new_kernel_from_schedules_of_its_kind(tmp_path):
     conv = next(p for p in plan_tasks(mod, target) if "conv2d" in p.name)
     assert not database.has_workload(conv.task.dispatched[0])  # a shape no record has
     measured, best_us = tuner._seed_from_kind(
-        database, conv, transfer.records_by_kind(database), ms.runner.LocalRunner(), 120)
+        database, conv, transfer.records_by_kind(database), ms.runner.LocalRunner(),
+        tuner.local_builder("llvm", 120))
     assert measured >= 1 and best_us is not None
     records = database.get_top_k(database.commit_workload(conv.task.dispatched[0]), 8)
     assert 1 <= len(records) <= measured

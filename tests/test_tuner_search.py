@@ -82,7 +82,7 @@ def test_focus_rounds_stop_a_task_that_stopped_improving(tmp_path):
     messages: list[str] = []
     budget = tuner.TuneBudget(trials_per_task=200, max_trials=400, wall_seconds=900,
                               coarse_trials=8, round_trials=8, patience=2, min_gain=0.05,
-                              trials_per_iter=8, builder_timeout=60)
+                              trials_per_iter=8, builder_timeout=60, warm_cost_model=True)
     outcome = tuner.tune(tiny_module(), target(), tmp_path / "db", budget,
                          progress=messages.append)
     rounds = [m for m in messages if m.startswith("tune: round ")]
@@ -99,11 +99,13 @@ def test_focus_rounds_stop_a_task_that_stopped_improving(tmp_path):
 
 def test_stock_budget_is_metaschedule_as_it_comes():
     stock = tuner.TuneBudget.stock(trials_per_task=8)
-    assert (stock.seed_from_kind, stock.warm_cost_model, stock.coarse_trials) == (
-        False, False, 0)
+    assert (stock.seed_from_kind, stock.warm_cost_model, stock.coarse_trials,
+            stock.remeasure_top, stock.population) == (False, False, 0, 0, 512)
     assert stock.trials_per_task == 8
     guided = tuner.TuneBudget()
-    assert guided.seed_from_kind and guided.warm_cost_model and guided.coarse_trials > 0
+    assert guided.seed_from_kind and guided.coarse_trials > 0 and guided.persistent_builder
+    assert guided.population < stock.population and not stock.persistent_builder
+    assert not guided.warm_cost_model  # measured to hurt (see TuneBudget): opt-in
 
 
 def test_round_lines_read_in_us_and_ms():

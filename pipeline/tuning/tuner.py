@@ -55,10 +55,13 @@ class TuneBudget:
     # Prior-guided: a task with no record first measures the schedules borrowed from records
     # of kernels of its kind (see _seed_from_kind); False searches as stock MetaSchedule.
     seed_from_kind: bool = True
-    # Prior-guided: one cost model for the whole run, trained first on every record the
-    # database holds (pipeline.tuning.cost_model); False: MetaSchedule's fresh model per
-    # task, which ranks candidates at random for its first 100 samples.
-    warm_cost_model: bool = True
+    # One cost model for the whole run, trained first on every record the database holds
+    # (pipeline.tuning.cost_model). Off by default: measured, it hurt. On squeezenet's
+    # heaviest conv (150 s, 2 cores) the warm model kept the search near the borrowed
+    # schedule (12.4 ms after 48 trials, 44 s spent training it) where MetaSchedule's fresh
+    # model, which ranks at random for its first 100 samples, let the same seeded search
+    # reach 2.75 ms in 96 trials. False: a fresh model per task, as MetaSchedule does.
+    warm_cost_model: bool = False
     # Hierarchical: a coarse pass gives every task up to ``coarse_trials``, then rounds of
     # ``round_trials`` go to the task with the largest measured share of model latency,
     # until a task's best has improved by less than ``min_gain`` for ``patience`` rounds
@@ -68,6 +71,15 @@ class TuneBudget:
     round_trials: int = 16
     patience: int = 2
     min_gain: float = 0.02
+    # Candidates the evolutionary search breeds (and the cost model scores) per batch.
+    # MetaSchedule's 512 took 88 s of a 150 s, 16-trial batch of a squeezenet conv on 2
+    # loaded cores (build 23 s, measure 5 s); a warm cost model needs fewer to rank well.
+    population: int = 128
+    # One pool of builder workers for the whole run. MetaSchedule's LocalBuilder starts
+    # fresh workers for every batch (and one more to check itself), each importing TVM and
+    # the tensor intrinsics: 10-20 s a batch on 2 loaded cores, more than building 16
+    # candidates takes.
+    persistent_builder: bool = True
     # Portability: in ``extend`` mode, a task none of whose records was measured on this
     # CPU first re-measures its best ``remeasure_top`` records here (another CPU's times
     # do not rank schedules for this one), then searches.
@@ -77,7 +89,8 @@ class TuneBudget:
     def stock(cls, **kw) -> TuneBudget:
         """MetaSchedule as it comes: no seeds, no warm model, each task in turn."""
         return cls(**{"seed_from_kind": False, "warm_cost_model": False,
-                      "coarse_trials": 0, "remeasure_top": 0, **kw})
+                      "coarse_trials": 0, "remeasure_top": 0, "population": 512,
+                      "persistent_builder": False, **kw})
 
 
 @dataclass
@@ -278,6 +291,58 @@ def local_runner():
     from tvm.s_tir import meta_schedule as ms
 
     return ms.runner.LocalRunner(initializer=die_with_parent)
+
+
+def local_builder(kind: str, timeout: float, persistent: bool = False):
+    """A builder for ``kind`` ("llvm", "cuda") tasks: MetaSchedule's LocalBuilder (fresh
+    workers every batch), or with ``persistent`` one whose workers live until ``close()``
+    (restarted only after a timeout or crash, or every ``BUILDS_PER_WORKER`` builds)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not persistent:
+        return ms.builder.LocalBuilder(timeout_sec=timeout,
+                                       initializer=WORKER_INITIALIZERS[kind])
+    return _persistent_builder(kind, timeout)
+
+
+BUILDS_PER_WORKER = 500  # then a fresh worker: LLVM's memory is not all given back
+
+
+def _persistent_builder(kind: str, timeout: float):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import local_builder as stock
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PersistentBuilder(ms.builder.PyBuilder):
+        """LocalBuilder's build, on one pool of workers kept across batches."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = PopenPoolExecutor(
+                max_workers=max(1, os.cpu_count() or 1), timeout=timeout,
+                initializer=WORKER_INITIALIZERS[kind], maximum_process_uses=BUILDS_PER_WORKER)
+
+        def build(self, build_inputs):
+            results = []
+            jobs = [(None, None, b.mod, b.target, stock._serialize_params(b.params))
+                    for b in build_inputs]
+            for r in self.pool.map_with_error_catching(lambda x: stock._worker_func(*x), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"PersistentBuilder: timeout, killed after {timeout} seconds"))
+                else:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"PersistentBuilder: an exception occurred\n{r.value}"))
+            return results
+
+        def close(self) -> None:
+            self.pool.shutdown()
+
+    return PersistentBuilder()
 
 
 RPC_FIELDS: dict[str, tuple[type, ...]] = {
@@ -522,6 +587,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
             if outcome.complete:
                 run.focus_rounds(todo)
     finally:
+        run.close()
         if here:  # what this run measured, interrupted or not
             tuning_log.tag_measured_on(db_dir, first_new_line, here)
     outcome.seconds = time.monotonic() - run.start
@@ -577,6 +643,20 @@ class _Run:
         self.stop: _StopOnSignal | None = None
         self.runner = None
         self._by_kind = None  # records grouped by kernel kind, read once a task needs them
+        self._builders: dict[float, object] = {}  # by timeout (a retry doubles it)
+
+    def builder(self, timeout: float, kind: str):
+        """The builder for this timeout: one for the run when the budget says persistent."""
+        if not self.budget.persistent_builder:
+            return local_builder(kind, timeout)
+        if timeout not in self._builders:
+            self._builders[timeout] = local_builder(kind, timeout, persistent=True)
+        return self._builders[timeout]
+
+    def close(self) -> None:
+        for builder in self._builders.values():
+            builder.close()
+        self._builders.clear()
 
     def _left(self) -> tuple[float, int]:
         """(seconds, trials) this run may still spend."""
@@ -587,8 +667,10 @@ class _Run:
         """Tune ``p`` for ``n`` trials; refresh its records and best. (measured, cut short)"""
         try:
             measured, cut_short = _tune_one(
-                self.database, p, self.db_dir, seed, timeout, n, self.budget.trials_per_iter,
-                self.runner, self.deadline, self.stop, self.cost_model)
+                self.database, p, self.db_dir, seed,
+                self.builder(timeout, p.task.target.kind.name), n,
+                self.budget.trials_per_iter, self.runner, self.deadline, self.stop,
+                self.cost_model, self.budget.population)
         except Exception:
             if not self.stop.signame:
                 raise
@@ -609,8 +691,10 @@ class _Run:
             from pipeline.tuning import transfer
 
             self._by_kind = transfer.records_by_kind(self.database)
-        seeded, seeded_us = _seed_from_kind(self.database, p, self._by_kind, self.runner,
-                                            timeout)
+        seeded, seeded_us = _seed_from_kind(
+            self.database, p, self._by_kind, self.runner,
+            _builder_stopping_on_signal(self.builder(timeout, p.task.target.kind.name),
+                                        self.stop))
         self.outcome.trials += seeded
         self.done[p.name] += seeded
         if seeded:
@@ -638,7 +722,9 @@ class _Run:
             before = p.best_us
             measured, best_here = _measure_schedules(
                 self.database, p, [(r.as_measure_candidate().sch, r.trace) for r in records],
-                self.runner, self.budget.builder_timeout)
+                self.runner, _builder_stopping_on_signal(
+                    self.builder(self.budget.builder_timeout, p.task.target.kind.name),
+                    self.stop))
             self.outcome.trials += measured
             self.done[p.name] += measured
             self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
@@ -745,9 +831,10 @@ def _record_count(db_dir: Path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
-def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout: float,
+def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder,
               trials: int, per_iter: int, runner, deadline: float,
-              stop: _StopOnSignal, cost_model=None) -> tuple[int, bool]:
+              stop: _StopOnSignal, cost_model=None,
+              population: int = 512) -> tuple[int, bool]:
     """One MetaSchedule run of one task; (candidates measured, whether the cap cut it).
     ``cost_model`` None: MetaSchedule's fresh XGBoost model for this run."""
     from tvm.ir.utils import derived_object
@@ -764,17 +851,17 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
             self.n += len(runner_results)
 
     counter = CountMeasured()
-    kind = plan.task.target.kind.name
     scheduler = _deadline_scheduler(deadline, stop)
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 2))
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [_on_stored_workload(database, plan.task)], work_dir=str(db_dir / "logs"), seed=seed)
+        [_on_stored_workload(database, plan.task)], work_dir=str(db_dir / "logs"),
+        strategy=strategy, seed=seed)
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
         max_trials_global=trials, max_trials_per_task=trials,
         num_trials_per_iter=max(1, min(per_iter, trials)),
-        builder=_builder_stopping_on_signal(
-            ms.builder.LocalBuilder(timeout_sec=builder_timeout,
-                                    initializer=WORKER_INITIALIZERS[kind]), stop),
+        builder=_builder_stopping_on_signal(builder, stop),
         runner=runner, database=database, task_scheduler=scheduler,
         cost_model=cost_model if cost_model is not None else "xgb",
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
@@ -782,7 +869,7 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder_timeout
 
 
 def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
-                    builder_timeout: float) -> tuple[int, float | None]:
+                    builder) -> tuple[int, float | None]:
     """Prior-guided start of a task with no record: the schedules :mod:`.transfer` would
     borrow for its kernel (the nearest records of kernels of its kind, tile sizes adapted)
     are measured first and filed as its records, so the evolutionary search starts from
@@ -792,11 +879,11 @@ def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
     task = _on_stored_workload(database, plan.task)
     schedules = transfer.seed_schedules(task.dispatched[0], by_kind)
     return _measure_schedules(database, plan, [(s, s.trace) for s in schedules], runner,
-                              builder_timeout)
+                              builder)
 
 
 def _measure_schedules(database, plan: TaskPlan, schedules: list, runner,
-                       builder_timeout: float) -> tuple[int, float | None]:
+                       builder) -> tuple[int, float | None]:
     """Build and measure ``schedules`` ((schedule, trace) pairs of ``plan``'s workload) and
     file each that runs as a record of it. Returns (candidates measured, best us)."""
     from tvm.s_tir import meta_schedule as ms
@@ -806,8 +893,6 @@ def _measure_schedules(database, plan: TaskPlan, schedules: list, runner,
     task = _on_stored_workload(database, plan.task)
     mod, target = task.dispatched[0], task.target
     kind = target.kind.name
-    builder = ms.builder.LocalBuilder(timeout_sec=builder_timeout,
-                                      initializer=WORKER_INITIALIZERS[kind])
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch, _ in schedules])
     args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     device = "cuda" if kind == "cuda" else "cpu"
