@@ -154,9 +154,8 @@ def schedule_cuda(func, target):
 
     Raises ``ValueError`` for a target without FP8 tensor cores or a shape that does not
     tile (:func:`check_shape`)."""
-    from tvm import s_tir
-
     import tvm.s_tir.tensor_intrin.cuda as cuda_intrin  # registers the mma intrinsics
+    from tvm import s_tir
 
     arch = str(target.attrs.get("arch", "")) if target.kind.name == "cuda" else ""
     if arch not in FP8_MMA_ARCHS:

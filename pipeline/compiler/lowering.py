@@ -113,14 +113,33 @@ def _cpu_mixed_layout(target, layout: str):
     return [("NCHW16c (int8 VNNI + float32)", packed), *fp32_rules[1:]]
 
 
+def _tensor_core_forms(mod, report: dict):
+    from pipeline.compiler.passes.cuda_tensor_cores import tensor_core_forms
+
+    mod, stats = tensor_core_forms(mod)
+    report["tensor_core_forms"] = stats
+    return mod
+
+
+def _cuda_tensor_core_layout(target, layout: str):
+    # int8 and float16 on CUDA: convs as im2col matmuls and u8 activations as s8, the form
+    # DLight's tensor-core (WMMA) rules take (compiler.cuda_schedules); the imported NCHW
+    # graph (CUDA cores) if that fails
+    return [("NCHW, convs as im2col matmuls (tensor cores)", _tensor_core_forms),
+            ("NCHW", _keep_layout)]
+
+
 # Phase 2 per (target kind, compute dtype): the layout rule, a function(target, layout) ->
 # [(layout name, function(mod, report) -> mod), ...]: the layout wanted, then its fallbacks.
-# Missing entries keep the imported layout (GPU targets keep NCHW: DLight schedules it as it is).
+# Missing entries keep the imported layout (GPU float32 keeps NCHW: DLight schedules it as
+# it is; TVM has no TF32 tensor-core intrinsic).
 LAYOUT_RULES = {
     ("llvm", "float32"): _cpu_float32_layout,
     ("llvm", "int8"): _cpu_int8_layout,
     ("llvm", "float16"): _cpu_float16_layout,
     ("llvm", "mixed"): _cpu_mixed_layout,
+    ("cuda", "int8"): _cuda_tensor_core_layout,
+    ("cuda", "float16"): _cuda_tensor_core_layout,
 }
 
 
