@@ -86,12 +86,28 @@ def _conv(mutator, call, stats: dict):
         [int(p) for p in attrs.padding], [int(d) for d in attrs.dilation], shift,
         primfunc_name_hint="im2col"))
     w2d = weight.reshape(o, -1)
-    acc = bb.emit(op.matmul(relax.const(w2d), cols, out_dtype=out_dtype))
-    if shift:
-        corr = (SHIFT * w2d.astype(np.int64).sum(axis=1)).astype(np.int32).reshape(o, 1)
-        acc = bb.emit(op.add(acc, relax.const(corr)))
+    # the matmul writes NCHW itself: a reshape after it would stop the lowering from fusing
+    # the requantize (or cast) epilogue into the tensor-core kernel
+    acc = bb.emit(bb.call_te(_matmul_nchw_te, relax.const(w2d), cols, shape_of(call)[2:],
+                             out_dtype, primfunc_name_hint="conv_matmul"))
     stats["convs"] += 1
-    return op.reshape(acc, shape_of(call))
+    if not shift:
+        return acc
+    corr = (SHIFT * w2d.astype(np.int64).sum(axis=1)).astype(np.int32).reshape(1, o, 1, 1)
+    return op.add(acc, relax.const(corr))
+
+
+def _matmul_nchw_te(weight, cols, out_hw, out_dtype: str):
+    """``Y[n, o, y, x] = sum_ck W[o, ck] * cols[n, ck, y * OW + x]``."""
+    from tvm import te
+
+    n, ck, _ = (int(d) for d in cols.shape)
+    o = int(weight.shape[0])
+    oh, ow = out_hw
+    r = te.reduce_axis((0, ck), name="ck")
+    return te.compute((n, o, oh, ow), lambda b, c, y, x: te.sum(
+        weight[c, r].astype(out_dtype) * cols[b, r, y * ow + x].astype(out_dtype), axis=r),
+        name="conv_matmul")
 
 
 def _matmul(mutator, call, stats: dict):
