@@ -17,16 +17,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from float_models import build_in_process
 from onnx import TensorProto, helper, numpy_helper
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from float_models import build_in_process  # noqa: E402
 
 SHAPE = (1, 32, 16, 16)
 # the PTX instruction of each format's tensor-core kernels (nvcc 13, sm_90; for f16 the PTX

@@ -91,7 +91,12 @@ def _dlight_schedule(mod, target, compute_dtype: str, transfer_logs=None):
                           and bool(f.attrs["tirx.is_scheduled"])))
 
     from pipeline.compiler.cuda_schedules import tensor_core_rule, uses_tensor_cores
+    from pipeline.compiler.fp8_mma import HAND_SCHEDULE_ATTR
 
+    # kernels the lowering scheduled itself (the FP8 tensor-core matmuls)
+    hand = sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                  and HAND_SCHEDULE_ATTR in f.attrs)
     with target:
         # tensor cores first, for every matmul-like kernel of 16 rows and columns or more
         # (DLight's own gate inside gpu.Matmul is above 64: ResNet-50's 64-channel layers)
@@ -107,7 +112,7 @@ def _dlight_schedule(mod, target, compute_dtype: str, transfer_logs=None):
     tensor_cores = sorted(gv.name_hint for gv, f in mod.functions_items()
                           if isinstance(f, tirx.PrimFunc) and uses_tensor_cores(f))
     report = {"dlight_fallback": [k for k in fallback if k not in left],
-              "tensor_cores": tensor_cores}
+              "tensor_cores": tensor_cores, "rule_scheduled": hand}
     if compute_dtype == "int8":
         # Stated in the report: the int8 CUDA artifact computes in integers, it is no
         # fake-quant (QDQ around float) model.
