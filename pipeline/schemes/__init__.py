@@ -191,7 +191,8 @@ SCHEMES.update({
         "(W8A8, compiler.passes.fp8_tensor_cores)",
         # On CUDA the matmuls quantize their activations to E4M3 too (W8A8), while
         # onnxruntime's reference keeps them float32: the same-model GPU gate allows for it
-        # (max rel err 0.039, cosine 0.99936 on the tests' 2-layer MLP, emulated on llvm);
+        # (emulated on llvm: max rel err 0.039, cosine 0.99936 on the tests' 2-layer MLP;
+        # 0.0067 / 0.99997 on minilm's embedding);
         # the quality gate against fp32 (cosine >= 0.99) is unchanged
         gpu_gates={"gpu_rel_tol": 0.1}),
     "posit8": _codes8(
