@@ -4,9 +4,10 @@ The tensor-core schedules the CUDA targets use (DLight's ``MatmulTensorization``
 ``MatmulInt8Tensorization`` for int8, both WMMA) take matmuls only, and int8 only as
 signed x signed. This pass gives them that form, before legalization:
 
-- **convolutions as matmuls** (``ConvAsMatmul``): a ``conv2d`` (NCHW/OIHW, groups 1, constant
-  weights) becomes an im2col gather ``cols[n, c*kh*kw, oh*ow]`` and ``W[o, c*kh*kw] @ cols``
-  (``[n, o, oh*ow]``, reshaped to NCHW: no transpose). The gather costs one pass over a
+- **convolutions as matmuls**: a ``conv2d`` (NCHW/OIHW, groups 1, constant weights)
+  becomes an im2col gather ``cols[n, c*kh*kw, oh*ow]`` and a matmul-shaped kernel
+  ``Y[n, o, y, x] = sum W[o, c*kh*kw] * cols[n, c*kh*kw, y*ow + x]`` that writes NCHW
+  itself (no reshape after it: the epilogue can fuse). The gather costs one pass over a
   kh*kw times larger matrix in GPU memory (1.8 MB for ResNet-50's largest int8 3x3 layer).
 - **signed int8 activations**: the project's integer ops are u8 activations x s8 weights
   (what VNNI multiplies); the tensor cores' WMMA/MMA s8 intrinsics multiply s8 x s8. With
