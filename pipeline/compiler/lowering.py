@@ -113,14 +113,53 @@ def _cpu_mixed_layout(target, layout: str):
     return [("NCHW16c (int8 VNNI + float32)", packed), *fp32_rules[1:]]
 
 
+def _tensor_core_forms(mod, report: dict):
+    from pipeline.compiler.passes.cuda_tensor_cores import tensor_core_forms
+
+    mod, stats = tensor_core_forms(mod)
+    report["tensor_core_forms"] = stats
+    return mod
+
+
+def _cuda_tensor_core_layout(target, layout: str):
+    # int8 and float16 on CUDA: convs as im2col matmuls and u8 activations as s8, the form
+    # DLight's tensor-core (WMMA) rules take (compiler.cuda_schedules); the imported NCHW
+    # graph (CUDA cores) if that fails
+    return [("NCHW, convs as im2col matmuls (tensor cores)", _tensor_core_forms),
+            ("NCHW", _keep_layout)]
+
+
+def _fp8_tensor_cores(mod, report: dict, target=None):
+    from pipeline.compiler.passes.fp8_tensor_cores import fp8_tensor_core_matmuls
+
+    mod, stats = fp8_tensor_core_matmuls(mod, target)
+    report["fp8_tensor_cores"] = stats
+    return mod
+
+
+def _cuda_float32_layout(target, layout: str):
+    # float32 models keep NCHW (TVM has no TF32 tensor-core intrinsic); the fp8_e4m3
+    # scheme's decode-matmuls (float32 compute dtype too) go to the FP8 tensor cores where
+    # the GPU has them (sm_89, sm_90) and the shape tiles: a no-op for any other model
+    from pipeline.compiler.fp8_mma import FP8_MMA_ARCHS
+
+    if str(target.attrs.get("arch", "")) not in FP8_MMA_ARCHS:
+        return [("NCHW", _keep_layout)]
+    return [("NCHW", lambda mod, report: _fp8_tensor_cores(mod, report, target)),
+            ("NCHW (fp8_e4m3 matmuls left on the decode kernel)", _keep_layout)]
+
+
 # Phase 2 per (target kind, compute dtype): the layout rule, a function(target, layout) ->
 # [(layout name, function(mod, report) -> mod), ...]: the layout wanted, then its fallbacks.
-# Missing entries keep the imported layout (GPU targets keep NCHW: DLight schedules it as it is).
+# Missing entries keep the imported layout (DLight schedules NCHW as it is).
 LAYOUT_RULES = {
     ("llvm", "float32"): _cpu_float32_layout,
     ("llvm", "int8"): _cpu_int8_layout,
     ("llvm", "float16"): _cpu_float16_layout,
     ("llvm", "mixed"): _cpu_mixed_layout,
+    ("cuda", "float32"): _cuda_float32_layout,
+    ("cuda", "int8"): _cuda_tensor_core_layout,
+    ("cuda", "float16"): _cuda_tensor_core_layout,
 }
 
 

@@ -160,7 +160,7 @@ SCHEMES.update({s.name: s for s in (_blockwise(4, 32), _blockwise(4, 128),
                                     _blockwise(8, 128))})
 
 
-def _codes8(fmt: str, description: str, summary: str) -> Scheme:
+def _codes8(fmt: str, description: str, summary: str, gpu_gates: dict | None = None) -> Scheme:
     """An 8-bit float-like weight-only scheme (:mod:`pipeline.schemes.codes8`): MatMul
     weights as 8-bit codes with a float32 scale per output channel (``per_channel = false``:
     one per tensor), decoded to float32 inside the fused matmul kernel; activations, compute
@@ -173,7 +173,7 @@ def _codes8(fmt: str, description: str, summary: str) -> Scheme:
         # the same float32 arithmetic on the same weights as onnxruntime (it folds the
         # decode into a float32 weight): the fp32 gate; 8-bit weights keep 0.99 easily
         default_gates=MappingProxyType({"quantized_rel_tol": 1e-4,
-                                        "quality_cosine_min": 0.99}),
+                                        "quality_cosine_min": 0.99, **(gpu_gates or {})}),
         options=("per_channel", "exclude_nodes"),
         summary=summary,
         quantize_params=MappingProxyType({"weight_format": fmt}))
@@ -186,7 +186,15 @@ SCHEMES.update({
         "channel, float32 activations",
         "MatMul weights stored as FP8 E4M3 codes (1 byte) with float32 per-channel scales, "
         "decoded with integer ops inside a fused matmul kernel; float32 arithmetic (no CPU "
-        "FP8 math: a storage format, half of fp16's bytes); other ops float32"),
+        "FP8 math: a storage format, half of fp16's bytes); other ops float32. On CUDA "
+        "sm_89/sm_90 the matmuls that tile run on the FP8 tensor cores with FP8 activations "
+        "(W8A8, compiler.passes.fp8_tensor_cores)",
+        # On CUDA the matmuls quantize their activations to E4M3 too (W8A8), while
+        # onnxruntime's reference keeps them float32: the same-model GPU gate allows for it
+        # (emulated on llvm: max rel err 0.039, cosine 0.99936 on the tests' 2-layer MLP;
+        # 0.0067 / 0.99997 on minilm's embedding);
+        # the quality gate against fp32 (cosine >= 0.99) is unchanged
+        gpu_gates={"gpu_rel_tol": 0.1}),
     "posit8": _codes8(
         "posit8",
         "weight-only posit<8,1> (max |w| of a channel scaled to 4), a float32 scale per "

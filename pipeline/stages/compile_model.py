@@ -90,9 +90,18 @@ def _dlight_schedule(mod, target, compute_dtype: str, transfer_logs=None):
                           f.attrs is not None and "tirx.is_scheduled" in f.attrs
                           and bool(f.attrs["tirx.is_scheduled"])))
 
+    from pipeline.compiler.cuda_schedules import tensor_core_rule, uses_tensor_cores
+    from pipeline.compiler.fp8_mma import HAND_SCHEDULE_ATTR
+
+    # kernels the lowering scheduled itself (the FP8 tensor-core matmuls)
+    hand = sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                  and HAND_SCHEDULE_ATTR in f.attrs)
     with target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                      dl.gpu.GeneralReduction())(mod)
+        # tensor cores first, for every matmul-like kernel of 16 rows and columns or more
+        # (DLight's own gate inside gpu.Matmul is above 64: ResNet-50's 64-channel layers)
+        mod = dl.ApplyDefaultSchedule(tensor_core_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(),
+                                      dl.gpu.Reduction(), dl.gpu.GeneralReduction())(mod)
         fallback = unscheduled(mod)
         mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
     left = unscheduled(mod)
@@ -100,14 +109,18 @@ def _dlight_schedule(mod, target, compute_dtype: str, transfer_logs=None):
         raise StageFailed("compile", f"no DLight rule can schedule {len(left)} CUDA kernel(s): "
                           f"{', '.join(left)}; tune them on a GPU (`doit build:<artifact> "
                           "target=... tune=missing`) or report the operator")
-    report = {"dlight_fallback": [k for k in fallback if k not in left]}
+    tensor_cores = sorted(gv.name_hint for gv, f in mod.functions_items()
+                          if isinstance(f, tirx.PrimFunc) and uses_tensor_cores(f))
+    report = {"dlight_fallback": [k for k in fallback if k not in left],
+              "tensor_cores": tensor_cores, "rule_scheduled": hand}
     if compute_dtype == "int8":
         # Stated in the report: the int8 CUDA artifact computes in integers, it is no
         # fake-quant (QDQ around float) model.
-        report["int8_compute"] = ("integer: 8-bit activations and weights, int32 "
+        report["int8_compute"] = ("integer: 8-bit activations (as s8) and weights, int32 "
                                   "accumulation, requantized (the project's integer passes, "
-                                  "not fake-quant); DLight SIMT schedules on CUDA cores, no "
-                                  "tensor cores or dp4a")
+                                  f"not fake-quant); {len(tensor_cores)} kernel(s) on tensor "
+                                  "cores (WMMA s8, listed under tensor_cores), the rest on "
+                                  "CUDA cores")
     return mod, report
 
 
