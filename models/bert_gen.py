@@ -17,6 +17,8 @@ from pathlib import Path
 CONFIGS = {
     "minilm": (6, 384, 12, 1536, 30522, 128),  # all-MiniLM-L6-v2's shape
     "tiny": (2, 32, 2, 64, 100, 16),  # for tests: seconds to build
+    # google/bert_uncased_L-4_H-256_A-4's shape: shapes the committed logs have never seen
+    "bert_mini": (4, 256, 4, 1024, 30522, 128),
 }
 
 
