@@ -189,19 +189,12 @@ def test_tune_through_rpc_tracker(tmp_path, rpc_tracker):
     assert stats["valid_records"] > 0 and stats["warnings"] == []
 
 
-RPC_SPEC = """
-name = "tiny"
-[source]
-path = "models/tiny.onnx"
-[[inputs]]
-name = "x"
-shape = [1, 3, 8, 8]
-[variants.fp32]
-scheme = "fp32"
-[tuning]
-trials_per_task = 2
-wall_seconds = 600
-"""
+def _rpc_spec() -> str:
+    """test_tune_continue's one-conv spec without its one-task-per-run trial cap."""
+    from test_tune_continue import BUDGET_SPEC
+
+    return "\n".join(line for line in BUDGET_SPEC.splitlines()
+                     if not line.startswith("max_trials"))
 
 
 @pytest.mark.slow
@@ -215,7 +208,7 @@ def test_rpc_from_the_doit_command_line(tmp_path, rpc_tracker):
 
     from models import make_project
 
-    project = make_project(tmp_path / "p", _one_conv(), RPC_SPEC)
+    project = make_project(tmp_path / "p", _one_conv(), _rpc_spec())
     run = doit(project, "tune:tiny_fp32@cpu", "tune=missing",
                f"rpc={rpc_tracker.host}:{rpc_tracker.port}:{RPC_KEY}")
     assert run.returncode == 0, run.output
