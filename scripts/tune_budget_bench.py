@@ -13,10 +13,16 @@ onnxruntime (same threads, same process, timed alternately):
   both, so the difference is the search alone.
 
 A budget's build uses the database as it stood at that minute (a copy taken by a timer
-thread while the tuner runs), so one 10-minute run gives the 5- and 10-minute points.
+thread while the tuner runs), so one 10-minute run gives the 5- and 10-minute points. All
+builds of a model are then timed round-robin with onnxruntime (one run of each per round):
+TVM's spinning thread pool slows several-fold when the machine gets busy, so only builds
+timed side by side compare. ``--measure-only`` times the databases an earlier run kept in
+``--out`` again (on a quieter machine, say).
 
     TVM_NUM_THREADS=2 python scripts/tune_budget_bench.py --models squeezenet,bert_mini \
         --minutes 5,10 --out /tmp/tune_budget
+    TVM_NUM_THREADS=2 python scripts/tune_budget_bench.py --models squeezenet \
+        --minutes 5,10 --out /tmp/tune_budget --measure-only
 """
 
 from __future__ import annotations
@@ -111,22 +117,31 @@ class _Timer:
         self.session.run(None, self.feed)
         return (time.perf_counter() - start) * 1e3
 
-    def pair(self, vm, args) -> tuple[float, float, float]:
-        """(TVM median ms, onnxruntime median ms, cosine of TVM's output vs onnxruntime's)."""
+    def cosine(self, vm, args) -> float:
+        """Cosine of a build's output against onnxruntime's."""
         out = vm["main"](*args)
         got = (out[0] if hasattr(out, "__len__") and not hasattr(out, "numpy") else out).numpy()
         ref = self.reference.ravel().astype(np.float64)
-        cos = float(np.dot(got.ravel(), ref) / (np.linalg.norm(got) * np.linalg.norm(ref) or 1))
-        for _ in range(3):  # warm up both
-            vm["main"](*args)
+        return float(np.dot(got.ravel(), ref) / (np.linalg.norm(got) * np.linalg.norm(ref)
+                                                  or 1))
+
+    def interleaved(self, vms: dict, args) -> dict[str, float]:
+        """Median ms of every build and of onnxruntime ("onnxruntime"), timed round-robin
+        (one run of each per round): TVM's spinning thread pool slows several-fold when the
+        machine gets busy (20 -> 128 ms seen), so builds timed at different minutes are not
+        comparable; in one round-robin they share the load."""
+        times: dict[str, list[float]] = {name: [] for name in [*vms, "onnxruntime"]}
+        for _ in range(3):  # warm up
+            for vm in vms.values():
+                vm["main"](*args)
             self._ort_once()
-        tvm_ms, ort_ms = [], []
         for _ in range(self.repeat):
-            start = time.perf_counter()
-            vm["main"](*args)
-            tvm_ms.append((time.perf_counter() - start) * 1e3)
-            ort_ms.append(self._ort_once())
-        return float(np.median(tvm_ms)), float(np.median(ort_ms)), cos
+            for name, vm in vms.items():
+                start = time.perf_counter()
+                vm["main"](*args)
+                times[name].append((time.perf_counter() - start) * 1e3)
+            times["onnxruntime"].append(self._ort_once())
+        return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def _build(mod, db_dir: Path | None, transfer: bool):
@@ -166,9 +181,10 @@ def _snapshots(db_dir: Path, at_minutes: list[float], out: Path, start: float,
     return thread
 
 
-def _tune_for(mod, minutes: list[float], guided: bool, scratch: Path, trials: int) -> dict:
+def _tune_for(mod, minutes: list[float], guided: bool, scratch: Path, trials: int,
+              keep: Path) -> dict:
     """Tune from a fresh copy of the committed logs for max(minutes); the database as it
-    stood at each mark, by minutes."""
+    stood at each mark is kept in ``keep/<minutes>``."""
     from pipeline.compiler.lowering import lower_for_target
     from pipeline.core.targets import get_target, tvm_target
     from pipeline.tuning import logs, tuner
@@ -183,7 +199,7 @@ def _tune_for(mod, minutes: list[float], guided: bool, scratch: Path, trials: in
                   mode="missing")
     stop = threading.Event()
     start = time.monotonic()
-    thread = _snapshots(db_dir, minutes, scratch / f"{label}-at", start, stop)
+    thread = _snapshots(db_dir, minutes, keep, start, stop)
     lines: list[str] = []
     try:
         outcome = tuner.tune(lowered, target, db_dir, budget,
@@ -195,38 +211,50 @@ def _tune_for(mod, minutes: list[float], guided: bool, scratch: Path, trials: in
     stop.set()
     thread.join()
     tuned = sum(1 for p in outcome.plans if p.records) if outcome else None
-    return {"snapshots": {m: scratch / f"{label}-at" / f"{m:g}" for m in minutes},
-            "trials": outcome.trials if outcome else None, "tasks_with_records": tuned,
+    info = {"trials": outcome.trials if outcome else None, "tasks_with_records": tuned,
             "seconds": time.monotonic() - start}
+    (keep / "tuning.json").write_text(json.dumps(info))
+    return info
+
+
+LABELS = {True: "prior-guided", False: "stock MetaSchedule"}
 
 
 def bench_model(name: str, minutes: list[float], trials: int, repeat: int,
-                scratch: Path) -> list[dict]:
-    print(f"== {name}", flush=True)
-    onnx_path, mod, feed = _source_and_import(name, scratch)
-    timer = _Timer(onnx_path, feed, repeat)
+                scratch: Path, keep: Path, tune: bool = True) -> list[dict]:
+    """Tune (unless ``tune`` is False and ``keep`` holds the snapshots of an earlier run),
+    then build every variant and time them all round-robin with onnxruntime."""
     import tvm
 
-    args = [tvm.runtime.tensor(v) for v in feed.values()]
-    rows = []
-
-    def measure(label: str, db_dir: Path | None, transfer: bool, **extra) -> None:
-        vm, build_s = _build(mod, db_dir, transfer)
-        tvm_ms, ort_ms, cos = timer.pair(vm, args)
-        row = {"model": name, "build": label, "tvm_ms": tvm_ms, "ort_ms": ort_ms,
-               "ratio": tvm_ms / ort_ms, "cosine": cos, "build_s": build_s, **extra}
-        rows.append(row)
-        print(f"  {label}: {tvm_ms:.2f} ms vs onnxruntime {ort_ms:.2f} ms "
-              f"({tvm_ms / ort_ms:.2f}x), cosine {cos:.6f}", flush=True)
-
-    measure("untuned (naive)", None, transfer=False)
-    measure("tune=off (transferred)", None, transfer=True)
+    print(f"== {name}", flush=True)
+    onnx_path, mod, feed = _source_and_import(name, scratch)
     for guided in (True, False):
-        label = "prior-guided" if guided else "stock MetaSchedule"
-        run = _tune_for(mod, minutes, guided, scratch, trials)
-        for m, snap in run["snapshots"].items():
-            measure(f"{label}, {m:g} min", snap, transfer=True, minutes=m,
-                    trials=run["trials"], tasks_with_records=run["tasks_with_records"])
+        where = keep / ("guided" if guided else "stock")
+        if tune:
+            shutil.rmtree(where, ignore_errors=True)
+            _tune_for(mod, minutes, guided, scratch, trials, where)
+    builds = {"untuned (naive)": (None, False), "tune=off (transferred)": (None, True)}
+    for guided in (True, False):
+        where = keep / ("guided" if guided else "stock")
+        for m in minutes:
+            builds[f"{LABELS[guided]}, {m:g} min"] = (where / f"{m:g}", True)
+    timer = _Timer(onnx_path, feed, repeat)
+    args = [tvm.runtime.tensor(v) for v in feed.values()]
+    vms, extra = {}, {}
+    for label, (db_dir, transfer) in builds.items():
+        vms[label], build_s = _build(mod, db_dir, transfer)
+        extra[label] = {"build_s": build_s, "cosine": timer.cosine(vms[label], args)}
+        if db_dir is not None:
+            extra[label].update(json.loads((db_dir.parent / "tuning.json").read_text()))
+    times = timer.interleaved(vms, args)
+    rows = []
+    for label in builds:
+        row = {"model": name, "build": label, "tvm_ms": times[label],
+               "ort_ms": times["onnxruntime"], "ratio": times[label] / times["onnxruntime"],
+               **extra[label]}
+        rows.append(row)
+        print(f"  {label}: {row['tvm_ms']:.2f} ms vs onnxruntime {row['ort_ms']:.2f} ms "
+              f"({row['ratio']:.2f}x), cosine {row['cosine']:.6f}", flush=True)
     return rows
 
 
@@ -247,15 +275,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", default="5,10", help="budget marks, cumulative")
     parser.add_argument("--trials", type=int, default=64, help="trials per task (cap)")
     parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="rows.json, table.md and the tuned "
+                        "databases at each mark (<model>/<guided|stock>/<minutes>)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="no tuning: build and time the databases an earlier run left "
+                        "in --out")
     args = parser.parse_args(argv)
+    if args.measure_only and not args.out:
+        parser.error("--measure-only needs --out (where the earlier run kept its databases)")
     minutes = sorted(float(m) for m in args.minutes.split(","))
     rows = []
     with tempfile.TemporaryDirectory(prefix="tune-budget-") as scratch:
         for name in args.models.split(","):
             model_scratch = Path(scratch) / name
             model_scratch.mkdir()
-            rows += bench_model(name, minutes, args.trials, args.repeat, model_scratch)
+            keep = (args.out or Path(scratch)) / name
+            rows += bench_model(name, minutes, args.trials, args.repeat, model_scratch, keep,
+                                tune=not args.measure_only)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
