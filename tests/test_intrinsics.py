@@ -243,3 +243,72 @@ def test_amx_matmul_matches_the_naive_kernel(kind):
     else:  # products of bf16 are exact in fp32; only the summation order differs
         ref = a.astype(np.float64) @ b_kn.astype(np.float64)
         np.testing.assert_allclose(c.numpy(), ref, rtol=1e-5, atol=1e-4)
+
+
+# --- register-blocked fp32 micro-kernel -----------------------------------------------------
+
+
+def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4):
+    """C = A . B with C[7, 32] blocks tensorized to the micro-kernel."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    m, n, k = 7 * rows_blocks, 32 * col_blocks, 16 * depth_blocks
+
+    @T.prim_func(s_tir=True)
+    def matmul(A: T.Buffer((m, k), "float32"), B: T.Buffer((k, n), "float32"),
+               C: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i, j, r in T.grid(m, n, k):
+            with T.sblock("update"):
+                vi, vj, vr = T.axis.remap("SSR", [i, j, r])
+                with T.init():
+                    C[vi, vj] = T.float32(0)
+                C[vi, vj] = C[vi, vj] + A[vi, vr] * B[vr, vj]
+
+    intrinsics.register()
+    sch = s_tir.Schedule(matmul)
+    block = sch.get_sblock("update")
+    i, j, r = sch.get_loops(block)
+    i_outer, i_inner = sch.split(i, [rows_blocks, 7])
+    j_outer, j_inner = sch.split(j, [col_blocks, 32])
+    r_outer, r_inner = sch.split(r, [depth_blocks, 16])
+    sch.reorder(i_outer, j_outer, r_outer, i_inner, j_inner, r_inner)
+    sch.decompose_reduction(block, r_outer)
+    sch.tensorize(i_inner, intrinsics.FP32_FMA_7X32X16)
+    return sch.mod, (m, n, k)
+
+
+def test_fp32_microkernel_matches_the_naive_matmul_and_keeps_its_block_in_registers():
+    import tvm
+
+    mod, (m, n, k) = _fp32_blocked_matmul()
+    assert '"llvm.fma"' in mod.script() and 'sblock("update")' not in mod.script()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    func = tvm.compile(mod, target=target)
+    asm = [line for line in func.mod.inspect_source("asm").splitlines()
+           if line.startswith("\t") and not line.startswith("\t.")]
+    asm_ops = [line.split()[0] for line in asm]
+    # one call's body (the block loops around it are not unrolled): 16 depth steps x 7
+    # rows x 2 zmm FMAs on register operands, one broadcast per A value, and no zmm
+    # register spilled to the stack: the 7 x 32 accumulators stay in registers
+    assert asm_ops.count("vfmadd231ps") == 16 * 7 * 2
+    assert asm_ops.count("vbroadcastss") == 16 * 7
+    assert not [line for line in asm if "zmm" in line and "rsp" in line]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    if "avx512f" not in __import__("pipeline.core.targets", fromlist=["x"]).host_cpu_flags():
+        pytest.skip("host CPU has no AVX-512: the codegen was checked, not run")
+    func(tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
+    # FMA rounds once where mul + add round twice: equal up to fp32 summation error
+    np.testing.assert_allclose(c.numpy(), a.astype(np.float64) @ b.astype(np.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_fp32_microkernel_shape_is_checked():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        intrinsics._fp32_block_intrin(rows=7, cols=24, depth=16)
+    with pytest.raises(ValueError, match="28 zmm registers"):
+        intrinsics._fp32_block_intrin(rows=16, cols=32, depth=16)
