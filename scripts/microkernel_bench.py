@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--kernel", default="fused_conv2d16_add9_relu7",
                         help="the lowered kernel's name (scripts/roofline.py lists them)")
     parser.add_argument("--trials", type=int, default=64, help="tuning trials per space")
+    parser.add_argument("--intrinsic", default=None,
+                        help="micro-kernel intrinsic name (default: avx512_fp32_fma_7x32x16)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -47,20 +49,27 @@ def main() -> None:
     work = kernel_work(func)
     tune_dir = REPO / "artifacts" / args.artifact / "cpu" / "tune"
     results = microkernel.compare(func, target, args.trials, rounds=args.rounds,
-                                  baseline_database=tune_dir if tune_dir.exists() else None)
-    print(f"{cpu_identity()}, {num_threads()} threads: {args.kernel} ({work.label}, "
+                                  baseline_database=tune_dir if tune_dir.exists() else None,
+                                  intrin_name=args.intrinsic)
+    print(f"{cpu_identity()}, {num_threads()} threads, micro-kernel "
+          f"{args.intrinsic or 'avx512_fp32_fma_7x32x16'}: {args.kernel} ({work.label}, "
           f"{work.flops / 1e9:.3f} GFLOP)")
-    print("| schedule | trials | us (median) | GFLOP/s | micro-kernel in TIR |")
-    print("|---|---|---|---|---|")
+    print("| schedule | trials | us (median of rounds, each the best of 30) | rounds us | "
+          "GFLOP/s | "
+          "micro-kernel in TIR |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         rate = "-" if r.best_us is None else f"{work.flops / r.best_us / 1e3:.0f}"
         us = "no valid schedule" if r.best_us is None else f"{r.best_us:.0f}"
-        print(f"| {r.label} | {r.trials} | {us} | {rate} | {'yes' if r.tensorized else 'no'} |")
+        rounds = ", ".join(f"{t:.0f}" for t in r.rounds_us)
+        print(f"| {r.label} | {r.trials} | {us} | {rounds} | {rate} | "
+              f"{'yes' if r.tensorized else 'no'} |")
     if args.json:
         args.json.write_text(json.dumps(
             {"cpu": cpu_identity(), "kernel": args.kernel, "label": work.label,
              "flops": work.flops, "results": [
                  {"label": r.label, "trials": r.trials, "us": r.best_us,
+                  "rounds_us": list(r.rounds_us),
                   "tensorized": r.tensorized} for r in results]}, indent=2) + "\n")
 
 

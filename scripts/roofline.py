@@ -46,17 +46,26 @@ def main() -> None:
         peaks = roofline.measure_peak(threads=sorted({1, args.threads}))
         print(f"{cpu_identity()}: measured peak\n\n{roofline.format_peaks(peaks)}\n")
         reports = {}
+        after = peaks
         if not args.peak_only:
             for name in [a for a in args.artifacts.split(",") if a]:
                 compile_dir, module_json = roofline.artifact_dirs(REPO / "artifacts", name)
                 reports[name] = roofline.artifact_roofline(compile_dir, module_json, peaks,
                                                            args.threads, args.repeat)
                 print(roofline.format_report(name, reports[name], args.top) + "\n")
+            after = roofline.measure_peak(threads=sorted({1, args.threads}))
+            drift = roofline.peak_drift(peaks, after)
+            print(f"peak re-measured after the profiles:\n\n{roofline.format_peaks(after)}\n")
+            if drift > 0.2:
+                print(f"WARNING: the measured peak changed by {100 * drift:.0f}% during this "
+                      "run (a busy shared machine): the % of peak above is approximate; "
+                      "compare kernels with each other, or rerun on a quiet machine")
     except PipelineError as error:
         sys.exit(f"error: {error}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_identity(),
                                          "peaks": [asdict(p) for p in peaks],
+                                         "peaks_after": [asdict(p) for p in after],
                                          "artifacts": reports}, indent=2) + "\n")
 
 

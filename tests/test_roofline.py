@@ -22,7 +22,8 @@ def test_peak_probe_measures_a_plausible_fp32_rate():
 def test_a_vnni_instruction_does_four_times_the_work_of_an_fma():
     # vpdpbusd: 64 u8 x s8 MACs per zmm, vfmadd: 16: at the same issue rate int8 is ~4x
     # fp32 (2x at least on any core that has both): a wrong op count would show here
-    fp32, int8 = roofline.measure_peak(threads=(1,), seconds=0.05, repeat=2)
+    # best of 3: a neighbour busy during one run of one kind only ever slows that run
+    fp32, int8 = roofline.measure_peak(threads=(1,), seconds=0.05, repeat=3)
     assert int8.isa == "avx512-vnni"
     assert 2 < int8.gops / fp32.gops < 8, (fp32, int8)
 
@@ -108,3 +109,14 @@ def test_rates_shares_and_peak_fractions():
 def test_a_missing_artifact_says_how_to_build_it(tmp_path):
     with pytest.raises(ConfigError, match="doit build:resnet50_fp32 tune=off"):
         roofline.artifact_dirs(tmp_path, "resnet50_fp32")
+
+
+def test_peak_drift_is_the_largest_relative_change():
+    def peaks(one_thread, two_threads):
+        return [roofline.Peak("fp32", "avx512f", 1, one_thread),
+                roofline.Peak("fp32", "avx512f", 2, two_threads),
+                roofline.Peak("int8", None, 1, None)]  # no VNNI: never counts
+
+    before, after = peaks(100e9, 200e9), peaks(90e9, 140e9)
+    assert roofline.peak_drift(before, after) == pytest.approx(0.3)
+    assert roofline.peak_drift(before, before) == 0.0

@@ -15,6 +15,8 @@ VNNI_DOT_16X4 = "dot_16x4_vnni"  # the name MetaSchedule's "vnni" rules look up
 # accumulator block in 14 zmm registers (see _fp32_block_intrin). 7 rows: every ResNet-50
 # feature map width (112, 56, 28, 14, 7) is a multiple of 7.
 FP32_FMA_7X32X16 = "avx512_fp32_fma_7x32x16"
+# the same block over depth 64: a quarter of the C loads and stores per FMA, 4x the code
+FP32_FMA_7X32X64 = "avx512_fp32_fma_7x32x64"
 AMX_INT8_16X16X64 = "amx_tdpbusd_16x16x64"
 AMX_BF16_16X16X32 = "amx_tdpbf16ps_16x16x32"
 
@@ -269,6 +271,7 @@ def register(target_kind: str = "llvm") -> None:
         TensorIntrin.register(VNNI_DOT_16X4, x86.dot_product_16x4_u8i8i32_desc, _vnni_impl(),
                               override=True)
         TensorIntrin.register(FP32_FMA_7X32X16, *_fp32_block_intrin(7, 32, 16), override=True)
+        TensorIntrin.register(FP32_FMA_7X32X64, *_fp32_block_intrin(7, 32, 64), override=True)
         TensorIntrin.register(AMX_INT8_16X16X64, *_amx_intrin("int8"), override=True)
         TensorIntrin.register(AMX_BF16_16X16X32, *_amx_intrin("bf16"), override=True)
         _registered.add("llvm")

@@ -79,6 +79,16 @@ def measure_peak(kinds=PEAK_KINDS, threads=(1, 2), seconds: float = 0.3,
     return peaks
 
 
+def peak_drift(before: list[Peak], after: list[Peak]) -> float:
+    """The largest relative change of any peak between two measurements of one run: a
+    shared machine whose neighbours got busier in between reads as drift, and the kernel
+    rates measured between them compare only roughly with either."""
+    now = {(p.kind, p.threads): p.ops_per_s for p in after}
+    changes = [abs(now[(p.kind, p.threads)] - p.ops_per_s) / p.ops_per_s for p in before
+               if p.ops_per_s and now.get((p.kind, p.threads))]
+    return max(changes, default=0.0)
+
+
 def _run_probe(exe: Path, kind: str, threads: int, seconds: float) -> dict:
     done = subprocess.run([str(exe), kind, str(threads), str(seconds)], capture_output=True,
                           text=True, timeout=60 + 10 * seconds)

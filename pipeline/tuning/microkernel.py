@@ -54,13 +54,14 @@ def register_cpu_intrinsics() -> None:
 class TunedKernel:
     label: str
     trials: int
-    best_us: float | None  # median of the timed runs; None: no valid schedule found
+    best_us: float | None  # median over the rounds; None: no valid schedule found
+    rounds_us: tuple[float, ...]  # each alternating round's time_kernel, in order
     tensorized: bool  # the micro-kernel intrinsic is in the schedule's TIR
     tir: str
 
 
 def tune_kernel(func, target, trials: int, use_microkernel: bool, seed: int = 0,
-                builder_timeout: float = 120.0):
+                builder_timeout: float = 120.0, intrin_name: str | None = None):
     """Tune one PrimFunc with MetaSchedule (the default space, or the micro-kernel space);
     returns the best schedule's module, or None if no candidate built and ran."""
     import tvm
@@ -69,7 +70,7 @@ def tune_kernel(func, target, trials: int, use_microkernel: bool, seed: int = 0,
     from pipeline.compiler import intrinsics
 
     intrinsics.register("llvm")
-    space = fp32_microkernel_space() if use_microkernel else "post-order-apply"
+    space = fp32_microkernel_space(intrin_name) if use_microkernel else "post-order-apply"
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with tempfile.TemporaryDirectory(prefix="microkernel-tune-") as work_dir:
         database = ms.tune_tir(
@@ -83,7 +84,10 @@ def tune_kernel(func, target, trials: int, use_microkernel: bool, seed: int = 0,
 
 
 def time_kernel(mod, target, repeat: int = 30) -> float:
-    """Median microseconds of one call of the module's ``main`` on random inputs."""
+    """Microseconds of one call of the module's ``main`` on random inputs: the best of
+    ``repeat`` averages of 10 calls. Best, not median: on a shared 2-core machine the
+    neighbours' load only ever adds time (medians of one kernel varied 2x between rounds
+    a minute apart), and the best is the kernel's own speed."""
     import numpy as np
     import tvm
 
@@ -94,7 +98,7 @@ def time_kernel(mod, target, repeat: int = 30) -> float:
     args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape])
                                .astype(str(p.dtype)), dev) for p in mod["main"].params]
     timer = lib.mod.time_evaluator("main", dev, number=10, repeat=repeat)
-    return statistics.median(timer(*args).results) * 1e6
+    return min(timer(*args).results) * 1e6
 
 
 def uses_intrinsic(mod) -> bool:
@@ -130,7 +134,7 @@ def artifact_kernel(artifacts, artifact: str, kernel: str):
 
 
 def compare(func, target, trials: int, repeat: int = 30, rounds: int = 3,
-            baseline_database=None) -> list[TunedKernel]:
+            baseline_database=None, intrin_name: str | None = None) -> list[TunedKernel]:
     """Tune ``func`` with the default space and with the micro-kernel space (same trials,
     same seed), then time the winners alternately ``rounds`` times in this one run (the
     machine drifts between minutes: the medians of the alternating rounds compare). With
@@ -148,13 +152,14 @@ def compare(func, target, trials: int, repeat: int = 30, rounds: int = 3,
         if sch is not None:
             candidates["committed log"] = (0, sch.mod)
     for label, use in (("default rules", False), ("micro-kernel rules", True)):
-        candidates[label] = (trials, tune_kernel(func, target, trials, use))
+        candidates[label] = (trials, tune_kernel(func, target, trials, use,
+                                                 intrin_name=intrin_name))
     times: dict[str, list[float]] = {label: [] for label in candidates}
     for _ in range(rounds):
         for label, (_, mod) in candidates.items():
             if mod is not None:
                 times[label].append(time_kernel(mod, target, repeat))
     return [TunedKernel(label, n, statistics.median(times[label]) if times[label] else None,
-                        mod is not None and uses_intrinsic(mod),
+                        tuple(times[label]), mod is not None and uses_intrinsic(mod),
                         "" if mod is None else mod.script())
             for label, (n, mod) in candidates.items()]
