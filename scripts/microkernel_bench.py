@@ -28,7 +28,7 @@ def main() -> None:
                         help="the lowered kernel's name (scripts/roofline.py lists them)")
     parser.add_argument("--trials", type=int, default=64, help="tuning trials per space")
     parser.add_argument("--intrinsic", default=None,
-                        help="micro-kernel intrinsic name (default: avx512_fp32_fma_7x32x16)")
+                        help="micro-kernel intrinsic name (default: avx512_fp32_fma_7x32x64)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -52,7 +52,7 @@ def main() -> None:
                                   baseline_database=tune_dir if tune_dir.exists() else None,
                                   intrin_name=args.intrinsic)
     print(f"{cpu_identity()}, {num_threads()} threads, micro-kernel "
-          f"{args.intrinsic or 'avx512_fp32_fma_7x32x16'}: {args.kernel} ({work.label}, "
+          f"{args.intrinsic or 'avx512_fp32_fma_7x32x64'}: {args.kernel} ({work.label}, "
           f"{work.flops / 1e9:.3f} GFLOP)")
     print("| schedule | trials | us (median of rounds, each the best of 30) | rounds us | "
           "GFLOP/s | "

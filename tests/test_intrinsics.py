@@ -248,12 +248,12 @@ def test_amx_matmul_matches_the_naive_kernel(kind):
 # --- register-blocked fp32 micro-kernel -----------------------------------------------------
 
 
-def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4):
-    """C = A . B with C[7, 32] blocks tensorized to the micro-kernel."""
+def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4, depth=16):
+    """C = A . B with C[7, 32] blocks tensorized to the micro-kernel of that depth."""
     from tvm import s_tir
     from tvm.script import tirx as T
 
-    m, n, k = 7 * rows_blocks, 32 * col_blocks, 16 * depth_blocks
+    m, n, k = 7 * rows_blocks, 32 * col_blocks, depth * depth_blocks
 
     @T.prim_func(s_tir=True)
     def matmul(A: T.Buffer((m, k), "float32"), B: T.Buffer((k, n), "float32"),
@@ -272,28 +272,30 @@ def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4):
     i, j, r = sch.get_loops(block)
     i_outer, i_inner = sch.split(i, [rows_blocks, 7])
     j_outer, j_inner = sch.split(j, [col_blocks, 32])
-    r_outer, r_inner = sch.split(r, [depth_blocks, 16])
+    r_outer, r_inner = sch.split(r, [depth_blocks, depth])
     sch.reorder(i_outer, j_outer, r_outer, i_inner, j_inner, r_inner)
     sch.decompose_reduction(block, r_outer)
-    sch.tensorize(i_inner, intrinsics.FP32_FMA_7X32X16)
+    by_depth = {16: intrinsics.FP32_FMA_7X32X16, 64: intrinsics.FP32_FMA_7X32X64}
+    sch.tensorize(i_inner, by_depth[depth])
     return sch.mod, (m, n, k)
 
 
-def test_fp32_microkernel_matches_the_naive_matmul_and_keeps_its_block_in_registers():
+@pytest.mark.parametrize("depth", [16, 64])
+def test_fp32_microkernel_matches_the_naive_matmul_and_keeps_its_block_in_registers(depth):
     import tvm
 
-    mod, (m, n, k) = _fp32_blocked_matmul()
+    mod, (m, n, k) = _fp32_blocked_matmul(depth=depth)
     assert '"llvm.fma"' in mod.script() and 'sblock("update")' not in mod.script()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
     func = tvm.compile(mod, target=target)
     asm = [line for line in func.mod.inspect_source("asm").splitlines()
            if line.startswith("\t") and not line.startswith("\t.")]
     asm_ops = [line.split()[0] for line in asm]
-    # one call's body (the block loops around it are not unrolled): 16 depth steps x 7
-    # rows x 2 zmm FMAs on register operands, one broadcast per A value, and no zmm
-    # register spilled to the stack: the 7 x 32 accumulators stay in registers
-    assert asm_ops.count("vfmadd231ps") == 16 * 7 * 2
-    assert asm_ops.count("vbroadcastss") == 16 * 7
+    # one call's body (the block loops around it are not unrolled): depth steps x 7 rows
+    # x 2 zmm FMAs on register operands, one broadcast per A value, and no zmm register
+    # spilled to the stack: the 7 x 32 accumulators stay in registers
+    assert asm_ops.count("vfmadd231ps") == depth * 7 * 2
+    assert asm_ops.count("vbroadcastss") == depth * 7
     assert not [line for line in asm if "zmm" in line and "rsp" in line]
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k)).astype(np.float32)
