@@ -1,5 +1,6 @@
-"""Tensor intrinsics: only the stock ones a target needs, plus the ones the stock wheel gets
-wrong, re-registered correctly (see FACTS.md)."""
+"""Tensor intrinsics: only the stock ones a target needs, the ones the stock wheel gets
+wrong re-registered correctly (see FACTS.md), and the project's own: an fp32 register-blocked
+micro-kernel and AMX tile dot products (int8, bf16)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import importlib.util
 import sys
 
 VNNI_DOT_16X4 = "dot_16x4_vnni"  # the name MetaSchedule's "vnni" rules look up
+# A register-blocked fp32 micro-kernel: C[7, 32] += A[7, D] . B[D, 32] with the 7 x 32
+# accumulator block in 14 zmm registers (see _fp32_block_intrin). 7 rows: every ResNet-50
+# feature map width (112, 56, 28, 14, 7) is a multiple of 7. Depth D = 16 or 64 (the
+# deeper one loads and stores its C block a quarter as often, for 4x the code).
+FP32_FMA_7X32X16 = "avx512_fp32_fma_7x32x16"
+FP32_FMA_7X32X64 = "avx512_fp32_fma_7x32x64"
 # AMX tile dot products (TVM 0.27 has none): C[16, 16] += A[16, K] . B[K/g, 16, g], the B
 # operand in the VNNI-style packing the AMX instructions read (g = 4 bytes for int8, 2
 # bfloat16 values). The names say the tile shape, M x N x K.
-# A register-blocked fp32 micro-kernel: C[7, 32] += A[7, 16] . B[16, 32] with the 7 x 32
-# accumulator block in 14 zmm registers (see _fp32_block_intrin). 7 rows: every ResNet-50
-# feature map width (112, 56, 28, 14, 7) is a multiple of 7.
-FP32_FMA_7X32X16 = "avx512_fp32_fma_7x32x16"
-# the same block over depth 64: a quarter of the C loads and stores per FMA, 4x the code
-FP32_FMA_7X32X64 = "avx512_fp32_fma_7x32x64"
 AMX_INT8_16X16X64 = "amx_tdpbusd_16x16x64"
 AMX_BF16_16X16X32 = "amx_tdpbf16ps_16x16x32"
 
