@@ -33,10 +33,18 @@ def fp32_microkernel_space(intrin_name: str | None = None):
     reuse_write = ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")
     rules = []
     for rule in ms.schedule_rule.ScheduleRule.create("llvm"):
-        if type(rule).__name__ == "MultiLevelTiling":
+        name = type(rule).__name__
+        if name == "MultiLevelTiling":
             rules.append(ms.schedule_rule.MultiLevelTilingWithIntrin(
                 intrin_name, structure="SSRSRS", max_innermost_factor=64,
                 reuse_write=reuse_write))
+        if name == "ParallelizeVectorizeUnroll":
+            # No vectorize annotation: on a loop around the micro-kernel, TIR's vectorizer
+            # tries to widen its 16-lane vectors ("Cannot broadcast lanes=16 to 32") and the
+            # build fails (~40% of the candidates did); LLVM still vectorizes the epilogues.
+            rule = ms.schedule_rule.ParallelizeVectorizeUnroll(
+                max_jobs_per_core=16, max_vectorize_extent=0,
+                unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True)
         rules.append(rule)
     # the init block of a 7 x 32 block is a 2-D loop: RewriteTensorize only vectorizes
     # a 1-D one (it asserts), and LLVM vectorizes the zeroing itself
