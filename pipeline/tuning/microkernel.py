@@ -41,7 +41,8 @@ def fp32_microkernel_space(intrin_name: str | None = None):
         if name == "ParallelizeVectorizeUnroll":
             # No vectorize annotation: on a loop around the micro-kernel, TIR's vectorizer
             # tries to widen its 16-lane vectors ("Cannot broadcast lanes=16 to 32") and the
-            # build fails (~40% of the candidates did); LLVM still vectorizes the epilogues.
+            # build fails (25-60% of the candidates did); epilogues are left to LLVM's loop
+            # vectorizer.
             rule = ms.schedule_rule.ParallelizeVectorizeUnroll(
                 max_jobs_per_core=16, max_vectorize_extent=0,
                 unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True)
