@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -31,51 +30,21 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    from pipeline.runtime.vm import model_weights
+    from pipeline.runtime.profile import profile_kernels
 
     compiled = REPO / "artifacts" / args.artifact / "cpu" / "compile"
     if not (compiled / "model.so").exists():
         sys.exit(f"error: {compiled}/model.so not found: run `doit build:{args.artifact}` first")
-    io = json.loads((compiled / "io.json").read_text())
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / "model.so")), dev)
-    rng = np.random.default_rng(0)
-    inputs = [tvm.runtime.tensor(rng.standard_normal(i["shape"]).astype(i["dtype"]), dev)
-              for i in io["inputs"]]
-    inputs += model_weights(compiled / "model.so", dev)  # model.params: after the inputs
-    for _ in range(3):
-        vm["main"](*inputs)
-
-    # The VM calls the instrument before and after every kernel call: time between the two.
-    calls: dict[str, float] = {}
-    started: list[float] = []
-
-    def instrument(func, name, before_run, ret_value, *args):
-        if before_run:
-            started.append(time.perf_counter())
-        else:
-            calls[name] = calls.get(name, 0.0) + (time.perf_counter() - started.pop()) * 1e6
-
-    vm.set_instrument(instrument)
-    per_kernel: dict[str, list[float]] = {}
-    for _ in range(args.repeat):
-        calls.clear()
-        vm["main"](*inputs)
-        for name, us in calls.items():
-            per_kernel.setdefault(name, []).append(us)
-    table = sorted(((name, statistics.median(v)) for name, v in per_kernel.items()),
-                   key=lambda r: -r[1])
-    total = sum(us for _, us in table)
+    table = profile_kernels(compiled, repeat=args.repeat)
+    total = sum(k.us for k in table)
     print(f"{args.artifact}: {total / 1000:.1f} ms in {len(table)} kernels (median of "
           f"{args.repeat} profiled runs, {os.environ['TVM_NUM_THREADS']} threads)")
-    for name, us in table[:args.top]:
-        print(f"  {us / 1000:7.2f} ms {100 * us / total:5.1f}%  {name}")
+    for k in table[:args.top]:
+        print(f"  {k.us / 1000:7.2f} ms {100 * k.us / total:5.1f}%  {k.name}")
     if args.json:
-        args.json.write_text(json.dumps({"total_us": total, "kernels": table}, indent=2))
+        args.json.write_text(json.dumps({"total_us": total,
+                                         "kernels": [[k.name, k.us] for k in table]},
+                                        indent=2))
 
 
 if __name__ == "__main__":

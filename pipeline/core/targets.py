@@ -168,6 +168,12 @@ def _cuda_tvm_target(spec: TargetSpec) -> dict:
     return {"kind": "cuda", "arch": spec.arch, **_CUDA_LIMITS, "host": {"kind": "llvm"}}
 
 
+# The u8 x s8 -> s32 tensor intrinsic of a CPU target, best first: (LLVM target feature,
+# intrinsic name in pipeline.compiler.intrinsics). AMX tiles only where the target has
+# amx-int8 (Sapphire Rapids and later Xeons); every other AVX-512 CPU keeps VNNI.
+CPU_INT8_DOT_INTRINSICS = (("amx-int8", "amx_tdpbusd_16x16x64"),
+                           ("avx512vnni", "dot_16x4_vnni"))
+
 BACKENDS: dict[str, Backend] = {
     "llvm": Backend(
         kind="llvm", device="cpu", runs_on_build_host=True, kernel_check=True,

@@ -1,0 +1,112 @@
+"""How much arithmetic each kernel of a lowered module does: 2 x its multiply-accumulates.
+
+The roofline report divides this by a kernel's measured time. Only multiply-accumulate
+blocks count (convolutions, matmuls: ``C[...] = C[...] + x * y`` over a reduction), in
+float and integer alike, because that is what the machine's FMA and VNNI peaks measure;
+epilogues (bias, ReLU, requantize), pooling and layout copies count 0 and are reported as
+memory-bound kernels instead of inflating a GFLOP/s figure. TVM's ``estimate_tir_flops``
+counts every arithmetic node, epilogues included, which is right for a cost model and
+wrong for "% of the FMA peak".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def conv2d_flops(batch: int, out_channels: int, out_h: int, out_w: int, in_channels: int,
+                 kernel_h: int, kernel_w: int, groups: int = 1) -> int:
+    """2 x multiply-accumulates of a 2-D convolution (the textbook count, for checks)."""
+    if groups < 1 or in_channels % groups:
+        raise ValueError(f"in_channels {in_channels} is not divisible by groups {groups}")
+    return 2 * batch * out_channels * out_h * out_w * (in_channels // groups) * kernel_h \
+        * kernel_w
+
+
+def _is_multiply_accumulate(block) -> bool:
+    """``C[i] = C[i] + x * y`` (either operand order, casts allowed) over a reduction."""
+    from tvm import ir, tirx
+
+    if not any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+        return False
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
+        return False
+    add = store.value
+
+    def reads_target(e) -> bool:
+        while isinstance(e, tirx.Cast):
+            e = e.value
+        # TVM 0.27: a buffer load is an ``ir.TensorLoad`` whose ``source`` is the buffer
+        return isinstance(e, ir.expr.TensorLoad) and e.source.same_as(store.buffer)
+
+    def is_product(e) -> bool:
+        while isinstance(e, tirx.Cast):
+            e = e.value
+        return isinstance(e, tirx.Mul)
+
+    return (reads_target(add.a) and is_product(add.b)) or (
+        reads_target(add.b) and is_product(add.a))
+
+
+@dataclass(frozen=True)
+class KernelWork:
+    """A kernel's multiply-accumulate work: ``flops`` = 2 x MACs, ``label`` its MAC blocks'
+    iteration domains, e.g. ``conv2d_nhwc 1x14x14x256 * 3x3x256`` (spatial * reduction):
+    readable where fused kernel names are not."""
+
+    flops: int
+    label: str
+
+
+def kernel_work(func) -> KernelWork:
+    """The MACs of a naive (unscheduled) TIR kernel: for each MAC block, the product of its
+    iteration domain (every block iteration is one MAC)."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    macs = 0
+    labels = []
+    pending = list(sch.get_child_blocks(sch.get_sblock("root")))
+    while pending:
+        block_rv = pending.pop(0)
+        pending.extend(sch.get_child_blocks(block_rv))
+        block = sch.get(block_rv)
+        if not _is_multiply_accumulate(block):
+            continue
+        extents = [(int(iv.dom.extent), iv.iter_type == tirx.IterVar.CommReduce)
+                   for iv in block.iter_vars]
+        count = 1
+        for extent, _ in extents:
+            count *= extent
+        macs += count
+        spatial = "x".join(str(e) for e, reduce in extents if not reduce)
+        reduction = "x".join(str(e) for e, reduce in extents if reduce)
+        labels.append(f"{block.name_hint} {spatial} * {reduction}")
+    return KernelWork(2 * macs, "; ".join(labels))
+
+
+def multiply_accumulates(func) -> int:
+    """Multiply-accumulates of a naive (unscheduled) TIR kernel."""
+    return kernel_work(func).flops // 2
+
+
+def module_kernel_work(mod) -> dict[str, KernelWork]:
+    """The work of every PrimFunc of a lowered module, by function name (the name the Relax
+    VM calls it by, and the profile reports)."""
+    from tvm import tirx
+
+    return {gv.name_hint: kernel_work(func)
+            for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+
+
+def artifact_kernel_work(module_json: Path, target, compute_dtype: str,
+                         layout: str = "") -> dict[str, KernelWork]:
+    """The work of each kernel of an artifact: its import-stage module lowered as the compile stage
+    lowers it (same target, compute dtype and layout, so the kernel names agree)."""
+    from pipeline.compiler.lowering import lower_for_target
+    from pipeline.compiler.workloads import load_module
+
+    lowered = lower_for_target(load_module(module_json), target, compute_dtype, layout)
+    return module_kernel_work(lowered)
