@@ -126,10 +126,24 @@ AMX_CASES = {
              "tdpbf16ps"),
 }
 
+def _tensorized(func, tiles, intrinsic: str):
+    """``func``'s "update" block (i, j, r loops) split into (outer, inner) by ``tiles``, the
+    inner (i, j, r) nest tensorized with ``intrinsic``."""
+    from tvm import s_tir
+
+    intrinsics.register()
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("update")
+    pairs = [sch.split(loop, list(tile)) for loop, tile in zip(sch.get_loops(block), tiles)]
+    sch.reorder(*[outer for outer, _ in pairs], *[inner for _, inner in pairs])
+    sch.decompose_reduction(block, pairs[2][0])
+    sch.tensorize(pairs[0][1], intrinsic)
+    return sch.mod
+
+
 
 def _amx_matmul(kind: str, tiles_m=2, tiles_n=2, tiles_k=2):
     """C[M, N] = A[M, K] . B[K/g, N, g] tensorized with the AMX intrinsic of ``kind``."""
-    from tvm import s_tir
     from tvm.script import tirx as T
 
     name, a_dtype, b_dtype, c_dtype, group, k_tile, _ = AMX_CASES[kind]
@@ -146,17 +160,7 @@ def _amx_matmul(kind: str, tiles_m=2, tiles_n=2, tiles_k=2):
                 C[vi, vj] = C[vi, vj] + T.cast(A[vi, vr], c_dtype) * T.cast(
                     B[vr // group, vj, vr % group], c_dtype)
 
-    intrinsics.register()
-    sch = s_tir.Schedule(matmul)
-    block = sch.get_sblock("update")
-    i, j, r = sch.get_loops(block)
-    i_outer, i_inner = sch.split(i, [tiles_m, 16])
-    j_outer, j_inner = sch.split(j, [tiles_n, 16])
-    r_outer, r_inner = sch.split(r, [tiles_k, k_tile])
-    sch.reorder(i_outer, j_outer, r_outer, i_inner, j_inner, r_inner)
-    sch.decompose_reduction(block, r_outer)
-    sch.tensorize(i_inner, name)
-    return sch.mod
+    return _tensorized(matmul, [(tiles_m, 16), (tiles_n, 16), (tiles_k, k_tile)], name)
 
 
 @pytest.mark.parametrize("kind", sorted(AMX_CASES))
@@ -250,7 +254,6 @@ def test_amx_matmul_matches_the_naive_kernel(kind):
 
 def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4, depth=16):
     """C = A . B with C[7, 32] blocks tensorized to the micro-kernel of that depth."""
-    from tvm import s_tir
     from tvm.script import tirx as T
 
     m, n, k = 7 * rows_blocks, 32 * col_blocks, depth * depth_blocks
@@ -266,18 +269,10 @@ def _fp32_blocked_matmul(rows_blocks=2, col_blocks=2, depth_blocks=4, depth=16):
                     C[vi, vj] = T.float32(0)
                 C[vi, vj] = C[vi, vj] + A[vi, vr] * B[vr, vj]
 
-    intrinsics.register()
-    sch = s_tir.Schedule(matmul)
-    block = sch.get_sblock("update")
-    i, j, r = sch.get_loops(block)
-    i_outer, i_inner = sch.split(i, [rows_blocks, 7])
-    j_outer, j_inner = sch.split(j, [col_blocks, 32])
-    r_outer, r_inner = sch.split(r, [depth_blocks, depth])
-    sch.reorder(i_outer, j_outer, r_outer, i_inner, j_inner, r_inner)
-    sch.decompose_reduction(block, r_outer)
     by_depth = {16: intrinsics.FP32_FMA_7X32X16, 64: intrinsics.FP32_FMA_7X32X64}
-    sch.tensorize(i_inner, by_depth[depth])
-    return sch.mod, (m, n, k)
+    mod = _tensorized(matmul, [(rows_blocks, 7), (col_blocks, 32), (depth_blocks, depth)],
+                      by_depth[depth])
+    return mod, (m, n, k)
 
 
 @pytest.mark.parametrize("depth", [16, 64])
