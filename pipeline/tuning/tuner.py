@@ -584,7 +584,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
             if budget.mode == "extend" and budget.remeasure_top and here:
                 run.remeasure_elsewhere_measured(todo, here)
             run.coarse_pass(todo)
-            if outcome.complete:
+            if outcome.complete and budget.coarse_trials:  # no hierarchy: no focus rounds
                 run.focus_rounds(todo)
     finally:
         run.close()
