@@ -22,6 +22,7 @@ from pipeline.tuning.tuner import (
     TuneOutcome,
     estimated_latency_us,
     make_runner,
+    measuring_cpu,
     tune,
     valid_records,
     workload_stats,
@@ -122,7 +123,8 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
                   "untuned kernels get DLight schedules", flush=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             db_dir = Path(scratch) / "db"
-            _merge_logs([seed_logs, cache_dir], db_dir, prefer_cpu=_here(target))
+            _merge_logs([seed_logs, cache_dir], db_dir,
+                        prefer_cpu=measuring_cpu(target, runner=None))
             database = tuning_log.open_database(db_dir, report=_say)
             plans = plan_tasks(mod, target)
             for p in plans:
@@ -135,13 +137,13 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
                        f"tuning cache {cache_dir}"):
             _merge_logs([seed_logs, cache_dir], cache_dir)
-            outcome = tune(mod, target, cache_dir, budget,
-                           runner=make_runner(_rpc(config.rpc)), progress=_say)
+            runner = make_runner(_rpc(config.rpc))
+            outcome = tune(mod, target, cache_dir, budget, runner=runner, progress=_say)
             plans = outcome.plans
             with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
                 view = Path(scratch) / "db"
-                _merge_logs([cache_dir], view,
-                            prefer_cpu=None if config.rpc else _here(target))
+                # rank each workload by this CPU's own measurements where it has any
+                _merge_logs([cache_dir], view, prefer_cpu=measuring_cpu(target, runner))
                 verdicts = _publish_records(tuning_log.open_database(view, report=_say),
                                             plans, out_dir, target, verify)
     verdict = {v.name: v for v in verdicts}
@@ -219,14 +221,6 @@ def _verdict_fields(verdict, plan: TaskPlan) -> dict:
     if verdict is None or plan.records == 0:
         return {}
     return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
-
-
-def _here(target) -> str | None:
-    """This host's CPU, whose own measurements rank a CPU target's records (a record
-    measured on another CPU is used only where none was measured here)."""
-    from pipeline.core.targets import cpu_identity
-
-    return cpu_identity() if target.kind.name == "llvm" else None
 
 
 def _merge_logs(sources: list[Path], dest: Path, prefer_cpu: str | None = None) -> None:

@@ -61,6 +61,7 @@ class RecordEntry:
     target: str | None  # canonical JSON of the target the record was measured on
     args: str | None  # "float32[16,16], ..." from args_info, for reports
     where: str  # "path:line", for messages
+    line_index: int = 0  # 0-based line in its record file
 
     @property
     def valid(self) -> bool:
@@ -172,7 +173,8 @@ def _args_text(args_info) -> str | None:
         return None
 
 
-def _parse_record(text: str, n_workload_lines: int, where: str) -> RecordEntry:
+def _parse_record(text: str, n_workload_lines: int, where: str,
+                  line_index: int = 0) -> RecordEntry:
     obj = json.loads(text)  # a bad line fails here, reported as "bad JSON"
     match = _RECORD_LINE.match(text)
     if not (match and isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
@@ -198,7 +200,8 @@ def _parse_record(text: str, n_workload_lines: int, where: str) -> RecordEntry:
         workload_index=index, body=body, trace_key=_canonical(trace),
         run_secs=None if run_secs is None else tuple(float(s) for s in run_secs),
         target=None if target is None else _canonical(target),
-        args=None if args_info is None else _args_text(args_info), where=where)
+        args=None if args_info is None else _args_text(args_info), where=where,
+        line_index=line_index)
 
 
 def _gz(path: Path) -> Path:
@@ -306,7 +309,7 @@ def load(db_dir: Path | str) -> LogContents:
     for i, text in enumerate(_read_lines(rec_path, out.warnings)):
         where = f"{rec_path}:{i + 1}"
         try:
-            record = _parse_record(text, len(wl_lines), where)
+            record = _parse_record(text, len(wl_lines), where, line_index=i)
             if record.workload_index not in by_index:
                 raise ValueError(f"refers to workload line {record.workload_index + 1}, "
                                  f"which was skipped")
@@ -341,7 +344,7 @@ def tag_measured_on(db_dir: Path | str, first_line: int, cpu: str) -> int:
     file on were measured on ``cpu``. Returns how many were tagged."""
     db_dir = Path(db_dir)
     contents = load(db_dir)
-    new = [r for r in contents.records if int(r.where.rsplit(":", 1)[1]) > first_line
+    new = [r for r in contents.records if r.line_index >= first_line
            and r.digest not in contents.measured_on]
     if not new:
         return 0

@@ -567,7 +567,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     dequant_matmul.register_tuning_rule()  # its search space is the project's template
     _workers_can_import_pipeline()
     run = _Run(database, db_dir, budget, outcome, progress, {p.name: wanted(p) for p in todo})
-    here = _measuring_cpu(todo[0].task.target, runner)
+    here = measuring_cpu(todo[0].task.target, runner)
     first_new_line = _record_count(db_dir)
     if budget.warm_cost_model:
         from pipeline.tuning import cost_model
@@ -607,9 +607,10 @@ def _time(us: float) -> str:
     return f"{us / 1000:.3g} ms" if us >= 1000 else f"{us:.3g} us"
 
 
-def _measuring_cpu(target, runner) -> str | None:
-    """The CPU this run's records are measured on: this host's for a CPU target measured
-    here; None (not recorded) for a GPU or a device behind an RPC tracker."""
+def measuring_cpu(target, runner) -> str | None:
+    """The CPU that measures ``target``'s candidates with ``runner`` (None: this machine):
+    this host's for a CPU target measured here; None (not recorded) for a GPU or a device
+    behind an RPC tracker."""
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.core.targets import cpu_identity
@@ -646,12 +647,15 @@ class _Run:
         self._builders: dict[float, object] = {}  # by timeout (a retry doubles it)
 
     def builder(self, timeout: float, kind: str):
-        """The builder for this timeout: one for the run when the budget says persistent."""
+        """The builder for this timeout (one for the run when the budget says persistent),
+        refusing to build once a signal came."""
         if not self.budget.persistent_builder:
-            return local_builder(kind, timeout)
-        if timeout not in self._builders:
-            self._builders[timeout] = local_builder(kind, timeout, persistent=True)
-        return self._builders[timeout]
+            builder = local_builder(kind, timeout)
+        else:
+            if timeout not in self._builders:
+                self._builders[timeout] = local_builder(kind, timeout, persistent=True)
+            builder = self._builders[timeout]
+        return _builder_stopping_on_signal(builder, self.stop)
 
     def close(self) -> None:
         for builder in self._builders.values():
@@ -693,8 +697,7 @@ class _Run:
             self._by_kind = transfer.records_by_kind(self.database)
         seeded, seeded_us = _seed_from_kind(
             self.database, p, self._by_kind, self.runner,
-            _builder_stopping_on_signal(self.builder(timeout, p.task.target.kind.name),
-                                        self.stop))
+            self.builder(timeout, p.task.target.kind.name))
         self.outcome.trials += seeded
         self.done[p.name] += seeded
         if seeded:
@@ -722,9 +725,8 @@ class _Run:
             before = p.best_us
             measured, best_here = _measure_schedules(
                 self.database, p, [(r.as_measure_candidate().sch, r.trace) for r in records],
-                self.runner, _builder_stopping_on_signal(
-                    self.builder(self.budget.builder_timeout, p.task.target.kind.name),
-                    self.stop))
+                self.runner,
+                self.builder(self.budget.builder_timeout, p.task.target.kind.name))
             self.outcome.trials += measured
             self.done[p.name] += measured
             self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
@@ -861,7 +863,7 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder,
         tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"),
         max_trials_global=trials, max_trials_per_task=trials,
         num_trials_per_iter=max(1, min(per_iter, trials)),
-        builder=_builder_stopping_on_signal(builder, stop),
+        builder=builder,
         runner=runner, database=database, task_scheduler=scheduler,
         cost_model=cost_model if cost_model is not None else "xgb",
         measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
