@@ -135,35 +135,16 @@ def test_refuses_targets_without_fp8_tensor_cores_and_shapes_it_cannot_tile():
 
 # ------------------------------------------- the fp8_e4m3 scheme on h100: W8A8 on tensor cores
 
-def _mlp(rows: int = 64, k: int = 128, hidden: int = 128, n: int = 64):
-    """x [1, rows, k] -> MatMul + bias + Relu -> MatMul -> y: two matmuls that tile."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((k, hidden)) / 11)
-                                     .astype(np.float32), "w1"),
-             numpy_helper.from_array((rng.standard_normal(hidden) * 0.1).astype(np.float32),
-                                     "b1"),
-             numpy_helper.from_array((rng.standard_normal((hidden, n)) / 11)
-                                     .astype(np.float32), "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
-             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
-             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
-             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2")]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 @pytest.fixture(scope="module")
 def fp8_h100(tmp_path_factory):
     from float_models import build_in_process
 
+    from models import tiny_mlp_rows
+
     work = tmp_path_factory.mktemp("fp8_h100")
-    result = build_in_process(_mlp(), "fp8_e4m3", (1, 64, 128), work, target="h100")
+    # two matmuls that tile (multiples of 32 x 64 x 32)
+    model = tiny_mlp_rows(k=128, hidden=128, n=64, rows=64)
+    result = build_in_process(model, "fp8_e4m3", (1, 64, 128), work, target="h100")
     result["report"] = json.loads((work / "compile" / "compile_report.json").read_text())
     result["module"] = work / "import" / "module.json"
     return result
