@@ -138,3 +138,43 @@ def test_the_tuner_starts_a_new_kernel_from_schedules_of_its_kind(tmp_path):
     # the stock search (seed_from_kind=False) would have started from random samples only
     assert tuner.TuneBudget().seed_from_kind and not tuner.TuneBudget(
         seed_from_kind=False).seed_from_kind
+
+
+def _tiled_matmul(n: int, inner: int, step: int):
+    """A (16 x 64) @ (64 x n) matmul tiled like a MetaSchedule CPU record: a parallel outer
+    loop carrying the auto-unroll ``step``, then k, then an ``inner``-wide column tile and a
+    2-row tile innermost."""
+    import tvm
+    from tvm import s_tir, te
+
+    a = te.placeholder((16, 64), name="a")
+    b = te.placeholder((64, n), name="b")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((16, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([a, b, c])}))
+    i, j, kk = sch.get_loops(sch.get_sblock("matmul"))
+    i0, i1 = sch.split(i, [8, 2])
+    j0, j1 = sch.split(j, [n // inner, inner])
+    sch.reorder(i0, j0, kk, j1, i1)
+    outer = sch.fuse(i0, j0)
+    sch.parallel(outer)
+    sch.annotate(outer, transfer.UNROLL_KEY, step)
+    return sch, outer
+
+
+def test_unroll_steps_adapt_so_the_same_loop_levels_unroll():
+    """A record's unroll step is a literal: at step 64 a source tile of 48x2 keeps its
+    48-loop (96 > 64) while a 32x2 tile would unroll whole (64 <= 64), which LLVM then
+    vectorised along the wrong loop (bert-mini's FFN: 12.4 ms instead of 0.33). The adapted
+    step unrolls only the 2-row loop, as in the source."""
+    source, _ = _tiled_matmul(1536, 48, 64)
+    target, outer = _tiled_matmul(1024, 32, 64)
+    assert transfer._unrolled_levels([64, 48, 2], 64) == 1
+    assert transfer._unrolled_levels([64, 32, 2], 64) == 2  # what the literal step would do
+    transfer.adapt_unroll_steps(source, target)
+    step = int(target.get(outer).annotations[transfer.UNROLL_KEY])
+    assert step == 2 and transfer._unrolled_levels([64, 32, 2], step) == 1
+    # where the same levels unroll already, the step is left as it was
+    same, outer = _tiled_matmul(1024, 64, 64)
+    transfer.adapt_unroll_steps(source, same)
+    assert int(same.get(outer).annotations[transfer.UNROLL_KEY]) == 64
