@@ -129,7 +129,11 @@ class _Timer:
         """Median ms of every build and of onnxruntime ("onnxruntime"), timed round-robin
         (one run of each per round): TVM's spinning thread pool slows several-fold when the
         machine gets busy (20 -> 128 ms seen), so builds timed at different minutes are not
-        comparable; in one round-robin they share the load."""
+        comparable; in one round-robin they share the load. Each timed run follows an
+        untimed one of the same build: onnxruntime's and TVM's worker threads spin for a
+        while after a run, and a run started right after the other runtime's was measured
+        up to 4x slower (bert-mini: TVM 38 ms timed straight after onnxruntime, 10 ms
+        alone)."""
         times: dict[str, list[float]] = {name: [] for name in [*vms, "onnxruntime"]}
         for _ in range(3):  # warm up
             for vm in vms.values():
@@ -137,9 +141,11 @@ class _Timer:
             self._ort_once()
         for _ in range(self.repeat):
             for name, vm in vms.items():
+                vm["main"](*args)  # untimed: the last runtime's threads are still spinning
                 start = time.perf_counter()
                 vm["main"](*args)
                 times[name].append((time.perf_counter() - start) * 1e3)
+            self._ort_once()
             times["onnxruntime"].append(self._ort_once())
         return {name: float(np.median(v)) for name, v in times.items()}
 
