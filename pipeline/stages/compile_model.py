@@ -176,7 +176,7 @@ def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None =
     Returns ``(mod, report fields)``."""
     from tvm import tirx
 
-    from pipeline.compiler import dequant_matmul
+    from pipeline.compiler import cpu_rules, dequant_matmul
     from pipeline.tuning.transfer import transfer_schedules
 
     scheduled = []
@@ -195,7 +195,18 @@ def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None =
         print(f"compile: {len(transfer.transferred)} kernel(s) without a record of their own "
               "got a schedule transferred from a record of a kernel of the same kind",
               flush=True)
-    return mod, {"rule_scheduled": sorted(scheduled), **transfer.as_dict()}
+    # what neither a record nor a transfer covers gets a default schedule from rules
+    mod, by_rule, still_naive = cpu_rules.schedule_by_rules(mod, target, transfer.kept_naive)
+    if by_rule:
+        print(f"compile: {len(by_rule)} kernel(s) got a default schedule from rules "
+              "(parallel, vectorised)", flush=True)
+    report = transfer.as_dict()
+    report["kept_naive"] = {name: report["kept_naive"][name] if still_naive[name] in
+                            report["kept_naive"][name] else
+                            f"{report['kept_naive'][name]}; {still_naive[name]}"
+                            for name in sorted(still_naive)}
+    return mod, {"rule_scheduled": sorted(scheduled), **report,
+                 "default_rules": dict(sorted(by_rule.items()))}
 
 
 # How kernels without a tuning record are scheduled, per a backend's ``untuned_scheduler``

@@ -1,0 +1,158 @@
+"""Default CPU schedules from rules, for kernels that neither a tuning record nor a transferred
+schedule covers (DLight-style: no search, no timing, the same schedule every build).
+
+Before these rules such kernels compiled as naive loops: one thread, no vectors. Which kernels:
+elementwise and layout kernels (a transpose, a masked add) that the transfer leaves alone,
+and reductions with no record of their kind to borrow from (a new normalisation, a sum).
+The rules, tried in order:
+
+- TVM's own DLight CPU rules: ``GEMV`` (matrix-vector) and ``Reduction`` (softmax, layer
+  norm: the batch axes in parallel, the injective parts vectorised);
+- :class:`Injective`: every block inlined into the last one, its loops fused into one, cut
+  into a vector-wide inner loop and a parallel outer one;
+- :class:`SpatialParallel`: for anything else with a reduction (a matmul or conv of a new
+  kind), producers and consumers inlined where they can be, and the leading spatial loops
+  of each remaining block fused and run in parallel.
+
+Every rule schedule is checked against the naive kernel like a tuned record
+(:mod:`pipeline.tuning.kernel_check`) before a build uses it.
+"""
+
+from __future__ import annotations
+
+# Below this many output elements a parallel loop costs more than it saves: waking the
+# thread pool takes a few microseconds, a vectorised pass over 4096 floats about one.
+MIN_PARALLEL_ELEMENTS = 4096
+
+
+def _vector_lanes(target, bits: int) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // max(bits, 8), 2)
+
+
+def _largest_divisor(extent: int, limit: int) -> int:
+    for factor in range(min(limit, extent), 1, -1):
+        if extent % factor == 0:
+            return factor
+    return 1
+
+
+def _const(sch, loop) -> int | None:
+    from tvm import tirx
+
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _rules():
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base.common_schedules import try_inline
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    def output_bits(sch, block) -> int:
+        writes = sch.get(block).writes
+        return writes[0].source.dtype.bits if writes else 32
+
+    class Injective(CPUScheduleRule):
+        """Kernels without a reduction: one fused loop, vector-wide inside, parallel outside
+        where the kernel is large enough to pay for waking the threads."""
+
+        def apply(self, func, target, _):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos or not all(info.is_injective() for info in infos):
+                return None
+            for info in try_inline(sch, infos):
+                loops = sch.get_loops(info.block_rv)
+                if not loops:
+                    continue
+                fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+                extent = _const(sch, fused)
+                if extent is None:
+                    return None
+                lanes = _largest_divisor(extent, _vector_lanes(target, output_bits(
+                    sch, info.block_rv)))
+                outer = fused
+                if lanes > 1:
+                    outer, inner = sch.split(fused, [extent // lanes, lanes])
+                    sch.vectorize(inner)
+                if extent >= MIN_PARALLEL_ELEMENTS:
+                    sch.parallel(outer)
+            return sch
+
+    class SpatialParallel(CPUScheduleRule):
+        """Anything with a reduction that the other rules do not take: the leading spatial
+        loops of each block (after inlining what inlines) fused into one parallel loop."""
+
+        def apply(self, func, target, _):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            parallel = False
+            for info in try_inline(sch, infos):
+                leading = len(info.dom_kind()) - len(info.dom_kind().lstrip("S"))
+                loops = sch.get_loops(info.block_rv)[:leading]
+                if not loops:
+                    continue
+                fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+                if (_const(sch, fused) or 0) > 1:
+                    sch.parallel(fused)
+                    parallel = True
+            return sch if parallel else None
+
+    return Injective, SpatialParallel
+
+
+def rule_schedule(func, target):
+    """``(rule name, scheduled PrimFunc)`` by the first rule that applies to ``func``, or
+    None where none does."""
+    from tvm.s_tir import dlight as dl
+
+    injective, spatial_parallel = _rules()
+    with target:
+        for rule in (dl.cpu.GEMV(), dl.cpu.Reduction(), injective(), spatial_parallel()):
+            sch = rule.apply(func, target, False)
+            if isinstance(sch, list):
+                sch = sch[0] if sch else None
+            if sch is not None:
+                return type(rule).__name__, sch.mod["main"]
+    return None
+
+
+def schedule_by_rules(mod, target, names, check: bool = True):
+    """Schedule the PrimFuncs ``names`` of ``mod`` by :func:`rule_schedule`, each checked
+    against its naive self. Returns ``(mod, {name: rule}, {name: why it kept naive loops})``.
+    Kernels that read by index (gathers) are left out: random inputs cannot check them."""
+    from pipeline.tuning.kernel_check import first_agreeing, reads_by_index
+
+    funcs = {gvar.name_hint: (gvar, func) for gvar, func in mod.functions_items()
+             if gvar.name_hint in set(names)}
+    naive, candidates, rules, why_not = {}, {}, {}, {}
+    for name, (_, func) in sorted(funcs.items()):
+        if reads_by_index(func):
+            why_not[name] = ("reads by index (a gather): random inputs cannot check a "
+                             "schedule for it")
+            continue
+        ruled = rule_schedule(func, target)
+        if ruled is None:
+            why_not[name] = "no default rule applies"
+            continue
+        rules[name], scheduled = ruled
+        naive[name] = func
+        candidates[name] = [lambda f=scheduled: f]
+    if not candidates:
+        return mod, {}, why_not
+    chosen, failed = first_agreeing(naive, candidates, target, check=check, stage="compile")
+    for name, why in failed.items():
+        why_not[name] = f"the {rules[name]} rule's schedule: {why}"
+    for name, (_, func) in chosen.items():
+        mod[funcs[name][0]] = func.with_attr("tirx.is_scheduled", True)
+    return mod, {name: rules[name] for name in chosen}, why_not

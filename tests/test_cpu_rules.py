@@ -1,0 +1,100 @@
+"""Default CPU schedules from rules (pipeline.compiler.cpu_rules): kernels that neither a
+tuning record nor a transferred schedule covers run parallel and vectorised instead of as
+naive loops, checked against the naive kernel."""
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.compiler import cpu_rules
+from pipeline.core.targets import get_target, tvm_target
+from pipeline.tuning.kernel_check import _build, _random_args, _run
+
+
+def _lowered(nodes, inputs, outputs, initializers=()):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.lowering import graph_cleanup, lower_for_target
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    target = tvm_target(get_target("cpu"))
+    return lower_for_target(graph_cleanup()(from_onnx(model, keep_params_in_input=False)),
+                            target, "float32", ""), target
+
+
+def _kernels(mod) -> dict:
+    from tvm import tirx
+
+    return {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _transpose_add_sum():
+    """A transpose + add (a layout kernel, no reduction) and a sum over the last axis."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]),
+             helper.make_node("Add", ["t", "y"], ["a"]),
+             helper.make_node("ReduceSum", ["a", "axes"], ["s"], keepdims=0),
+             helper.make_node("Gather", ["table", "ids"], ["g"], axis=0)]
+    inputs = [helper.make_tensor_value_info("x", f, [1, 32, 64, 48]),
+              helper.make_tensor_value_info("y", f, [1, 64, 32, 48]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, [8])]
+    outputs = [helper.make_tensor_value_info("s", f, [1, 64, 32]),
+               helper.make_tensor_value_info("g", f, [8, 16])]
+    table = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    return _lowered(nodes, inputs, outputs, [
+        numpy_helper.from_array(np.array([3], np.int64), "axes"),
+        numpy_helper.from_array(table, "table")])
+
+
+def test_a_layout_kernel_gets_a_parallel_vectorised_schedule_that_computes_the_same():
+    mod, target = _transpose_add_sum()
+    kernels = _kernels(mod)
+    (name,) = [n for n in kernels if "transpose" in n]
+    rule, func = cpu_rules.rule_schedule(kernels[name], target)
+    assert rule == "Injective"
+    script = func.script()
+    assert "T.parallel" in script and "T.vectorized" in script
+    assert "T.parallel" not in kernels[name].script()  # naive before
+    args = _random_args(kernels[name], 1)
+    want = _run(_build({name: kernels[name]}, target), name, args)
+    got = _run(_build({name: func}, target), name, args)
+    np.testing.assert_array_equal(got[-1], want[-1])
+
+
+def test_rules_schedule_what_is_left_checked_and_gathers_keep_naive_loops_saying_why():
+    mod, target = _transpose_add_sum()
+    names = sorted(_kernels(mod))
+    scheduled, by_rule, why_not = cpu_rules.schedule_by_rules(mod, target, names)
+    gathers = [n for n in names if "take" in n]
+    assert gathers and set(why_not) == set(gathers)
+    assert all("gather" in why_not[n] for n in gathers)
+    assert set(by_rule) == set(names) - set(gathers)
+    sums = [n for n in by_rule if "sum" in n]
+    assert sums and all(by_rule[n] in ("Reduction", "SpatialParallel") for n in sums)
+    for name in by_rule:
+        func = _kernels(scheduled)[name]
+        assert bool(func.attrs["tirx.is_scheduled"])
+        if "transpose" in name or "sum" in name:  # the large ones (small ones stay serial)
+            assert "T.parallel" in func.script()
+
+
+def test_a_wrong_rule_schedule_is_refused_by_the_check(monkeypatch):
+    """The kernel check stands behind the rules too: a schedule computing something else
+    (here: the kernel of another function) is refused and the kernel keeps naive loops."""
+    mod, target = _transpose_add_sum()
+    kernels = _kernels(mod)
+    (name,) = [n for n in kernels if "transpose" in n]
+    from tvm.script import from_source
+
+    right = cpu_rules.rule_schedule(kernels[name], target)[1].script().splitlines()
+    (store,) = [i for i, line in enumerate(right) if "T.reads" not in line and " = x[" in line]
+    right[store] += " * T.float32(2)"  # the same loops, twice the value
+    wrong = from_source("\n".join(right))
+
+    def swapped(func, target):
+        return "Injective", wrong
+
+    monkeypatch.setattr(cpu_rules, "rule_schedule", swapped)
+    _, by_rule, why_not = cpu_rules.schedule_by_rules(mod, target, [name])
+    assert not by_rule and "Injective" in why_not[name]
