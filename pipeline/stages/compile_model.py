@@ -141,7 +141,8 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     if report["untuned"]:
         hand = set(report.get("rule_scheduled", ()))
         moved = set(report.get("transferred", {}))
-        rest = [k for k in report["untuned"] if k not in hand | moved]
+        ruled = set(report.get("default_rules", {}))
+        rest = [k for k in report["untuned"] if k not in hand | moved | ruled]
         how = ("naive loops" if report["untuned_scheduler"] == UNTUNED_SCHEDULERS["rules"][0]
                else f"{report['untuned_scheduler']} schedules")
         parts = [f"{', '.join(rest)} use {how}"] if rest else []
@@ -150,6 +151,8 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
         if moved:
             parts.append(f"{len(moved)} use a schedule transferred from another kernel's "
                          "record")
+        if ruled:
+            parts.append(f"{len(ruled)} use a default schedule from rules")
         print(f"compile: WARNING {len(report['untuned'])} of "
               f"{len(report['untuned']) + len(report['tuned'])} kernels have no tuning record: "
               f"{'; '.join(parts)}. Tune them with `doit build:<artifact> tune=missing` (see "
@@ -172,7 +175,8 @@ def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None =
     """Schedules for CPU kernels that have no tuning record: the project's hand schedule for
     its own kernels (the block-wise dequantize-matmul), then for the others a schedule
     transferred from a record of a kernel of the same kind (:mod:`pipeline.tuning.transfer`,
-    checked against naive loops); what none fits keeps naive loops.
+    checked against naive loops), then a default schedule from rules for what is left
+    (:mod:`pipeline.compiler.cpu_rules`, checked too); what none fits keeps naive loops.
     Returns ``(mod, report fields)``."""
     from tvm import tirx
 
@@ -215,7 +219,8 @@ def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None =
 UNTUNED_SCHEDULERS = {
     "none": ("none (naive loops)", None),
     "rules": ("rules (the project's hand schedules for its own kernels: dequantize-matmul; "
-              "schedules transferred from records of kernels of the same kind for the rest; "
+              "schedules transferred from records of kernels of the same kind for the rest, "
+              "then default schedules from rules; "
               "naive loops where none fits)", _rule_schedule),
     "dlight": ("dlight", _dlight_schedule),
 }
