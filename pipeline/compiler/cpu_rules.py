@@ -119,7 +119,10 @@ def rule_schedule(func, target):
     injective, spatial_parallel = _rules()
     with target:
         for rule in (dl.cpu.GEMV(), dl.cpu.Reduction(), injective(), spatial_parallel()):
-            sch = rule.apply(func, target, False)
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001  (a rule that cannot take this kernel: the next)
+                continue
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
             if sch is not None:
