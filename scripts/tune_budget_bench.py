@@ -23,6 +23,11 @@ timed side by side compare. ``--measure-only`` times the databases an earlier ru
         --minutes 5,10 --out /tmp/tune_budget
     TVM_NUM_THREADS=2 python scripts/tune_budget_bench.py --models squeezenet \
         --minutes 5,10 --out /tmp/tune_budget --measure-only
+    # the project's tuner again (changed), stock MetaSchedule's databases kept from before:
+    TVM_NUM_THREADS=2 python scripts/tune_budget_bench.py --models bert_mini \
+        --minutes 5,10 --out /tmp/tune_budget --tune guided
+    # rows (a) and (b) only, no tuning:
+    TVM_NUM_THREADS=2 python scripts/tune_budget_bench.py --models shufflenet --minutes ""
 """
 
 from __future__ import annotations
@@ -227,16 +232,18 @@ LABELS = {True: "prior-guided", False: "stock MetaSchedule"}
 
 
 def bench_model(name: str, minutes: list[float], trials: int, repeat: int,
-                scratch: Path, keep: Path, tune: bool = True) -> list[dict]:
-    """Tune (unless ``tune`` is False and ``keep`` holds the snapshots of an earlier run),
-    then build every variant and time them all round-robin with onnxruntime."""
+                scratch: Path, keep: Path, tune: tuple[str, ...] = ("guided", "stock")
+                ) -> list[dict]:
+    """Tune with the tuners named in ``tune`` (the others' snapshots are those an earlier
+    run left in ``keep``), then build every variant and time them all round-robin with
+    onnxruntime."""
     import tvm
 
     print(f"== {name}", flush=True)
     onnx_path, mod, feed = _source_and_import(name, scratch)
     for guided in (True, False):
         where = keep / ("guided" if guided else "stock")
-        if tune:
+        if ("guided" if guided else "stock") in tune and minutes:
             shutil.rmtree(where, ignore_errors=True)
             _tune_for(mod, minutes, guided, scratch, trials, where)
     builds = {"untuned (naive)": (None, False), "tune=off (transferred)": (None, True)}
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="squeezenet,bert_mini",
                         help="comma-separated: bert_mini or light zoo names (squeezenet, "
                         "shufflenet, inception_v1, ...)")
-    parser.add_argument("--minutes", default="5,10", help="budget marks, cumulative")
+    parser.add_argument("--minutes", default="5,10", help="budget marks, cumulative; "
+                        "\"\" for no tuning (rows (a) and (b) only)")
     parser.add_argument("--trials", type=int, default=64, help="trials per task (cap)")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", type=Path, help="rows.json, table.md and the tuned "
@@ -286,10 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-only", action="store_true",
                         help="no tuning: build and time the databases an earlier run left "
                         "in --out")
+    parser.add_argument("--tune", default="guided,stock",
+                        help="which tuners run (guided, stock); the other's databases are "
+                        "those an earlier run left in --out")
     args = parser.parse_args(argv)
-    if args.measure_only and not args.out:
-        parser.error("--measure-only needs --out (where the earlier run kept its databases)")
-    minutes = sorted(float(m) for m in args.minutes.split(","))
+    tuners = () if args.measure_only else tuple(t for t in args.tune.split(",") if t)
+    if set(tuners) - {"guided", "stock"}:
+        parser.error("--tune takes guided, stock or both, comma-separated")
+    if len(tuners) < 2 and not args.out:
+        parser.error("--measure-only and --tune with one tuner need --out (where the earlier "
+                     "run kept the other databases)")
+    minutes = sorted(float(m) for m in args.minutes.split(",") if m.strip())
     rows = []
     with tempfile.TemporaryDirectory(prefix="tune-budget-") as scratch:
         for name in args.models.split(","):
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             model_scratch.mkdir()
             keep = (args.out or Path(scratch)) / name
             rows += bench_model(name, minutes, args.trials, args.repeat, model_scratch, keep,
-                                tune=not args.measure_only)
+                                tune=tuners)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "rows.json").write_text(json.dumps(rows, indent=2))

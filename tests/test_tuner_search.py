@@ -76,7 +76,8 @@ def test_the_warm_model_is_cached_by_the_records_it_learned(tmp_path, committed_
 @pytest.mark.slow
 def test_focus_rounds_stop_a_task_that_stopped_improving(tmp_path):
     """A 16x16 matmul is tuned out within a few dozen trials: the stop rule ends it long
-    before its 200 trials, and every round reports the model estimate and time left."""
+    before its 200 trials (after one more go in longer rounds: a first stop with budget left
+    is not final), and every round reports the model estimate and time left."""
     from test_tune import target, tiny_module
 
     messages: list[str] = []
@@ -88,6 +89,9 @@ def test_focus_rounds_stop_a_task_that_stopped_improving(tmp_path):
     rounds = [m for m in messages if m.startswith("tune: round ")]
     assert any("coarse pass done: model estimate" in m for m in messages), messages
     assert rounds and "stopped: < 5% in 2 rounds" in rounds[-1], rounds
+    (revival,) = [i for i, m in enumerate(messages) if "go on once more" in m]
+    stops = [i for i, m in enumerate(messages) if "stopped: < 5% in 2 rounds" in m]
+    assert len(stops) == 2 and stops[0] < revival < stops[1], messages
     assert all("model estimate" in r and " s left" in r for r in rounds)
     assert outcome.complete and outcome.trials < 200
     (plan,) = outcome.plans

@@ -65,8 +65,10 @@ class TuneBudget:
     # Hierarchical: a coarse pass gives every task up to ``coarse_trials``, then rounds of
     # ``round_trials`` go to the task with the largest measured share of model latency,
     # until a task's best has improved by less than ``min_gain`` for ``patience`` rounds
-    # in a row (it stops) or reaches ``trials_per_task``. 0 coarse trials: each task takes
-    # its whole budget in turn (stock MetaSchedule's way).
+    # in a row (it stops) or reaches ``trials_per_task``. When every task has stopped and
+    # budget is left, the stopped tasks go on once more in rounds twice as long; a second
+    # stop is final. 0 coarse trials: each task takes its whole budget in turn (stock
+    # MetaSchedule's way).
     coarse_trials: int = 16
     round_trials: int = 16
     patience: int = 2
@@ -796,16 +798,32 @@ class _Run:
                       f"stops after {budget.patience} rounds gaining < "
                       f"{budget.min_gain * 100:g}%)")
         stale = dict.fromkeys((p.name for p in active), 0)
+        resting: list[TaskPlan] = []  # stopped once by the stop rule, with trials left
+        revived: set[str] = set()  # stopped once and back: the next stop is final
         rounds = 0
-        while active:
+        while active or resting:
             seconds_left, trials_left = self._left()
             if seconds_left <= 0 or trials_left <= 0:
-                self.progress(f"tune: budget spent in the focus rounds; {len(active)} task(s) "
-                              "could still improve (tune=extend continues them)")
+                self.progress(f"tune: budget spent in the focus rounds; "
+                              f"{len(active) + len(resting)} task(s) could still improve "
+                              "(tune=extend continues them)")
                 return
+            if not active:
+                # A first stop moves a task to the back of the line; it does not end the
+                # run. With every task stopped and budget left, the stopped ones go on once
+                # more by share, in rounds twice as long (measured on bert-mini: every task
+                # stopped with 270 of 600 s left, its heaviest kernel 17% slower than stock
+                # MetaSchedule's after 64 trials in one go).
+                active, resting = resting, []
+                revived.update(p.name for p in active)
+                stale = dict.fromkeys((p.name for p in active), 0)
+                self.progress(f"tune: every task stopped with {seconds_left:.0f} s left: "
+                              f"{len(active)} task(s) with trials left go on once more, by "
+                              f"share, in rounds of {2 * budget.round_trials}")
             rank_by_measured_share(self.outcome.plans)
             p = max(active, key=lambda t: t.share)
-            n = min(budget.round_trials, self.wanted[p.name] - self.done[p.name], trials_left)
+            round_trials = budget.round_trials * (2 if p.name in revived else 1)
+            n = min(round_trials, self.wanted[p.name] - self.done[p.name], trials_left)
             before = p.best_us
             rounds += 1
             _, cut_short = self._measure(p, budget.seed + rounds, budget.builder_timeout, n)
@@ -818,6 +836,8 @@ class _Run:
                 why = f"its {self.wanted[p.name]} trials done"
             if why:
                 active.remove(p)
+                if self.done[p.name] < self.wanted[p.name] and p.name not in revived:
+                    resting.append(p)
             self.progress(
                 f"tune: round {rounds}: {p.name} ({p.share * 100:.1f}%) best {_time(before)} -> "
                 f"{_time(p.best_us)}; model estimate {_estimate_text(self.outcome.plans)}; "
