@@ -6,21 +6,16 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.compiler import cpu_rules
-from pipeline.core.targets import get_target, tvm_target
 from pipeline.tuning.kernel_check import _build, _random_args, _run
 
 
 def _lowered(nodes, inputs, outputs, initializers=()):
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from pipeline.compiler.lowering import graph_cleanup, lower_for_target
+    from test_transfer import _lowered as lowered
 
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    target = tvm_target(get_target("cpu"))
-    return lower_for_target(graph_cleanup()(from_onnx(model, keep_params_in_input=False)),
-                            target, "float32", ""), target
+    return lowered(model)
 
 
 def _kernels(mod) -> dict:
