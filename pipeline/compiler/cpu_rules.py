@@ -23,6 +23,9 @@ from __future__ import annotations
 # Below this many output elements a parallel loop costs more than it saves: waking the
 # thread pool takes a few microseconds, a vectorised pass over 4096 floats about one.
 MIN_PARALLEL_ELEMENTS = 4096
+# Kernels of fewer loop iterations (all blocks) keep naive loops: ~20 us at most, less than
+# the two builds that would check a schedule for them cost at compile time.
+MIN_ITERATIONS = 1 << 14
 
 
 def _vector_lanes(target, bits: int) -> int:
@@ -130,10 +133,36 @@ def rule_schedule(func, target):
     return None
 
 
+def iterations(func) -> int | None:
+    """Loop iterations of a naive kernel, summed over its blocks (None: symbolic extents)."""
+    import math
+
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    total = 0
+
+    def walk(block):
+        nonlocal total
+        for child in sch.get_child_blocks(block):
+            extents = [_const(sch, loop) for loop in sch.get_loops(child)]
+            if None in extents:
+                raise ValueError("symbolic extent")
+            total += math.prod(extents)
+            walk(child)
+
+    try:
+        walk(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001  (symbolic shapes, no root block)
+        return None
+    return total
+
+
 def schedule_by_rules(mod, target, names, check: bool = True):
     """Schedule the PrimFuncs ``names`` of ``mod`` by :func:`rule_schedule`, each checked
     against its naive self. Returns ``(mod, {name: rule}, {name: why it kept naive loops})``.
-    Kernels that read by index (gathers) are left out: random inputs cannot check them."""
+    Left out: kernels that read by index (gathers: random inputs cannot check them) and
+    kernels under :data:`MIN_ITERATIONS` loop iterations."""
     from pipeline.tuning.kernel_check import first_agreeing, reads_by_index
 
     funcs = {gvar.name_hint: (gvar, func) for gvar, func in mod.functions_items()
@@ -143,6 +172,10 @@ def schedule_by_rules(mod, target, names, check: bool = True):
         if reads_by_index(func):
             why_not[name] = ("reads by index (a gather): random inputs cannot check a "
                              "schedule for it")
+            continue
+        work = iterations(func)
+        if work is not None and work < MIN_ITERATIONS:
+            why_not[name] = f"too small to gain from a schedule ({work} loop iterations)"
             continue
         ruled = rule_schedule(func, target)
         if ruled is None:
