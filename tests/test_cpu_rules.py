@@ -69,7 +69,7 @@ def test_rules_schedule_what_is_left_checked_and_gathers_keep_naive_loops_saying
                          for n in small)
     big = [n for n in names if "transpose" in n or "sum" in n]
     assert len(big) == 2 and set(big) <= set(by_rule)
-    assert by_rule[next(n for n in big if "sum" in n)] in ("Reduction", "SpatialParallel")
+    assert by_rule[next(n for n in big if "sum" in n)] == "TiledReduction"
     for name in big:
         func = _kernels(scheduled)[name]
         assert bool(func.attrs["tirx.is_scheduled"]) and "T.parallel" in func.script()
@@ -94,3 +94,30 @@ def test_a_wrong_rule_schedule_is_refused_by_the_check(monkeypatch):
     monkeypatch.setattr(cpu_rules, "rule_schedule", swapped)
     _, by_rule, why_not = cpu_rules.schedule_by_rules(mod, target, [name])
     assert not by_rule and "Injective" in why_not[name]
+
+
+def test_a_grouped_conv_no_record_covers_gets_a_tiled_vectorised_reduction():
+    """A grouped 1x1 conv with bias and ReLU (shufflenet's kind: no committed record has its
+    blocks): the reduction runs inside the spatial loops with a 16-wide vector tile of
+    output channels, and computes what the naive kernel does."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 16, 1, 1)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    f = TensorProto.FLOAT
+    mod, target = _lowered(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=4),
+         helper.make_node("Relu", ["c"], ["y"])],
+        [helper.make_tensor_value_info("x", f, [1, 64, 14, 14])],
+        [helper.make_tensor_value_info("y", f, [1, 64, 14, 14])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    kernels = _kernels(mod)
+    (name,) = [n for n in kernels if "conv2d" in n]
+    rule, func = cpu_rules.rule_schedule(kernels[name], target)
+    assert rule == "TiledReduction"
+    script = func.script()
+    assert "T.parallel" in script and "T.vectorized(T.int64(16))" in script
+    assert "_update" in script  # the reduction's init split off: the tile accumulates
+    args = _random_args(kernels[name], 2)
+    want = _run(_build({name: kernels[name]}, target), name, args)
+    got = _run(_build({name: func}, target), name, args)
+    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)

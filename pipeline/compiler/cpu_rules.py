@@ -6,8 +6,13 @@ elementwise and layout kernels (a transpose, a masked add) that the transfer lea
 and reductions with no record of their kind to borrow from (a new normalisation, a sum).
 The rules, tried in order:
 
-- TVM's own DLight CPU rules: ``GEMV`` (matrix-vector) and ``Reduction`` (softmax, layer
-  norm: the batch axes in parallel, the injective parts vectorised);
+- TVM's DLight CPU rule ``GEMV`` (matrix-vector);
+- :class:`TiledReduction`: one reduction after its spatial loops (a conv or matmul of a kind
+  no record covers): reduction loops inside, a 4 x vector-wide register tile innermost,
+  outer spatial loops parallel (measured on the zoo's shufflenet, whose grouped convs no
+  record covers: 39 -> 25 ms a run, 2 threads);
+- DLight's CPU ``Reduction`` (softmax, layer norm: the batch axes in parallel, the injective
+  parts vectorised);
 - :class:`Injective`: every block inlined into the last one, its loops fused into one, cut
   into a vector-wide inner loop and a parallel outer one;
 - :class:`SpatialParallel`: for anything else with a reduction (a matmul or conv of a new
@@ -88,6 +93,63 @@ def _rules():
                     sch.parallel(outer)
             return sch
 
+    class TiledReduction(CPUScheduleRule):
+        """One reduction block with its spatial loops first (a conv or matmul of a kind no
+        record covers, e.g. NCHW grouped convs): the reduction loops moved inside the
+        spatial ones, with a register tile innermost (the last spatial axis, contiguous in
+        the output, vector-wide; the one before it 4 wide, unrolled), the outer spatial
+        loops fused and parallel, elementwise consumers computed per parallel chunk."""
+
+        def apply(self, func, target, _):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            rest = try_inline(sch, infos)
+            reductions = [i for i in rest if not i.is_injective()]
+            if len(reductions) != 1:
+                return None
+            (red,) = reductions
+            kind = red.dom_kind()
+            spatial = len(kind) - len(kind.lstrip("S"))
+            if spatial < 2 or kind[spatial:].strip("R") or rest.index(red) != 0:
+                return None  # not spatial-then-reduction, or work before the reduction
+            loops = sch.get_loops(red.block_rv)
+            extents = [_const(sch, loop) for loop in loops]
+            if None in extents:
+                return None
+            lanes = _largest_divisor(extents[spatial - 1], _vector_lanes(
+                target, output_bits(sch, red.block_rv)))
+            rows = _largest_divisor(extents[spatial - 2], 4)
+            if lanes < 4:
+                return None
+            row_out, row_in = sch.split(loops[spatial - 2], [extents[spatial - 2] // rows,
+                                                             rows])
+            col_out, col_in = sch.split(loops[spatial - 1], [extents[spatial - 1] // lanes,
+                                                             lanes])
+            outer = [*loops[:spatial - 2], row_out, col_out]
+            sch.reorder(*outer, *loops[spatial:], row_in, col_in)
+            fused = sch.fuse(*outer)
+            sch.parallel(fused)
+            sch.unroll(row_in)
+            sch.vectorize(col_in)
+            init = sch.decompose_reduction(red.block_rv, loops[spatial])
+            sch.vectorize(sch.get_loops(init)[-1])
+            for info in rest[1:]:  # the epilogue, per parallel chunk
+                sch.reverse_compute_at(info.block_rv, fused)
+                inner = sch.get_loops(info.block_rv)[1:]
+                if inner:
+                    last = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+                    extent = _const(sch, last)
+                    width = _largest_divisor(extent or 1, _vector_lanes(
+                        target, output_bits(sch, info.block_rv)))
+                    if width > 1:
+                        _, vec = sch.split(last, [extent // width, width])
+                        sch.vectorize(vec)
+            return sch
+
     class SpatialParallel(CPUScheduleRule):
         """Anything with a reduction that the other rules do not take: the leading spatial
         loops of each block (after inlining what inlines) fused into one parallel loop."""
@@ -111,7 +173,7 @@ def _rules():
                     parallel = True
             return sch if parallel else None
 
-    return Injective, SpatialParallel
+    return Injective, TiledReduction, SpatialParallel
 
 
 def rule_schedule(func, target):
@@ -119,9 +181,12 @@ def rule_schedule(func, target):
     None where none does."""
     from tvm.s_tir import dlight as dl
 
-    injective, spatial_parallel = _rules()
+    injective, tiled_reduction, spatial_parallel = _rules()
     with target:
-        for rule in (dl.cpu.GEMV(), dl.cpu.Reduction(), injective(), spatial_parallel()):
+        # the tiled rule before DLight's Reduction, which would take a conv with an
+        # epilogue too (parallel, but a scalar reduction)
+        for rule in (dl.cpu.GEMV(), tiled_reduction(), dl.cpu.Reduction(), injective(),
+                     spatial_parallel()):
             try:
                 sch = rule.apply(func, target, False)
             except Exception:  # noqa: BLE001  (a rule that cannot take this kernel: the next)
