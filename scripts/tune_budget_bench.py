@@ -4,7 +4,9 @@ For models the committed logs have never seen, in one run on 2 threads, against
 onnxruntime (same threads, same process, timed alternately):
 
 - (a) untuned: every kernel as TVM lowers it (naive loops; what a build was before transfer),
-- (b) ``tune=off``: kernels borrow the schedule of a recorded kernel of their kind,
+- rules only: no logs to borrow from, every kernel on the default rules (cpu_rules),
+- (b) ``tune=off``: kernels borrow the schedule of a recorded kernel of their kind, the rest
+  get the default rules,
 - (c) tuned for each budget (minutes, cumulative within one run), twice from a fresh copy of
   the committed CPU logs: the project's tuner (seeds from kernels of the same kind, a cost
   model warm-started on the logs, coarse pass then focus rounds with a stop rule) and stock
@@ -155,16 +157,24 @@ class _Timer:
         return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def _build(mod, db_dir: Path | None, transfer: bool):
-    """(vm, seconds to build): the compile stage's lowering and scheduling, then tvm.compile."""
+def _build(mod, db_dir: Path | None, transfer: bool | None):
+    """(vm, seconds to build): the compile stage's lowering and scheduling, then tvm.compile.
+    ``transfer`` None: lowered only, every kernel naive loops (the build before transferred
+    schedules and rules)."""
     import tvm
     from tvm import relax
 
+    from pipeline.compiler.lowering import lower_for_target
+    from pipeline.core.targets import get_target, tvm_target
     from pipeline.stages.compile_model import lower_and_schedule
 
     start = time.monotonic()
-    scheduled, target, _ = lower_and_schedule(mod, "cpu", "float32", db_dir, "",
-                                              CPU_LOGS if transfer else None)
+    if transfer is None:
+        target = tvm_target(get_target("cpu"))
+        scheduled = lower_for_target(mod, target, "float32", "")
+    else:
+        scheduled, target, _ = lower_and_schedule(mod, "cpu", "float32", db_dir, "",
+                                                  CPU_LOGS if transfer else None)
     executable = tvm.compile(scheduled, target=target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm, time.monotonic() - start
@@ -246,7 +256,8 @@ def bench_model(name: str, minutes: list[float], trials: int, repeat: int,
         if ("guided" if guided else "stock") in tune and minutes:
             shutil.rmtree(where, ignore_errors=True)
             _tune_for(mod, minutes, guided, scratch, trials, where)
-    builds = {"untuned (naive)": (None, False), "tune=off (transferred)": (None, True)}
+    builds = {"untuned (naive)": (None, None), "rules only (no logs)": (None, False),
+              "tune=off (transferred + rules)": (None, True)}
     for guided in (True, False):
         where = keep / ("guided" if guided else "stock")
         for m in minutes:

@@ -25,6 +25,9 @@ Every rule schedule is checked against the naive kernel like a tuned record
 
 from __future__ import annotations
 
+import math
+import re
+
 # Below this many output elements a parallel loop costs more than it saves: waking the
 # thread pool takes a few microseconds, a vectorised pass over 4096 floats about one.
 MIN_PARALLEL_ELEMENTS = 4096
@@ -52,6 +55,16 @@ def _const(sch, loop) -> int | None:
 
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _index_divisors(sch, block, spatial: int) -> list[int]:
+    """The constants the last spatial axis of ``block`` is divided by (or taken modulo) in
+    its reads: a grouped conv reads input channel ``c // 68 * 68 + rc``. A vector tile must
+    divide them, or one vector straddles two groups and its loads become gathers."""
+    stmt = sch.get(block)
+    var = stmt.iter_vars[spatial - 1].var.name
+    pattern = re.compile(rf"\b{re.escape(var)} (?://|%) T\.int64\((\d+)\)")
+    return [int(c) for read in stmt.reads for c in pattern.findall(str(read))]
 
 
 def _rules():
@@ -120,11 +133,13 @@ def _rules():
             extents = [_const(sch, loop) for loop in loops]
             if None in extents:
                 return None
-            lanes = _largest_divisor(extents[spatial - 1], _vector_lanes(
-                target, output_bits(sch, red.block_rv)))
-            rows = _largest_divisor(extents[spatial - 2], 4)
-            if lanes < 4:
+            lanes = _largest_divisor(
+                math.gcd(extents[spatial - 1], *_index_divisors(sch, red.block_rv, spatial)),
+                _vector_lanes(target, output_bits(sch, red.block_rv)))
+            if lanes < 2:
                 return None
+            # narrow vectors (a grouped conv's 34-channel groups: 2 lanes) get more rows
+            rows = _largest_divisor(extents[spatial - 2], max(4, 32 // lanes))
             row_out, row_in = sch.split(loops[spatial - 2], [extents[spatial - 2] // rows,
                                                              rows])
             col_out, col_in = sch.split(loops[spatial - 1], [extents[spatial - 1] // lanes,
