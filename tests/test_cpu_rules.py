@@ -24,6 +24,19 @@ def _kernels(mod) -> dict:
     return {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
+def _ruled(mod, target, part: str, rtol: float):
+    """The kernel of ``mod`` whose name holds ``part``, scheduled by its rule and checked
+    against its naive self here: ``(naive func, rule, scheduled script)``."""
+    kernels = _kernels(mod)
+    (name,) = [n for n in kernels if part in n]
+    rule, func = cpu_rules.rule_schedule(kernels[name], target)
+    args = _random_args(kernels[name], 1)
+    want = _run(_build({name: kernels[name]}, target), name, args)
+    got = _run(_build({name: func}, target), name, args)
+    np.testing.assert_allclose(got[-1], want[-1], rtol=rtol, atol=rtol)
+    return kernels[name], rule, func.script()
+
+
 def _transpose_add_sum():
     """A transpose + add (a layout kernel, no reduction) and a sum over the last axis."""
     f = TensorProto.FLOAT
@@ -44,17 +57,10 @@ def _transpose_add_sum():
 
 def test_a_layout_kernel_gets_a_parallel_vectorised_schedule_that_computes_the_same():
     mod, target = _transpose_add_sum()
-    kernels = _kernels(mod)
-    (name,) = [n for n in kernels if "transpose" in n]
-    rule, func = cpu_rules.rule_schedule(kernels[name], target)
+    naive, rule, script = _ruled(mod, target, "transpose", rtol=0)
     assert rule == "Injective"
-    script = func.script()
     assert "T.parallel" in script and "T.vectorized" in script
-    assert "T.parallel" not in kernels[name].script()  # naive before
-    args = _random_args(kernels[name], 1)
-    want = _run(_build({name: kernels[name]}, target), name, args)
-    got = _run(_build({name: func}, target), name, args)
-    np.testing.assert_array_equal(got[-1], want[-1])
+    assert "T.parallel" not in naive.script()
 
 
 def test_rules_schedule_what_is_left_checked_and_gathers_keep_naive_loops_saying_why():
@@ -110,14 +116,7 @@ def test_a_grouped_conv_no_record_covers_gets_a_tiled_vectorised_reduction():
         [helper.make_tensor_value_info("x", f, [1, 64, 14, 14])],
         [helper.make_tensor_value_info("y", f, [1, 64, 14, 14])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    kernels = _kernels(mod)
-    (name,) = [n for n in kernels if "conv2d" in n]
-    rule, func = cpu_rules.rule_schedule(kernels[name], target)
+    _, rule, script = _ruled(mod, target, "conv2d", rtol=1e-5)
     assert rule == "TiledReduction"
-    script = func.script()
     assert "T.parallel" in script and "T.vectorized(T.int64(16))" in script
     assert "_update" in script  # the reduction's init split off: the tile accumulates
-    args = _random_args(kernels[name], 2)
-    want = _run(_build({name: kernels[name]}, target), name, args)
-    got = _run(_build({name: func}, target), name, args)
-    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)

@@ -77,15 +77,22 @@ def _rules():
         writes = sch.get(block).writes
         return writes[0].source.dtype.bits if writes else 32
 
-    class Injective(CPUScheduleRule):
+    class Rule(CPUScheduleRule):
+        """A CPU rule's common start: the kernel's schedule and its blocks in normal form
+        (None: not a PrimFunc, not a CPU target, or no normal form)."""
+
+        def start(self, func, target):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None, None
+            sch = s_tir.Schedule(func)
+            return sch, normalize_prim_func(sch)
+
+    class Injective(Rule):
         """Kernels without a reduction: one fused loop, vector-wide inside, parallel outside
         where the kernel is large enough to pay for waking the threads."""
 
         def apply(self, func, target, _):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.start(func, target)
             if not infos or not all(info.is_injective() for info in infos):
                 return None
             for info in try_inline(sch, infos):
@@ -106,7 +113,7 @@ def _rules():
                     sch.parallel(outer)
             return sch
 
-    class TiledReduction(CPUScheduleRule):
+    class TiledReduction(Rule):
         """One reduction block with its spatial loops first (a conv or matmul of a kind no
         record covers, e.g. NCHW grouped convs): the reduction loops moved inside the
         spatial ones, with a register tile innermost (the last spatial axis, contiguous in
@@ -114,10 +121,7 @@ def _rules():
         loops fused and parallel, elementwise consumers computed per parallel chunk."""
 
         def apply(self, func, target, _):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.start(func, target)
             if not infos:
                 return None
             rest = try_inline(sch, infos)
@@ -165,15 +169,12 @@ def _rules():
                         sch.vectorize(vec)
             return sch
 
-    class SpatialParallel(CPUScheduleRule):
+    class SpatialParallel(Rule):
         """Anything with a reduction that the other rules do not take: the leading spatial
         loops of each block (after inlining what inlines) fused into one parallel loop."""
 
         def apply(self, func, target, _):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.start(func, target)
             if not infos:
                 return None
             parallel = False
