@@ -244,15 +244,14 @@ def schedule_by_rules(mod, target, names, check: bool = True):
     against its naive self. Returns ``(mod, {name: rule}, {name: why it kept naive loops})``.
     Left out: kernels that read by index (gathers: random inputs cannot check them) and
     kernels under :data:`MIN_ITERATIONS` loop iterations."""
-    from pipeline.tuning.kernel_check import first_agreeing, reads_by_index
+    from pipeline.tuning.kernel_check import GATHER_NOT_CHECKED, first_agreeing, reads_by_index
 
     funcs = {gvar.name_hint: (gvar, func) for gvar, func in mod.functions_items()
              if gvar.name_hint in set(names)}
     naive, candidates, rules, why_not = {}, {}, {}, {}
     for name, (_, func) in sorted(funcs.items()):
         if reads_by_index(func):
-            why_not[name] = ("reads by index (a gather): random inputs cannot check a "
-                             "schedule for it")
+            why_not[name] = GATHER_NOT_CHECKED
             continue
         work = iterations(func)
         if work is not None and work < MIN_ITERATIONS:

@@ -205,10 +205,9 @@ def _rule_schedule(mod, target, compute_dtype: str, transfer_logs: Path | None =
         print(f"compile: {len(by_rule)} kernel(s) got a default schedule from rules "
               "(parallel, vectorised)", flush=True)
     report = transfer.as_dict()
-    report["kept_naive"] = {name: report["kept_naive"][name] if still_naive[name] in
-                            report["kept_naive"][name] else
-                            f"{report['kept_naive'][name]}; {still_naive[name]}"
-                            for name in sorted(still_naive)}
+    # why neither the transfer nor the rules took a kernel (a gather: the same reason once)
+    report["kept_naive"] = {name: "; ".join(dict.fromkeys((report["kept_naive"][name], why)))
+                            for name, why in sorted(still_naive.items())}
     return mod, {"rule_scheduled": sorted(scheduled), **report,
                  "default_rules": dict(sorted(by_rule.items()))}
 

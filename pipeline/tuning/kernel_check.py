@@ -27,6 +27,10 @@ import numpy as np
 _INDEXED_LOAD = re.compile(r"\b\w+\[[^\]\n]*\b\w+\[")
 
 
+# Why a gather keeps the schedule it has, in every report that lists such kernels.
+GATHER_NOT_CHECKED = "reads by index (a gather): random inputs cannot check a schedule for it"
+
+
 def reads_by_index(workload) -> bool:
     """Whether a kernel (a PrimFunc or a module of one) reads a buffer at indices it loads
     from another buffer: random inputs would index out of bounds (a segfault), so neither

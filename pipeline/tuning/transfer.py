@@ -230,7 +230,8 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     ``(mod, TransferReport)``."""
     import shutil
 
-    from pipeline.tuning.kernel_check import first_agreeing, reads_by_index
+    from pipeline.tuning.kernel_check import (GATHER_NOT_CHECKED, first_agreeing,
+                                              reads_by_index)
 
     report = TransferReport()
     todo = _unscheduled(mod)
@@ -248,8 +249,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     for gvar, func in todo:
         name = gvar.name_hint
         if reads_by_index(func):
-            report.kept_naive[name] = ("reads by index (a gather): random inputs cannot check "
-                                       "a schedule for it")
+            report.kept_naive[name] = GATHER_NOT_CHECKED
             continue
         if not _has_reduction(func):
             # a borrowed trace on an elementwise/layout kernel gains little and can take LLVM
