@@ -358,6 +358,26 @@ def test_prefer_cpu_ranks_by_this_cpus_own_times(tmp_path):
     assert best_in_tvm(tmp_path / "all", 16) == pytest.approx([1e-6])  # without it
 
 
+def test_prefer_cpu_falls_back_in_order(tmp_path):
+    """The tuner ranks by this CPU's cold-weight times first, then by any time taken on this
+    CPU, then by all: hot and cold times are not comparable, another CPU's even less."""
+    from pipeline.tuning.tuner import COLD_TAG, ranking_cpus
+
+    cold = ZEN4 + COLD_TAG
+    assert ranking_cpus(cold) == (cold, ZEN4) and ranking_cpus(ZEN4) == (ZEN4,)
+    hot = _measured_on(make_db(tmp_path / "hot", [16, 32, 64],
+                               [(16, 4, [1e-6]), (32, 4, [1e-6])]), ZEN4)
+    measured_cold = _measured_on(make_db(tmp_path / "cold", [16], [(16, 2, [5e-6])]), cold)
+    xeon = _measured_on(make_db(tmp_path / "xeon", [32, 64],
+                                [(32, 2, [0.5e-6]), (64, 2, [7e-6])]), XEON)
+    report = tuning_log.merge([hot, measured_cold, xeon], tmp_path / "view",
+                              prefer_cpu=ranking_cpus(cold))
+    assert report.other_cpus_dropped == 2
+    assert best_in_tvm(tmp_path / "view", 16) == pytest.approx([5e-6])  # cold, though slower
+    assert best_in_tvm(tmp_path / "view", 32) == pytest.approx([1e-6])  # this CPU, hot
+    assert best_in_tvm(tmp_path / "view", 64) == pytest.approx([7e-6])  # only another's
+
+
 def test_top_k_is_per_cpu_and_the_committed_form_keeps_the_cpus(tmp_path):
     zen = _measured_on(make_db(tmp_path / "zen", [16], [(16, 1, [4e-6]), (16, 2, [2e-6])]),
                        ZEN4)

@@ -23,6 +23,7 @@ from pipeline.tuning.tuner import (
     estimated_latency_us,
     make_runner,
     measuring_cpu,
+    ranking_cpus,
     tune,
     valid_records,
     workload_stats,
@@ -123,8 +124,8 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
                   "untuned kernels get DLight schedules", flush=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             db_dir = Path(scratch) / "db"
-            _merge_logs([seed_logs, cache_dir], db_dir,
-                        prefer_cpu=measuring_cpu(target, runner=None))
+            _merge_logs([seed_logs, cache_dir], db_dir, prefer_cpu=ranking_cpus(
+                measuring_cpu(target, None, budget.cold_weights)))
             database = tuning_log.open_database(db_dir, report=_say)
             plans = plan_tasks(mod, target)
             for p in plans:
@@ -137,13 +138,15 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         with file_lock(cache_dir.parent / f".{cache_dir.name}.lock",
                        f"tuning cache {cache_dir}"):
             _merge_logs([seed_logs, cache_dir], cache_dir)
-            runner = make_runner(_rpc(config.rpc))
+            # no rpc=: tune() measures here, with the budget's cold_weights
+            runner = make_runner(_rpc(config.rpc)) if config.rpc else None
             outcome = tune(mod, target, cache_dir, budget, runner=runner, progress=_say)
             plans = outcome.plans
             with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
                 view = Path(scratch) / "db"
                 # rank each workload by this CPU's own measurements where it has any
-                _merge_logs([cache_dir], view, prefer_cpu=measuring_cpu(target, runner))
+                _merge_logs([cache_dir], view, prefer_cpu=ranking_cpus(
+                    measuring_cpu(target, runner, budget.cold_weights)))
                 verdicts = _publish_records(tuning_log.open_database(view, report=_say),
                                             plans, out_dir, target, verify)
     verdict = {v.name: v for v in verdicts}
@@ -223,7 +226,8 @@ def _verdict_fields(verdict, plan: TaskPlan) -> dict:
     return {"published_record": verdict.chosen_rank, "wrong_records": verdict.rejected}
 
 
-def _merge_logs(sources: list[Path], dest: Path, prefer_cpu: str | None = None) -> None:
+def _merge_logs(sources: list[Path], dest: Path,
+                prefer_cpu: tuple[str, ...] | None = None) -> None:
     report = tuning_log.merge(sources, dest, prefer_cpu=prefer_cpu)
     for problem in [*report.skipped, *report.warnings]:
         print(f"tune: WARNING {problem}", flush=True)

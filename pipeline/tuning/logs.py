@@ -372,7 +372,7 @@ def _target_class(target_json: str) -> str:
 
 
 def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None,
-          prefer_cpu: str | None = None) -> MergeReport:
+          prefer_cpu: str | tuple[str, ...] | None = None) -> MergeReport:
     """Merge MetaSchedule JSON databases into one, re-indexed, deduplicated and sorted.
 
     Workloads are identified by content (structural hash + serialized module), never by
@@ -400,10 +400,11 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None,
     keep_top_k : int, optional
         Keep at most this many records per workload and CPU, best first (failed ones are
         dropped first).
-    prefer_cpu : str, optional
-        A CPU identity: for every workload with a valid record measured on it, records
-        measured elsewhere are left out, so the fastest record is the fastest *here*
-        (MetaSchedule ranks by time alone). Workloads without such a record keep all.
+    prefer_cpu : str or tuple of str, optional
+        A CPU identity (or several, most wanted first): for every workload with a valid
+        record measured on it, records measured elsewhere are left out, so the fastest
+        record is the fastest *here* (MetaSchedule ranks by time alone). A workload with no
+        valid record of the first identity tries the next; one with none of any keeps all.
 
     Returns
     -------
@@ -413,6 +414,7 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None,
     if keep_top_k is not None and keep_top_k < 1:
         raise ValueError(f"keep_top_k must be >= 1 or None, got {keep_top_k}")
     report = MergeReport(dest=Path(dest), sources=[Path(s) for s in sources])
+    preferred = (prefer_cpu,) if isinstance(prefer_cpu, str) else tuple(prefer_cpu or ())
     workloads: dict[tuple[str, str], WorkloadEntry] = {}
     best: dict[tuple, RecordEntry] = {}  # (workload, trace, CPU) -> record
     targets: set[str] = set()
@@ -451,10 +453,11 @@ def merge(sources: list[Path], dest: Path, keep_top_k: int | None = None,
     for k in keys:
         ranked = sorted(per_workload[k], key=RecordEntry.sort_key)
         cpus = [cpu_of.get(r.digest, UNKNOWN_CPU) for r in ranked]
-        if prefer_cpu is not None and any(
-                c == prefer_cpu and r.valid for c, r in zip(cpus, ranked)):
-            report.other_cpus_dropped += sum(c != prefer_cpu for c in cpus)
-            ranked = [r for c, r in zip(cpus, ranked) if c == prefer_cpu]
+        for wanted in preferred:
+            if any(c == wanted and r.valid for c, r in zip(cpus, ranked)):
+                report.other_cpus_dropped += sum(c != wanted for c in cpus)
+                ranked = [r for c, r in zip(cpus, ranked) if c == wanted]
+                break
         if keep_top_k is not None:
             kept, per_cpu = [], {}
             for r in ranked:

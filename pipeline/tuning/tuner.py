@@ -86,13 +86,16 @@ class TuneBudget:
     # CPU first re-measures its best ``remeasure_top`` records here (another CPU's times
     # do not rank schedules for this one), then searches.
     remeasure_top: int = 4
+    # Measure CPU candidates with their weights out of the caches, as a kernel runs inside
+    # a model (see COLD_REPEATS); False: MetaSchedule's hot loop.
+    cold_weights: bool = True
 
     @classmethod
     def stock(cls, **kw) -> TuneBudget:
         """MetaSchedule as it comes: no seeds, no warm model, each task in turn."""
         return cls(**{"seed_from_kind": False, "warm_cost_model": False,
                       "coarse_trials": 0, "remeasure_top": 0, "population": 512,
-                      "persistent_builder": False, **kw})
+                      "persistent_builder": False, "cold_weights": False, **kw})
 
 
 @dataclass
@@ -288,11 +291,26 @@ def _cuda_worker() -> None:
 WORKER_INITIALIZERS = {"llvm": _cpu_worker, "cuda": _cuda_worker}
 
 
-def local_runner():
-    """MetaSchedule's LocalRunner whose workers die with the tuning process."""
+# Cold-weight measurement (the default for CPU targets, TuneBudget.cold_weights).
+# MetaSchedule's LocalRunner calls a kernel over and over for 100 ms, its weights hot in
+# L1/L2. Inside a model a kernel's weights arrive cold (the kernels before it evicted them)
+# and its input hot (the kernel before it wrote it). Measured on bert-mini's FFN matmul
+# (1 MiB of weights; AMD EPYC Zen 4, 2 threads): the two tuners' best schedules took 337
+# and 334 us hot, 473 and 409 us per call inside the model; with every argument but the
+# first flushed from the caches before each call (MetaSchedule's enable_cpu_cache_flush)
+# 593 and 468 us: the model's order, which the hot times had reversed.
+COLD_REPEATS = 10  # one call per repeat, each after a flush; the record keeps all ten
+COLD_TAG = ", weights cold"  # appended to the CPU identity of records measured so
+
+
+def local_runner(cold: bool = False):
+    """MetaSchedule's LocalRunner whose workers die with the tuning process; ``cold``:
+    measured with the weights out of the caches (see COLD_REPEATS)."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.LocalRunner(initializer=die_with_parent)
+    config = (ms.runner.EvaluatorConfig(number=1, repeat=COLD_REPEATS, min_repeat_ms=0,
+                                        enable_cpu_cache_flush=True) if cold else None)
+    return ms.runner.LocalRunner(evaluator_config=config, initializer=die_with_parent)
 
 
 def local_builder(kind: str, timeout: float, persistent: bool = False):
@@ -569,6 +587,9 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     dequant_matmul.register_tuning_rule()  # its search space is the project's template
     _workers_can_import_pipeline()
     run = _Run(database, db_dir, budget, outcome, progress, {p.name: wanted(p) for p in todo})
+    kind = todo[0].task.target.kind.name
+    # a GPU's buffers cannot be flushed from the host's caches: cold is for CPU targets
+    runner = runner or local_runner(cold=budget.cold_weights and kind == "llvm")
     here = measuring_cpu(todo[0].task.target, runner)
     first_new_line = _record_count(db_dir)
     if budget.warm_cost_model:
@@ -582,7 +603,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     try:
         with _StopOnSignal() as stop:
             run.stop = stop
-            run.runner = runner or local_runner()
+            run.runner = runner
             if budget.mode == "extend" and budget.remeasure_top and here:
                 run.remeasure_elsewhere_measured(todo, here)
             run.coarse_pass(todo)
@@ -609,17 +630,30 @@ def _time(us: float) -> str:
     return f"{us / 1000:.3g} ms" if us >= 1000 else f"{us:.3g} us"
 
 
-def measuring_cpu(target, runner) -> str | None:
-    """The CPU that measures ``target``'s candidates with ``runner`` (None: this machine):
-    this host's for a CPU target measured here; None (not recorded) for a GPU or a device
-    behind an RPC tracker."""
+def measuring_cpu(target, runner, cold_weights: bool = True) -> str | None:
+    """The CPU that measures ``target``'s candidates with ``runner``, and how: this host's
+    identity for a CPU target measured here, with COLD_TAG when the weights are flushed
+    before each call; None (not recorded) for a GPU or a device behind an RPC tracker.
+    ``runner`` None: the local runner :func:`tune` makes for a budget's ``cold_weights``."""
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.core.targets import cpu_identity
 
     if target.kind.name != "llvm" or isinstance(runner, ms.runner.RPCRunner):
         return None
-    return cpu_identity()
+    if runner is not None:
+        config = getattr(runner, "evaluator_config", None)
+        cold_weights = config is not None and config.enable_cpu_cache_flush
+    return cpu_identity() + (COLD_TAG if cold_weights else "")
+
+
+def ranking_cpus(here: str | None) -> tuple[str, ...] | None:
+    """The measurements that rank a workload's records (logs.merge's ``prefer_cpu``), in
+    order: those taken here the way this runner takes them, then any taken on this CPU
+    (hot and cold times of one CPU are not comparable, but both beat another CPU's)."""
+    if here is None:
+        return None
+    return tuple(dict.fromkeys((here, here.removesuffix(COLD_TAG))))
 
 
 def _estimate_text(plans: list[TaskPlan]) -> str:
