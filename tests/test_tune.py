@@ -129,19 +129,30 @@ def test_a_new_cpu_remeasures_the_best_records_before_searching(retried, tmp_pat
     contents = tuning_log.load(db)
     # the fixture measured with MetaSchedule's LocalRunner (hot): this CPU, untagged
     assert {contents.cpu_of(r) for r in contents.records} == {cpu_identity()}
-    # as if the logs came from another machine
-    elsewhere = {digest: "Some Other CPU 1/2" for digest in contents.measured_on}
-    (db / tuning_log.MEASURED_ON_FILE).write_text(json.dumps(elsewhere))
+    # as if the logs came from a machine 1000x faster than this one
+    lines = []
+    for line in (db / tuning_log.RECORD_FILE).read_text().splitlines():
+        index, (trace, run_secs, *rest) = json.loads(line)
+        if max(run_secs) < tuning_log.FAILED_RUN_SECS:  # failed records stay failed
+            run_secs = [t / 1000 for t in run_secs]
+        lines.append(json.dumps([index, [trace, run_secs, *rest]]))
+    (db / tuning_log.RECORD_FILE).write_text("\n".join(lines) + "\n")
+    (db / tuning_log.MEASURED_ON_FILE).unlink()
+    tuning_log.tag_measured_on(db, 0, "Some Other CPU 1/2")
     records = retried[1][0].records
 
     messages: list[str] = []
-    tuner.tune(tiny_module(), target(), db, budget(mode="extend", trials_per_task=records + 1,
-                                                   remeasure_top=2),
-               progress=messages.append)
+    outcome = tuner.tune(tiny_module(), target(), db,
+                         budget(mode="extend", trials_per_task=records + 1, remeasure_top=2),
+                         progress=messages.append)
     assert any("best record(s) were measured on other CPUs" in m for m in messages), messages
     contents = tuning_log.load(db)
     measured_here = [r for r in contents.records if contents.cpu_of(r) == here]
     assert len(measured_here) >= 2  # the two re-measured, and what the search added
+    # the task's best (model estimate, stop rule) is this CPU's, not the 1000x faster one's
+    (plan,) = outcome.plans
+    assert plan.best_us == pytest.approx(min(r.mean_secs for r in measured_here) * 1e6)
+    assert plan.best_us > 100 * min(r.mean_secs for r in contents.records) * 1e6
     view = tuning_log.merge([db], tmp_path / "view", prefer_cpu=here)
     assert view.other_cpus_dropped == len(contents.records) - len(measured_here)
 

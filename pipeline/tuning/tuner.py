@@ -464,6 +464,55 @@ def workload_stats(database, plan: TaskPlan) -> tuple[int, float | None]:
     return len(valid), best * 1e6
 
 
+def _record_id(record) -> tuple[float, ...]:
+    """A record's identity within one run: its measured times (ten floats, cold)."""
+    return tuple(float(t) for t in record.run_secs)
+
+
+class MeasuredHere:
+    """Each task's best among the records measured the way this run measures (this CPU,
+    hot or cold): tagged so in ``measured_on``, or new since the run began. The model
+    estimate, the shares and the stop rule compare like with like: a cold time never
+    "fails to improve" on a hot one, nor another CPU's. A task with no such record yet
+    keeps the best of all its records."""
+
+    def __init__(self, database, db_dir: Path, plans: list[TaskPlan], here: str | None):
+        self.here = here
+        self.tagged_best: dict[str, float] = {}  # task -> best secs of records tagged here
+        self.before: dict[str, set] = {}  # task -> ids of the records the run began with
+        if here is None:
+            return
+        contents = tuning_log.load(db_dir)
+        by_index = contents._by_index()
+        tagged: dict = {}
+        for r in contents.records:
+            if r.valid and contents.cpu_of(r) == here and r.workload_index in by_index:
+                key = by_index[r.workload_index].key
+                tagged[key] = min(tagged.get(key, math.inf), r.mean_secs)
+        for p in plans:
+            mod = p.task.dispatched[0]
+            if not database.has_workload(mod):
+                continue
+            key = tuning_log.workload_key(database.commit_workload(mod))
+            if key in tagged:
+                self.tagged_best[p.name] = tagged[key]
+            self.before[p.name] = {_record_id(r) for r in valid_records(database, mod, 100000)}
+
+    def stats(self, database, p: TaskPlan) -> tuple[int, float | None]:
+        """(valid records, best us) of ``p``: the best of those measured here, where any."""
+        valid = valid_records(database, p.task.dispatched[0], limit=100000)
+        if not valid:
+            return 0, None
+        times = {i: sum(i) / len(i) for i in map(_record_id, valid)}
+        if self.here is None:
+            return len(valid), min(times.values()) * 1e6
+        old = self.before.get(p.name, set())
+        own = [t for i, t in times.items() if i not in old]
+        if p.name in self.tagged_best:
+            own.append(self.tagged_best[p.name])
+        return len(valid), min(own or times.values()) * 1e6
+
+
 def tune_module(mod, target, db_dir: Path, budget: TuneBudget, runner=None,
                 progress=print, select=None) -> list[TaskPlan]:
     """:func:`tune`, returning only the task plans (the layout search's use)."""
@@ -548,8 +597,12 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     db_dir.mkdir(parents=True, exist_ok=True)
     database = tuning_log.open_database(db_dir)
     plans = plan_tasks(mod, target)
+    kind = target.kind.name
+    cold = budget.cold_weights and kind == "llvm"  # a GPU's buffers are not in our caches
+    here = measuring_cpu(target, runner, cold)
+    measured_here = MeasuredHere(database, db_dir, plans, here)
     for p in plans:
-        p.records, p.best_us = workload_stats(database, p)
+        p.records, p.best_us = measured_here.stats(database, p)
     rank_by_measured_share(plans)
 
     def wanted(p: TaskPlan) -> int:
@@ -586,11 +639,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     dequant_matmul.register_tuning_rule()  # its search space is the project's template
     _workers_can_import_pipeline()
-    run = _Run(database, db_dir, budget, outcome, progress, {p.name: wanted(p) for p in todo})
-    kind = todo[0].task.target.kind.name
-    # a GPU's buffers cannot be flushed from the host's caches: cold is for CPU targets
-    runner = runner or local_runner(cold=budget.cold_weights and kind == "llvm")
-    here = measuring_cpu(todo[0].task.target, runner)
+    run = _Run(database, db_dir, budget, outcome, progress, {p.name: wanted(p) for p in todo},
+               measured_here)
     first_new_line = _record_count(db_dir)
     if budget.warm_cost_model:
         from pipeline.tuning import cost_model
@@ -603,7 +653,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     try:
         with _StopOnSignal() as stop:
             run.stop = stop
-            run.runner = runner
+            run.runner = runner or local_runner(cold)
             if budget.mode == "extend" and budget.remeasure_top and here:
                 run.remeasure_elsewhere_measured(todo, here)
             run.coarse_pass(todo)
@@ -669,8 +719,9 @@ class _Run:
     """One :func:`tune` call's search: the coarse pass, then the focus rounds."""
 
     def __init__(self, database, db_dir: Path, budget: TuneBudget, outcome: TuneOutcome,
-                 progress, wanted: dict[str, int]) -> None:
+                 progress, wanted: dict[str, int], measured_here: MeasuredHere) -> None:
         self.database, self.db_dir, self.budget = database, db_dir, budget
+        self.measured_here = measured_here
         self.outcome, self.progress, self.wanted = outcome, progress, wanted
         self.done: dict[str, int] = dict.fromkeys(wanted, 0)  # trials measured this run
         self.start = time.monotonic()
@@ -718,7 +769,7 @@ class _Run:
             raise TuningInterrupted(self.stop.signame, self.db_dir,
                                     _record_count(self.db_dir)) from None
         p.attempts += 1
-        p.records, p.best_us = workload_stats(self.database, p)
+        p.records, p.best_us = self.measured_here.stats(self.database, p)
         self.outcome.trials += measured
         self.done[p.name] += measured
         if self.stop.signame:
@@ -765,6 +816,7 @@ class _Run:
                 self.builder(self.budget.builder_timeout, p.task.target.kind.name))
             self.outcome.trials += measured
             self.done[p.name] += measured
+            p.records, p.best_us = self.measured_here.stats(self.database, p)
             self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
                           f"on other CPUs ({_time(before)}); here: "
                           + (_time(best_here) if best_here else "none ran"))
