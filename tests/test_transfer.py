@@ -140,6 +140,35 @@ def test_the_tuner_starts_a_new_kernel_from_schedules_of_its_kind(tmp_path):
         seed_from_kind=False).seed_from_kind
 
 
+@pytest.mark.slow  # builds and measures one candidate
+def test_a_kernel_with_nothing_to_borrow_starts_from_its_rule_schedule(tmp_path):
+    """With no record of its kind anywhere, the tuner's first record of a conv is its default
+    rule schedule (cpu_rules): filed with its trace, it survives the database on disk and
+    replays to the very kernel the rule gives."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import cpu_rules
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.tuning import logs, tuner
+
+    mod, target = _lowered(_conv_relu())
+    (tmp_path / "db").mkdir()
+    database = logs.open_database(tmp_path / "db")  # empty: nothing to borrow
+    conv = next(p for p in plan_tasks(mod, target) if "conv2d" in p.name)
+    measured, best_us = tuner._seed_from_kind(
+        database, conv, {}, ms.runner.LocalRunner(), tuner.local_builder("llvm", 120))
+    assert measured == 1 and best_us is not None
+    reopened = logs.open_database(tmp_path / "db")
+    (record,) = reopened.get_top_k(reopened.commit_workload(conv.task.dispatched[0]), 8)
+    sch = s_tir.Schedule(conv.task.dispatched[0])
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    rule, ruled = cpu_rules.rule_schedule(conv.task.dispatched[0]["main"], target)
+    assert rule == "TiledReduction"
+    tvm.ir.assert_structural_equal(sch.mod["main"], ruled)
+
+
 def _tiled_matmul(n: int, inner: int, step: int):
     """A (16 x 64) @ (64 x n) matmul tiled like a MetaSchedule CPU record: a parallel outer
     loop carrying the auto-unroll ``step``, then k, then an ``inner``-wide column tile and a

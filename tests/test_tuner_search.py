@@ -3,6 +3,7 @@ their stop rule (pipeline.tuning.tuner, pipeline.tuning.cost_model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -112,10 +113,41 @@ def test_focus_rounds_rest_a_task_that_stopped_improving(tmp_path):
             / f"xgb-{cost_model.record_digest(tmp_path / 'db')}.tar").is_file()
 
 
+@pytest.mark.slow
+def test_a_task_keeps_one_cost_model_across_its_rounds(tmp_path, monkeypatch):
+    """Rounds of 16-32 trials with a fresh model each never get past XGBModel's 100 random
+    warm-up samples: a task's model is made once and serves all its rounds."""
+    from test_tune import target, tiny_module
+
+    made = []
+    original = cost_model.new_model
+
+    def counting():
+        made.append(original())
+        return made[-1]
+
+    monkeypatch.setattr(cost_model, "new_model", counting)
+    budget = tuner.TuneBudget(trials_per_task=200, max_trials=32, wall_seconds=900,
+                              coarse_trials=8, round_trials=8, patience=99,
+                              trials_per_iter=8, builder_timeout=60)
+    messages: list[str] = []
+    outcome = tuner.tune(tiny_module(), target(), tmp_path / "db", budget,
+                         progress=messages.append)
+    assert sum(m.startswith("tune: round ") for m in messages) >= 2, messages
+    assert len(made) == 1  # one task, one model, every round
+    assert made[0].data_size >= outcome.trials - 8  # it saw (nearly) every candidate
+    made.clear()
+    tuner.tune(tiny_module(), target(), tmp_path / "db2",
+               dataclasses.replace(budget, task_cost_models=False),
+               progress=messages.append)
+    assert made == []  # MetaSchedule's own fresh model each round
+
+
 def test_stock_budget_is_metaschedule_as_it_comes():
     stock = tuner.TuneBudget.stock(trials_per_task=8)
     assert (stock.seed_from_kind, stock.warm_cost_model, stock.coarse_trials,
             stock.remeasure_top, stock.population) == (False, False, 0, 0, 512)
+    assert not stock.task_cost_models and not stock.cold_weights
     assert stock.trials_per_task == 8
     guided = tuner.TuneBudget()
     assert guided.seed_from_kind and guided.coarse_trials > 0 and guided.persistent_builder

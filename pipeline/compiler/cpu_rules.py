@@ -195,6 +195,13 @@ def _rules():
 def rule_schedule(func, target):
     """``(rule name, scheduled PrimFunc)`` by the first rule that applies to ``func``, or
     None where none does."""
+    ruled = rule_schedule_traced(func, target)
+    return None if ruled is None else (ruled[0], ruled[1].mod["main"])
+
+
+def rule_schedule_traced(func, target):
+    """``(rule name, s_tir.Schedule)`` (with its trace: the tuner files it as a record) by
+    the first rule that applies to ``func``, or None where none does."""
     from tvm.s_tir import dlight as dl
 
     injective, tiled_reduction, spatial_parallel = _rules()
@@ -210,7 +217,7 @@ def rule_schedule(func, target):
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
             if sch is not None:
-                return type(rule).__name__, sch.mod["main"]
+                return type(rule).__name__, sch
     return None
 
 
