@@ -9,10 +9,14 @@ schedule without any error (FACTS.md). Used by the tune stage and by the layout 
 (both tune, neither owns the search).
 
 The search is prior-guided and hierarchical (``TuneBudget``): a new task starts from the
-schedules of recorded kernels of its kind (:func:`_seed_from_kind`), one cost model serves
-the run, trained first on every record held (:mod:`.cost_model`); a coarse pass gives every
-task a few trials, largest estimated share first, then rounds go to the task with the
-largest measured share of model latency, and a task stops when its best stops improving.
+schedules of recorded kernels of its kind and its default rule schedule
+(:func:`_seed_from_kind`); each task keeps one cost model across its rounds (or, opt-in, one
+model trained first on every record held serves the run: :mod:`.cost_model`); a coarse pass
+gives every task a few trials, largest estimated share first, then rounds go to the task
+with the largest measured share of model latency; a task rests when its best stops
+improving, and resting tasks come back in longer rounds while budget is left. CPU
+candidates are measured with their weights out of the caches, as inside a model
+(:data:`COLD_REPEATS`).
 """
 
 from __future__ import annotations
