@@ -819,8 +819,8 @@ class _Run:
         return seeded
 
     def remeasure_elsewhere_measured(self, todo: list[TaskPlan], here: str) -> None:
-        """For each task (largest share first) whose records were all measured on other
-        CPUs: measure its best ``remeasure_top`` records here, filed as records of this CPU
+        """For each task (largest share first) with no record measured the way this run
+        measures (this CPU; weights cold or hot as this run): measure its best ``remeasure_top`` records here, filed as records of this CPU
         (the stage then ranks by them: logs.merge's ``prefer_cpu``)."""
         contents = tuning_log.load(self.db_dir)
         local = {contents._by_index()[r.workload_index].key for r in contents.records
@@ -843,7 +843,8 @@ class _Run:
             self.done[p.name] += measured
             p.records, p.best_us = self.measured_here.stats(self.database, p)
             self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
-                          f"on other CPUs ({_time(before)}); here: "
+                          f"on other CPUs or with weights hot ({_time(before)}); here, as "
+                          "this run measures: "
                           + (_time(best_here) if best_here else "none ran"))
 
     def coarse_pass(self, todo: list[TaskPlan]) -> None:
