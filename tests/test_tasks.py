@@ -251,6 +251,16 @@ def test_build_shaping_options_are_remembered_until_reset(tmp_path, monkeypatch)
     assert "tune=off" in said[-1] and "layout=NCHW16c" in said[-1]
     get = remembering(argv(tune=""), tmp_path, said.append)  # tune= : the default again
     assert get("tune") == "" and remembering(argv(), tmp_path, said.append)("tune") is None
+    # A top-up is a one-off: tune=extend is not remembered (its trials are), the earlier
+    # mode stays.
+    remembering(argv(tune="off"), tmp_path, said.append)
+    get = remembering(argv(tune="extend", trials="256"), tmp_path, said.append)
+    assert get("tune") == "extend"
+    get = remembering(argv(), tmp_path, said.append)
+    assert get("tune") == "off" and get("trials") == "256"
+    remembering(argv(tune="", trials=""), tmp_path, said.append)
+    remembering(argv(tune="extend"), tmp_path, said.append)
+    assert remembering(argv(), tmp_path, said.append)("tune") is None
     monkeypatch.setenv(NO_REMEMBER_ENV, "1")  # doit nightly: its options are its own
     remembering(argv(tune="off"), tmp_path, said.append)
     assert remembering(argv(), tmp_path, said.append)("tune") is None

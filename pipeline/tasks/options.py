@@ -191,6 +191,11 @@ def unknown_task_args(argv: Iterable[str],
 # Options that shape what a build makes: remembered per project, so that `doit validate`
 # after `doit build:x tune=off` validates that build instead of tuning for an hour first.
 REMEMBERED = ("tune", "trials", "tune_minutes", "layout", "rpc")
+# ... except ``tune=extend``: remembered, a 15-minute top-up made every later `doit
+# validate` or `doit bench` tune another 15 minutes (an extend run that stops on its budget
+# is not up to date, so the same command continues it). Plain commands after a top-up use
+# the earlier mode or the default ``missing``, which finds every kernel recorded.
+ONE_OFF_TUNE = "extend"
 REMEMBER_FILE = ".build_options.json"  # in artifacts/
 NO_REMEMBER_ENV = "ONNX2DEPLOY_NO_REMEMBER"  # set by doit nightly: its tune=off is its own
 
@@ -215,6 +220,8 @@ def remembering(get_var: Callable[..., str | None], artifacts: Path,
     given = {n: get_var(n) for n in REMEMBERED if get_var(n) is not None}
     if given and not os.environ.get(NO_REMEMBER_ENV):
         for name, value in given.items():
+            if name == "tune" and value.strip() == ONE_OFF_TUNE:
+                continue  # a top-up is a one-off: the earlier mode (or the default) stays
             if value.strip():
                 saved[name] = value.strip()
             else:
