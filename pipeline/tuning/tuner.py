@@ -483,10 +483,10 @@ def _record_id(record) -> tuple[float, ...]:
 
 class MeasuredHere:
     """Each task's best among the records measured the way this run measures (this CPU,
-    and cold or hot as this run): tagged so in ``measured_on``, or new since the run began. The model
-    estimate, the shares and the stop rule compare like with like: a cold time never
-    "fails to improve" on a hot one, nor another CPU's. A task with no such record yet
-    keeps the best of all its records."""
+    and cold or hot as this run): tagged so in ``measured_on``, or new since the run began.
+    The model estimate, the shares and the stop rule compare like with like: a cold time
+    never "fails to improve" on a hot one, nor another CPU's. A task with no such record
+    yet keeps the best of all its records."""
 
     def __init__(self, database, db_dir: Path, plans: list[TaskPlan], here: str | None):
         self.here = here
