@@ -230,8 +230,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
     ``(mod, TransferReport)``."""
     import shutil
 
-    from pipeline.tuning.kernel_check import (GATHER_NOT_CHECKED, first_agreeing,
-                                              reads_by_index)
+    from pipeline.tuning.kernel_check import GATHER_NOT_CHECKED, first_agreeing, reads_by_index
 
     report = TransferReport()
     todo = _unscheduled(mod)

@@ -820,8 +820,9 @@ class _Run:
 
     def remeasure_elsewhere_measured(self, todo: list[TaskPlan], here: str) -> None:
         """For each task (largest share first) with no record measured the way this run
-        measures (this CPU; weights cold or hot as this run): measure its best ``remeasure_top`` records here, filed as records of this CPU
-        (the stage then ranks by them: logs.merge's ``prefer_cpu``)."""
+        measures (this CPU; weights cold or hot as this run): measure its best
+        ``remeasure_top`` records here, filed as records of this CPU (the stage then ranks
+        by them: logs.merge's ``prefer_cpu``)."""
         contents = tuning_log.load(self.db_dir)
         local = {contents._by_index()[r.workload_index].key for r in contents.records
                  if contents.cpu_of(r) == here}
