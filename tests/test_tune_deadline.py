@@ -27,6 +27,9 @@ class ClockJumpRunner(ms.runner.PyRunner):
     def run(self, runner_inputs):
         self.batches += 1
         if self.batches == 1:
+            # the first batch: the task's seeds (its default rule schedule: nothing to
+            # borrow in an empty database) or, without seeds, the search's first batch
+            self.first_batch = len(runner_inputs)
             self.clock["offset"] = 1e6
             self.clock["crossed_at"] = time.monotonic()
         return self.inner.run(runner_inputs)
@@ -45,8 +48,10 @@ def test_the_cap_ends_a_task_after_the_batch_in_flight(tmp_path, monkeypatch):
     stopped = time.monotonic() - clock["crossed_at"]
     (plan,) = outcome.plans
     # one batch measured, none started after the cap; no retry, no TuningFailed
-    assert runner.batches == 1 and outcome.trials == 2 and plan.attempts == 1
-    assert len(record_lines(tmp_path / "db")) == 2  # what it measured is in the database
+    assert runner.batches == 1 and plan.attempts == 1
+    assert outcome.trials == runner.first_batch >= 1
+    # what it measured is in the database
+    assert len(record_lines(tmp_path / "db")) == runner.first_batch
     assert not outcome.complete and outcome.left == [plan.name]
     assert any("stopped at the time cap" in m for m in messages)
     assert any("1 task(s) left for a later run: run the same command again" in m
