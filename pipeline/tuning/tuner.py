@@ -76,10 +76,10 @@ class TuneBudget:
     # Hierarchical: a coarse pass gives every task up to ``coarse_trials``, then rounds of
     # ``round_trials`` go to the task with the largest measured share of model latency,
     # until a task's best has improved by less than ``min_gain`` for ``patience`` rounds
-    # in a row (it rests) or reaches ``trials_per_task``. When every task rests and budget
-    # is left, they all go on in rounds twice as long as their last, and so on until the
-    # budget is spent. 0 coarse trials: each task takes its whole budget in turn (stock
-    # MetaSchedule's way).
+    # in a row (it rests) or reaches ``trials_per_task``. When every task rests (or every
+    # task still going is under ``min_share``) and budget is left, the resting ones go on in
+    # rounds twice as long as their last, and so on until the budget is spent. 0 coarse
+    # trials: each task takes its whole budget in turn (stock MetaSchedule's way).
     coarse_trials: int = 16
     round_trials: int = 16
     patience: int = 2
@@ -526,12 +526,12 @@ class MeasuredHere:
 
     def stats(self, database, p: TaskPlan) -> tuple[int, float | None]:
         """(valid records, best us) of ``p``: the best of those measured here, where any."""
+        if self.here is None:  # not recorded (a GPU, a device behind RPC): every record
+            return workload_stats(database, p)
         valid = valid_records(database, p.task.dispatched[0], limit=100000)
         if not valid:
             return 0, None
         times = {i: sum(i) / len(i) for i in map(_record_id, valid)}
-        if self.here is None:
-            return len(valid), min(times.values()) * 1e6
         old = self.before.get(p.name, set())
         own = [t for i, t in times.items() if i not in old]
         if p.name in self.tagged_best:
