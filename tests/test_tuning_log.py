@@ -365,6 +365,10 @@ def test_prefer_cpu_falls_back_in_order(tmp_path):
 
     cold = ZEN4 + COLD_TAG
     assert ranking_cpus(cold) == (cold, ZEN4) and ranking_cpus(ZEN4) == (ZEN4,)
+    # records measured on the artifact's thread count rank before those of threads unknown
+    # (before THREADS_TAG, a runner measured on half the cores)
+    assert ranking_cpus(cold + ", 2 threads") == (cold + ", 2 threads", ZEN4 + ", 2 threads",
+                                                  cold, ZEN4)
     hot = _measured_on(make_db(tmp_path / "hot", [16, 32, 64],
                                [(16, 4, [1e-6]), (32, 4, [1e-6])]), ZEN4)
     measured_cold = _measured_on(make_db(tmp_path / "cold", [16], [(16, 2, [5e-6])]), cold)

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -321,14 +322,48 @@ COLD_REPEATS = 10  # one call per repeat, each after a flush; the record keeps a
 COLD_TAG = ", weights cold"  # appended to the CPU identity of records measured so
 
 
+# Candidates are measured on as many threads as the artifact runs on (every core:
+# core.targets.num_threads, the C++ app's default). MetaSchedule's runner workers are left to
+# TVM's default thread pool, which on x86 assumes two hardware threads per core and takes
+# half of the CPUs: one thread on a 2-vCPU machine. Every record before this measured so,
+# and it ranked schedules for the wrong machine. Measured on ResNet-50 int8's heaviest
+# kernel (1x1 conv 256->1024 @14x14, AMD EPYC Zen 4): its published record, a schedule with
+# no parallel loop, took 356 us on 1 thread and 356 us on 2; a schedule that splits its
+# channels across the threads, ranked third by the 1-thread times, 357 us on 1 thread and
+# 179 us on 2.
+THREADS_TAG = ", {} threads"  # appended to the CPU identity of records measured so
+
+
+def _measuring_worker() -> None:
+    """Runner worker initializer: die with the tuner, and measure on the artifact's thread
+    count (TVM reads TVM_NUM_THREADS when its thread pool starts, at the first kernel)."""
+    from pipeline.core.targets import num_threads
+
+    die_with_parent()
+    os.environ["TVM_NUM_THREADS"] = str(num_threads())
+
+
+def _pool_threads() -> int:
+    """The thread count of this process's TVM thread pool (run in a runner worker)."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def worker_threads(runner) -> int:
+    """Threads a LocalRunner's worker measures on: asked of the worker itself."""
+    return runner.pool.submit(_pool_threads).result()
+
+
 def local_runner(cold: bool = False):
-    """MetaSchedule's LocalRunner whose workers die with the tuning process; ``cold``:
-    measured with the weights out of the caches (see COLD_REPEATS)."""
+    """MetaSchedule's LocalRunner whose workers die with the tuning process and measure on
+    every core (see THREADS_TAG); ``cold``: with the weights out of the caches (see
+    COLD_REPEATS)."""
     from tvm.s_tir import meta_schedule as ms
 
     config = (ms.runner.EvaluatorConfig(number=1, repeat=COLD_REPEATS, min_repeat_ms=0,
                                         enable_cpu_cache_flush=True) if cold else None)
-    return ms.runner.LocalRunner(evaluator_config=config, initializer=die_with_parent)
+    return ms.runner.LocalRunner(evaluator_config=config, initializer=_measuring_worker)
 
 
 def local_builder(kind: str, timeout: float, persistent: bool = False):
@@ -680,6 +715,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
         with _StopOnSignal() as stop:
             run.stop = stop
             run.runner = runner or local_runner(cold)
+            if here:
+                progress(f"tune: measuring on {here}")
             if budget.mode == "extend" and budget.remeasure_top and here:
                 run.remeasure_elsewhere_measured(todo, here)
             run.coarse_pass(todo)
@@ -709,27 +746,39 @@ def _time(us: float) -> str:
 def measuring_cpu(target, runner, cold_weights: bool = True) -> str | None:
     """The CPU that measures ``target``'s candidates with ``runner``, and how: this host's
     identity for a CPU target measured here, with COLD_TAG when the weights are flushed
-    before each call; None (not recorded) for a GPU or a device behind an RPC tracker.
-    ``runner`` None: the local runner :func:`tune` makes for a budget's ``cold_weights``."""
+    before each call and THREADS_TAG when the runner is :func:`local_runner`'s (one given
+    by the caller measures on threads we do not know); None (not recorded) for a GPU or a
+    device behind an RPC tracker. ``runner`` None: the local runner :func:`tune` makes for
+    a budget's ``cold_weights``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.core.targets import cpu_identity
+    from pipeline.core.targets import cpu_identity, num_threads
 
     if target.kind.name != "llvm" or isinstance(runner, ms.runner.RPCRunner):
         return None
+    threads = THREADS_TAG.format(num_threads()) if runner is None else ""
     if runner is not None:
         config = getattr(runner, "evaluator_config", None)
         cold_weights = config is not None and config.enable_cpu_cache_flush
-    return cpu_identity() + (COLD_TAG if cold_weights else "")
+    return cpu_identity() + (COLD_TAG if cold_weights else "") + threads
+
+
+_THREADS_SUFFIX = re.compile(r", \d+ threads\Z")  # THREADS_TAG, any count
 
 
 def ranking_cpus(here: str | None) -> tuple[str, ...] | None:
     """The measurements that rank a workload's records (logs.merge's ``prefer_cpu``), in
-    order: those taken here the way this runner takes them, then any taken on this CPU
-    (hot and cold times of one CPU are not comparable, but both beat another CPU's)."""
+    order: those taken here the way this runner takes them; then on this CPU and thread
+    count with the weights hot; then on this CPU on threads not recorded (records before
+    THREADS_TAG: one thread), cold, then hot. Hot and cold times, or 1- and 2-thread
+    times, of one CPU are not comparable, but each beats another CPU's."""
     if here is None:
         return None
-    return tuple(dict.fromkeys((here, here.removesuffix(COLD_TAG))))
+    threads = _THREADS_SUFFIX.search(here)
+    threads_text = threads.group(0) if threads else ""
+    unthreaded = here.removesuffix(threads_text)
+    cpu = unthreaded.removesuffix(COLD_TAG)
+    return tuple(dict.fromkeys((here, cpu + threads_text, unthreaded, cpu)))
 
 
 def _estimate_text(plans: list[TaskPlan]) -> str:
@@ -858,8 +907,8 @@ class _Run:
             self.done[p.name] += measured
             p.records, p.best_us = self.measured_here.stats(self.database, p)
             self.progress(f"tune: {p.name}: its {len(records)} best record(s) were measured "
-                          f"on other CPUs or with weights hot ({_time(before)}); here, as "
-                          "this run measures: "
+                          "otherwise (another CPU, weights hot, or other threads) "
+                          f"({_time(before)}); here, as this run measures: "
                           + (_time(best_here) if best_here else "none ran"))
 
     def coarse_pass(self, todo: list[TaskPlan]) -> None:
