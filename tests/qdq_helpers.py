@@ -275,11 +275,11 @@ def input_shape(model) -> list[int]:
     return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
 
 
-def build_and_run(mod, xs):
+def build_and_run(mod, xs, target=None):
     import tvm
     from tvm import relax
 
-    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    target = target or tvm.target.Target({"kind": "llvm", "num-cores": 2})
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     names = [p.name for p in mod["main"].params]
     return [vm["main"](*(tvm.runtime.tensor(_feed(x)[n]) for n in names)).numpy() for x in xs]

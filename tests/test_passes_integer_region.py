@@ -34,12 +34,14 @@ def test_maxpool_runs_on_uint8(tmp_path):
     assert len(pools) == 1 and str(pools[0].args[0].ty.dtype) == "uint8"
 
 
-def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(tmp_path):
+@pytest.mark.parametrize("lowering", ["float64", "float32 fma"])
+def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(lowering, tmp_path):
     """All 256 x 256 (a, b) codes through QLinearAdd: the ties decide, so no step is lost.
 
     With these ranges, rounding twice (float32 multiply, then add) instead of like
     onnxruntime's FMAs differs by one step on 8 pairs; a 50-layer network amplifies such
-    steps into several at its output.
+    steps into several at its output. As IntegerRegion emits it (float64 multiply-adds) and
+    as the CPU lowering runs it (float32 FMAs, one kernel: lowering._float32_fma).
     """
     import numpy as np
 
@@ -59,9 +61,39 @@ def test_add_is_bit_exact_with_onnxruntime_on_every_input_pair(tmp_path):
     feed = {k: v.astype(np.float32) for k, v in feed.items()}
     mod, report = quantize_to_integer(H.import_qdq(qdq))
     assert [m.split(" ->")[0] for m in report.matched] == ["add"]
+    if lowering == "float32 fma":
+        from pipeline.compiler.lowering import lower_for_target
+        from pipeline.core.targets import get_target, tvm_target
+
+        fields: dict = {}
+        # this CPU (it has FMA): LLVM's fmuladd is one rounding only where the target has
+        # the instruction, so the lowering emits it only for such targets
+        target = tvm_target(get_target("cpu"))
+        mod = lower_for_target(mod, target, "int8", report=fields)
+        assert fields["float32_fma"] == 2  # QLinearAdd's two, in one kernel
+        (kernel,) = [f for gv, f in mod.functions_items() if "fma" in gv.name_hint]
+        assert "float64" not in kernel.script() and "T.fma" in kernel.script()
+    else:
+        target = None
     # QLinearAdd multiplies nothing in u8 x s8: onnxruntime's fused kernel is exact on any CPU
-    np.testing.assert_array_equal(H.build_and_run(mod, [feed])[0],
+    np.testing.assert_array_equal(H.build_and_run(mod, [feed], target)[0],
                                   H.run_ort(qdq, [feed], fused=True)[0])
+
+
+def test_float32_fmas_only_where_the_target_has_the_instruction(tmp_path):
+    """LLVM's fmuladd rounds twice on a CPU without FMA: there the float64 form stays."""
+    import tvm
+
+    from pipeline.compiler.lowering import lower_for_target
+    from pipeline.compiler.passes.qdq_to_integer import quantize_to_integer
+
+    mod, _ = quantize_to_integer(H.import_qdq(H.quantize_qdq(H.add_model(), tmp_path)))
+    fields: dict = {}
+    lowered = lower_for_target(mod, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}),
+                               "int8", report=fields)
+    assert "float32_fma" not in fields
+    assert any("float64" in f.script() for _, f in lowered.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc))
 
 
 @pytest.mark.parametrize("kernel,stride,pad,count_include_pad,hw", [
