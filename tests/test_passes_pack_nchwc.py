@@ -88,4 +88,5 @@ def test_requested_nchw16c_is_reported_without_fallback():
     report: dict = {}
     lowering.lower_for_target(mod, tvm_target(get_target("cpu")), "float32", "NCHW16c", report)
     assert report == {"layout": "NCHW16c", "layout_requested": "NCHW16c",
-                      "layout_fallback": None, "fast_math": {}}  # a conv net: no exp/erf
+                      "layout_fallback": None, "fast_math": {},  # a conv net: no exp/erf
+                      "float32_fma": 0}  # float32: no quantized residual adds
