@@ -244,19 +244,17 @@ def _float32_fma(mod, report: dict):
 
         return te.compute(x.shape, body, name="fma2")
 
-    def made_here(expr):
-        """The arguments ``(x, ratio, addend)`` of a float32 FMA kernel this pass emitted
-        for ``expr`` with a scalar addend, or None."""
-        bound = mutator_of[0].lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    single: set[str] = set()  # the kernels of the single FMAs emitted so far
+    count = 0
+
+    def made_here(mutator, expr):
+        """The arguments ``(x, ratio, addend)`` of a single float32 FMA kernel this pass
+        emitted for ``expr``, with a scalar addend; or None."""
+        bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
         if op_name(bound) != "relax.call_tir" or bound.args[0].name_hint not in single:
             return None
         args = tuple(bound.args[1].fields)
         return args if tuple(shape_of(args[2])) == (1,) else None
-
-    mutator_of: list = []
-    single: set[str] = set()  # the kernels of single FMAs emitted so far
-
-    count = 0
 
     def rewrite(mutator, call):
         nonlocal count
@@ -278,11 +276,10 @@ def _float32_fma(mod, report: dict):
         if tuple(shape_of(addend)) not in ((1,), tuple(shape_of(x))):
             return None
         count += 1
-        mutator_of[:] = [mutator]
         # QLinearAdd's second FMA takes the first's result: both in one kernel, so the
         # other operand reaches it as its u8 codes (fused into the conv that produced it,
         # the first FMA would write a float32 tensor four times the size instead)
-        inner = made_here(addend)
+        inner = made_here(mutator, addend)
         if inner is not None and tuple(shape_of(inner[0])) == tuple(shape_of(x)):
             return mutator.builder_.call_te(fma2_te, x, ratio, *inner,
                                             primfunc_name_hint="fma2")
