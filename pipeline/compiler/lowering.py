@@ -215,10 +215,13 @@ def _float32_fma(mod, report: dict):
 
     from pipeline.compiler.passes._qdq import op_name, rewrite_calls, shape_of
 
+    def bound(mutator, expr):
+        """The value bound to ``expr`` if it is a variable (None if unbound), else ``expr``."""
+        return mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+
     def as_float32(mutator, expr):
         """``expr`` (float64, of a float32 value) as float32, or None."""
-        bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        expr = expr if bound is None else bound
+        expr = bound(mutator, expr)
         if isinstance(expr, ir.Constant):
             value = expr.value.numpy()
             narrow = value.astype(np.float32)
@@ -250,10 +253,10 @@ def _float32_fma(mod, report: dict):
     def made_here(mutator, expr):
         """The arguments ``(x, ratio, addend)`` of a single float32 FMA kernel this pass
         emitted for ``expr``, with a scalar addend; or None."""
-        bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if op_name(bound) != "relax.call_tir" or bound.args[0].name_hint not in single:
+        call = bound(mutator, expr)
+        if op_name(call) != "relax.call_tir" or call.args[0].name_hint not in single:
             return None
-        args = tuple(bound.args[1].fields)
+        args = tuple(call.args[1].fields)
         return args if tuple(shape_of(args[2])) == (1,) else None
 
     def rewrite(mutator, call):

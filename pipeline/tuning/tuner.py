@@ -756,10 +756,11 @@ def measuring_cpu(target, runner, cold_weights: bool = True) -> str | None:
 
     if target.kind.name != "llvm" or isinstance(runner, ms.runner.RPCRunner):
         return None
-    threads = THREADS_TAG.format(num_threads()) if runner is None else ""
+    threads = THREADS_TAG.format(num_threads())
     if runner is not None:
         config = getattr(runner, "evaluator_config", None)
         cold_weights = config is not None and config.enable_cpu_cache_flush
+        threads = ""
     return cpu_identity() + (COLD_TAG if cold_weights else "") + threads
 
 
