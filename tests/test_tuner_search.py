@@ -85,15 +85,18 @@ def test_focus_rounds_rest_a_task_that_stopped_improving(tmp_path):
     from test_tune import target, tiny_module
 
     messages: list[str] = []
+    # min_gain 0.99: every round counts as stale, so the rest comes after the coarse pass
+    # and two rounds (24 of 64 trials) whatever the timings. With 0.05 a noisy 1 us kernel
+    # kept "improving" until the budget was spent, and no revival was left to see (CI).
     budget = tuner.TuneBudget(trials_per_task=200, max_trials=64, wall_seconds=900,
-                              coarse_trials=8, round_trials=8, patience=2, min_gain=0.05,
+                              coarse_trials=8, round_trials=8, patience=2, min_gain=0.99,
                               trials_per_iter=8, builder_timeout=60, warm_cost_model=True)
     outcome = tuner.tune(tiny_module(), target(), tmp_path / "db", budget,
                          progress=messages.append)
     rounds = [m for m in messages if m.startswith("tune: round ")]
     assert any("coarse pass done: model estimate" in m for m in messages), messages
     assert all("model estimate" in r and " s left" in r for r in rounds)
-    rests = [i for i, m in enumerate(messages) if "rests: < 5% in 2 rounds" in m]
+    rests = [i for i, m in enumerate(messages) if "rests: < 99% in 2 rounds" in m]
     revivals = [i for i, m in enumerate(messages) if "go on, by share, in rounds twice" in m]
     assert rests and revivals and rests[0] < revivals[0], messages
     # the first round after a revival is twice as long as the rounds before the rest
