@@ -194,6 +194,7 @@ def test_parse_options_names_every_bad_value():
     ("tune_minutes", "nan", "must be a number of minutes > 0"),
     ("tune_minutes", "inf", "must be a number of minutes > 0"),
     ("threads", "100000", "must be 1.."),
+    ("tune_tasks", ",,", "name kernels, comma-separated"),
 ])
 def test_parse_options_ranges(name, value, needle):
     from pipeline.tasks.options import parse_options
@@ -201,6 +202,16 @@ def test_parse_options_ranges(name, value, needle):
     with pytest.raises(ConfigError, match=re.escape(f"{name}={value}: ") + ".*" +
                        re.escape(needle)):
         parse_options({name: value}.get)
+
+
+def test_tune_tasks_needs_a_tuning_mode():
+    from pipeline.tasks.options import parse_options
+
+    with pytest.raises(ConfigError, match=re.escape("tune_tasks=*conv2d18*: tune=off tunes "
+                                                    "nothing; use tune=extend")):
+        parse_options({"tune": "off", "tune_tasks": "*conv2d18*"}.get)
+    options = parse_options({"tune": "extend", "tune_tasks": " a_b ,*conv2d2*,"}.get)
+    assert options.tune_task_patterns() == ("a_b", "*conv2d2*")
 
 
 def test_parse_options_good_values():

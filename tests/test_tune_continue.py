@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.compiler.workloads import TaskPlan
 from pipeline.core import store
+from pipeline.core.errors import ConfigError
 from pipeline.stages import tune as stage
 from pipeline.tuning import tuner
 
@@ -69,6 +70,22 @@ def test_forget_incomplete_removes_only_store_entries(tmp_path):
 
 def _plans(records: list[int]) -> list[TaskPlan]:
     return [TaskPlan(f"t{i}", None, 1, 1.0, records=r) for i, r in enumerate(records)]
+
+
+def test_tune_tasks_names_kernels_by_name_or_pattern():
+    plans = [TaskPlan(n, None, 1, 1.0, share=s) for n, s in
+             (("fused_conv2d18_add13_relu10", 0.05), ("fused_conv2d2_add1_relu1", 0.07),
+              ("transpose", 0.01))]
+    assert tuner.tasks_named(plans, ("fused_conv2d18_add13_relu10",)) == {
+        "fused_conv2d18_add13_relu10"}
+    assert tuner.tasks_named(plans, ("*conv2d*",)) == {"fused_conv2d18_add13_relu10",
+                                                      "fused_conv2d2_add1_relu1"}
+    with pytest.raises(ConfigError) as err:
+        tuner.tasks_named(plans, ("*conv2d2*", "conv2d18", "*dense*"))
+    msg = str(err.value)
+    # an exact name must be the whole name; the kernels are listed, heaviest first
+    assert "conv2d18, *dense* name(s) no kernel of this model" in msg
+    assert ("fused_conv2d2_add1_relu1, fused_conv2d18_add13_relu10, transpose" in msg), msg
 
 
 def test_extend_summary_counts_what_the_cache_holds():
@@ -148,3 +165,33 @@ def test_a_budget_stopped_tune_continues_with_the_same_command(tmp_path):
     assert report["complete"] is True and report["untuned"] == [], (left, report)
     assert all(b < a for a, b in zip(left, left[1:])), left  # progress every run
     assert doit(project, *command).executed == set()  # complete: now up to date
+
+
+@pytest.mark.slow
+def test_tune_tasks_tunes_only_the_named_kernels(tmp_path):
+    """``tune_tasks=`` from the doit command line: only the named kernel gets records; a
+    pattern that names no kernel is an error listing the kernels, and the tuned output
+    stays."""
+    import json
+
+    from doit_runner import doit
+    from test_tune import _rpc_spec
+
+    from models import make_project
+
+    project = make_project(tmp_path / "p", _one_conv(), _rpc_spec())
+    report_path = project / "artifacts" / "tiny_fp32" / "cpu" / "tune" / "tune_report.json"
+    run = doit(project, "tune:tiny_fp32@cpu", "tune=missing", "tune_tasks=*conv2d*")
+    assert run.returncode == 0, run.output
+    assert "tune_tasks selects 1 of" in run.output, run.output
+    tasks = {t["name"]: t for t in json.loads(report_path.read_text())["tasks"]}
+    assert len(tasks) > 1, tasks  # the conv and its layout transposes
+    tuned = {n for n, t in tasks.items() if t["records"]}
+    assert len(tuned) == 1 and "conv2d" in tuned.pop(), tasks
+
+    before = report_path.read_bytes()
+    run = doit(project, "tune:tiny_fp32@cpu", "tune=extend", "tune_tasks=*dense*")
+    assert run.returncode != 0
+    assert "*dense* name(s) no kernel of this model" in run.output, run.output
+    assert "conv2d" in run.output.split("no kernel of this model")[1]  # the list
+    assert report_path.read_bytes() == before

@@ -48,6 +48,8 @@ class TuneConfig:
     seed: int = 0
     rpc: str = ""  # host:port:device_key of a TVM RPC tracker, or "" to measure here
     log_key: str = ""  # the committed logs' folder (models/tuning_logs/<log_key>)
+    # fnmatch patterns of the kernels to tune (tune_tasks=); empty: every kernel
+    only_tasks: tuple[str, ...] = ()
 
 
 def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
@@ -140,7 +142,8 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
             _merge_logs([seed_logs, cache_dir], cache_dir)
             # no rpc=: tune() measures here, with the budget's cold_weights
             runner = make_runner(_rpc(config.rpc)) if config.rpc else None
-            outcome = tune(mod, target, cache_dir, budget, runner=runner, progress=_say)
+            outcome = tune(mod, target, cache_dir, budget, runner=runner, progress=_say,
+                           only=config.only_tasks)
             plans = outcome.plans
             with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
                 view = Path(scratch) / "db"

@@ -169,7 +169,8 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
         max_trials=budget.max_trials,
         wall_seconds=(options.tune_minutes * 60 if options.tune_minutes is not None
                       else budget.wall_seconds),
-        seed=budget.seed, rpc=options.rpc, log_key=key)
+        seed=budget.seed, rpc=options.rpc, log_key=key,
+        only_tasks=options.tune_task_patterns())
     upstream = {"module": module}
     for f in _files(seed_logs, "database_*"):  # plain or gzipped
         upstream[f"logs/{f.name}"] = f

@@ -36,6 +36,9 @@ class Options:
     trials: int | None = None  # overrides the spec's trials_per_task
     tune_minutes: float | None = None  # overrides the spec's wall_seconds
     rpc: str = ""  # host:port:device_key of a TVM RPC tracker for measurement
+    # Comma-separated kernel names (fnmatch patterns) the tuner may work on; "" = all. The
+    # roofline and tune_report.json name the slow kernels; a top-up can then go to them.
+    tune_tasks: str = ""
     layout: str = ""  # overrides the spec's fp32 conv layout on CPUs (NHWC | NCHW16c)
     threads: int | None = None  # bench threads (default: every core of this machine)
     warmup: int = 5
@@ -56,6 +59,12 @@ class Options:
         if self.tune_minutes is not None and not (0 < self.tune_minutes < math.inf):
             problems.append(f"tune_minutes={self.tune_minutes:g}: must be a number of minutes "
                             "> 0 (tune=off skips tuning)")
+        if self.tune_tasks and not self.tune_task_patterns():
+            problems.append(f"tune_tasks={self.tune_tasks}: name kernels, comma-separated "
+                            "(e.g. tune_tasks=fused_conv2d18_add13_relu10,*conv2d20*)")
+        elif self.tune_tasks and self.tune == "off":
+            problems.append(f"tune_tasks={self.tune_tasks}: tune=off tunes nothing; use "
+                            "tune=extend (top up those kernels) or tune=missing")
         if self.layout and self.layout not in CPU_FP32_LAYOUTS:
             problems.append(f"layout={self.layout}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
         if self.rpc:
@@ -72,6 +81,10 @@ class Options:
             problems.append(f"kit_report={self.kit_report}: no such file (the JSON report a "
                             "validation kit's check.py wrote)")
         return problems
+
+    def tune_task_patterns(self) -> tuple[str, ...]:
+        """``tune_tasks`` split on commas (order kept, blanks dropped)."""
+        return tuple(p.strip() for p in self.tune_tasks.split(",") if p.strip())
 
     def validate(self) -> None:
         """Collect every bad option into one ConfigError."""
@@ -138,7 +151,7 @@ def parse_options(get_var: Callable[..., str | None], target: str | None = None,
             values["tune_minutes"] = float(text)
         except ValueError:
             problems.append(f"tune_minutes={text}: not a number (allowed: minutes > 0)")
-    for name in ("tune", "rpc", "layout", "kit_report"):
+    for name in ("tune", "rpc", "tune_tasks", "layout", "kit_report"):
         text = (get_var(name) or "").strip()
         if text:
             values[name] = text

@@ -614,8 +614,28 @@ def _estimate_line(trials: int, tasks: int, budget: TuneBudget) -> str:
             "Ctrl-C (measured records are kept)")
 
 
+def tasks_named(plans: list[TaskPlan], patterns: tuple[str, ...]) -> set[str]:
+    """The names of the tasks that ``patterns`` (exact names or fnmatch patterns) name.
+
+    Raises
+    ------
+    ConfigError
+        A pattern names no task: the message lists the model's tasks, heaviest first.
+    """
+    import fnmatch
+
+    names = [p.name for p in sorted(plans, key=lambda p: -p.share)]
+    unmatched = [pat for pat in patterns if not fnmatch.filter(names, pat)]
+    if unmatched:
+        raise ConfigError(
+            f"tune_tasks: {', '.join(unmatched)} name(s) no kernel of this model; its "
+            f"kernels, heaviest first: {', '.join(names)} (names or patterns such as "
+            "*conv2d18*; python scripts/roofline.py shows where the time goes)")
+    return {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+
+
 def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
-         select=None) -> TuneOutcome:
+         select=None, only: tuple[str, ...] = ()) -> TuneOutcome:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
 
     Records are appended to the database as they are measured, so a killed run keeps what
@@ -640,6 +660,9 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
         Receives one human-readable line per event.
     select : callable, optional
         ``select(plan) -> bool``: tune only the tasks it accepts (default: all).
+    only : tuple of str
+        Kernel names or fnmatch patterns (``tune_tasks=``): tune only the tasks they name;
+        each must name at least one task of ``mod``.
 
     Returns
     -------
@@ -649,6 +672,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     Raises
     ------
+    ConfigError
+        A pattern of ``only`` names no task (the message lists the tasks).
     TuningFailed
         After all tasks ran, if some still have no valid record after their retry.
     TuningInterrupted
@@ -658,6 +683,7 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     db_dir.mkdir(parents=True, exist_ok=True)
     database = tuning_log.open_database(db_dir)
     plans = plan_tasks(mod, target)
+    named = tasks_named(plans, only) if only else None
     kind = target.kind.name
     cold = budget.cold_weights and kind == "llvm"  # a GPU's buffers are not in our caches
     here = measuring_cpu(target, runner, cold)
@@ -679,7 +705,10 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
                  "with random inputs, which index out of bounds; they keep their "
                  "untuned schedules (a gather is a copy)")
     todo = [p for p in plans if wanted(p) > 0 and p not in gathers
-            and (select is None or select(p))]
+            and (select is None or select(p)) and (named is None or p.name in named)]
+    if named is not None:
+        progress(f"tune: tune_tasks selects {len(named)} of {len(plans)} kernels: "
+                 f"{', '.join(sorted(named))}")
     progress(_summary_line(plans, todo, budget))
     if todo:
         progress(_estimate_line(sum(wanted(p) for p in todo), len(todo), budget))
