@@ -1,5 +1,7 @@
 """Weights out of the IR and back (pipeline.compiler.params, pipeline.runtime.params)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,71 @@ def test_a_module_with_lifted_weights_needs_its_params_file(tmp_path):
         load_module(tmp_path / "module.json")
     save_params(weights, tmp_path / "module.params")
     assert num_inputs(load_module(tmp_path / "module.json")["main"]) == 1
+
+
+def test_cpu_weights_sit_at_staggered_page_offsets():
+    """Each weight in its own buffer at its own page offset (never TVM's 0 or 64), values
+    unchanged, the file's copies released as they are placed."""
+    import tvm
+
+    from pipeline.runtime.params import page_offset, staggered_weights
+
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal((i + 1, 1024)).astype(np.float32) for i in range(70)]
+    loaded = [tvm.runtime.tensor(v, tvm.cpu()) for v in values]
+    placed = staggered_weights(loaded)
+    assert loaded == [None] * 70
+    offsets = [t.data_ptr() % 4096 for t in placed]
+    assert offsets == [page_offset(i) for i in range(70)]
+    assert len(set(offsets[:62])) == 62 and min(offsets) >= 128
+    assert all(o % 64 == 0 for o in offsets)
+    for v, t in zip(values, placed):
+        np.testing.assert_array_equal(t.numpy(), v)
+
+
+_PLACEMENT_DRIVER = r"""
+#include <cstdio>
+#include "weights.h"
+namespace ffi = tvm::ffi;
+struct Plain {
+  void AllocData(DLTensor* t) { t->data = std::aligned_alloc(64, ffi::GetDataSize(*t) + 64); }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+int main() {
+  int64_t shape[2] = {3, 100};
+  ffi::Tensor host = ffi::Tensor::FromNDAlloc(Plain{}, ffi::ShapeView(shape, 2),
+                                              DLDataType{kDLFloat, 32, 1}, DLDevice{kDLCPU, 0});
+  for (int i = 0; i < 300; ++i) static_cast<float*>(host.data_ptr())[i] = 0.5f * i;
+  for (int64_t k = 0; k < 100; ++k) {
+    ffi::Tensor w = weight_memory::staggered_copy(host, k);
+    const float* d = static_cast<const float*>(w.data_ptr());
+    std::printf("%zu %g %g\n", static_cast<size_t>(reinterpret_cast<uintptr_t>(d) % 4096), d[1], d[299]);
+  }
+}
+"""
+
+
+def test_the_cpp_app_places_weights_by_the_same_rule(tmp_path):
+    """runtime_cpp/weights.h against pipeline.runtime.params.page_offset, compiled and run."""
+    import shutil
+    import subprocess
+
+    import tvm_ffi.libinfo as ffi_info
+
+    from pipeline.runtime.params import page_offset
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is needed")
+    (tmp_path / "driver.cc").write_text(_PLACEMENT_DRIVER)
+    lib = ffi_info.find_libtvm_ffi()
+    runtime_cpp = Path(__file__).resolve().parents[1] / "runtime_cpp"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror",
+                    f"-I{runtime_cpp}", f"-I{ffi_info.find_include_path()}",
+                    f"-I{ffi_info.find_dlpack_include_path()}", "driver.cc", lib,
+                    f"-Wl,-rpath,{Path(lib).parent}", "-o", "driver"],
+                   cwd=tmp_path, check=True)
+    lines = subprocess.run([tmp_path / "driver"], capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    rows = [line.split() for line in lines if line]
+    assert [int(r[0]) for r in rows] == [page_offset(k) for k in range(100)]
+    assert all(r[1:] == ["0.5", "149.5"] for r in rows)

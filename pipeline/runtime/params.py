@@ -81,3 +81,40 @@ def load_params(path: Path) -> list:
         raise CorruptInputError(f"weights file {path} does not hold {', '.join(missing[:3])}: "
                                 "not written by this pipeline; rebuild the artifact")
     return [loaded[n] for n in names]
+
+
+PAGE = 4096
+_ALIGN = 64  # TVM's kernels assume 64-byte aligned data
+
+
+def page_offset(index: int) -> int:
+    """The page offset (bytes) of weight ``index`` on the CPU: a multiple of 64 in [128, 4096),
+    never the 0 or 64 of TVM's own tensors; successive weights 17 slots apart, so 62 in a row
+    all differ. runtime_cpp/weights.h (``weight_memory::page_offset``) is the same rule."""
+    return ((index * 17) % 62 + 2) * _ALIGN
+
+
+def staggered_weights(tensors: list) -> list:
+    """CPU copies of ``tensors``, each in its own buffer at :func:`page_offset` of its index;
+    ``tensors`` is emptied as they are made (peak memory: the weights plus one tensor).
+
+    TVM's reader and allocator put every large tensor at page offset 64 (glibc mmaps it);
+    kernels that walk a weight and an activation with power-of-two strides then hit the same
+    cache sets with both. Measured (Zen 4, 2 threads, ResNet-50 fp32, alternating runs): the
+    1x1 stride-2 conv 1024->2048 @7x7 took 4.2 ms in the model with its weight at offset 64
+    and 1.9 ms with it moved. The C++ app places its weights by the same rule.
+    """
+    import numpy as np
+    import tvm
+
+    placed = []
+    for i in range(len(tensors)):
+        values = tensors[i].numpy()
+        tensors[i] = None  # the file's copy goes as soon as this one is placed
+        offset = page_offset(i)
+        buffer = np.empty(values.nbytes + offset + PAGE, np.uint8)
+        start = (-buffer.ctypes.data) % PAGE + offset
+        view = buffer[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
+        view[...] = values
+        placed.append(tvm.runtime.from_dlpack(view))  # keeps ``buffer`` alive
+    return placed

@@ -43,7 +43,7 @@ def model_weights(model_so: Path, dev) -> list:
     Kept for the last file loaded (validate runs one model on several inputs; a 2 GiB model
     is read once), keyed by the file's path, size and mtime.
     """
-    from pipeline.runtime.params import load_params, params_path
+    from pipeline.runtime.params import load_params, params_path, staggered_weights
 
     path = params_path(model_so)
     if not path.is_file():
@@ -55,6 +55,8 @@ def model_weights(model_so: Path, dev) -> list:
         weights = load_params(path)
         if dev.dlpack_device_type() != 1:  # not the CPU: copy once
             weights = [w.copyto(dev) for w in weights]
+        else:  # as the C++ app places them (each at its own page offset)
+            weights = staggered_weights(weights)
         _WEIGHTS[key] = weights
     return _WEIGHTS[key]
 

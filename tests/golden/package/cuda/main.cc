@@ -42,6 +42,7 @@
 #include "runtime_cpp/device.h"
 #include "runtime_cpp/npy.h"
 #include "runtime_cpp/timing.h"
+#include "runtime_cpp/weights.h"
 
 namespace {
 
@@ -450,8 +451,9 @@ std::string params_path(const std::string& model_path) {
 /*!
  * \brief The weights main() takes after the inputs, on `dev`, in order (param_0000, ...).
  *
- * runtime.LoadParamsFromFile reads each tensor once into its own buffer (peak memory: one
- * copy of the weights); on a GPU each is copied to the device once and the host copy freed.
+ * runtime.LoadParamsFromFile reads each tensor once into its own buffer; on the CPU each is
+ * then copied to its own page offset (weight_memory::staggered_copy), on a GPU to the device, and
+ * the file's copy freed at once (peak memory: one copy of the weights plus one tensor).
  */
 std::vector<ffi::Tensor> load_weights(const std::string& path, DLDevice dev) {
   std::vector<ffi::Tensor> weights;
@@ -477,8 +479,10 @@ std::vector<ffi::Tensor> load_weights(const std::string& path, DLDevice dev) {
     auto found = loaded.find(name);
     if (found == loaded.end()) throw std::runtime_error("weights file " + path + " has no tensor " + name);
     ffi::Tensor host = (*found).second;
+    loaded.erase(name);  // the map's reference: each file copy is freed once placed
     if (dev.device_type == kDLCPU) {
-      weights.push_back(host);
+      // at its own page offset (runtime_cpp/weights.h says why: cache-set conflicts)
+      weights.push_back(weight_memory::staggered_copy(host, i));
       continue;
     }
     const std::vector<int64_t> shape(host.shape().begin(), host.shape().end());
