@@ -5,6 +5,7 @@ artifacts in GFLOP/s (GOP/s), share of model time and % of that peak.
     python scripts/roofline.py                                   # resnet50_fp32 and _int8
     python scripts/roofline.py --artifacts resnet50_int8 --top 30 --json roofline.json
     python scripts/roofline.py --peak-only
+    python scripts/roofline.py --no-onnxruntime      # without the per-layer onnxruntime table
 
 Build the artifacts first (`doit build:resnet50_fp32 tune=off`). The measuring code is
 pipeline/runtime/roofline.py (peak probe: pipeline/runtime/peak_probe.cc).
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="kernels listed per artifact")
     parser.add_argument("--repeat", type=int, default=5, help="profiled model runs")
     parser.add_argument("--peak-only", action="store_true")
+    parser.add_argument("--no-onnxruntime", action="store_true",
+                        help="skip the per-layer comparison with onnxruntime")
     parser.add_argument("--json", type=Path, help="also write everything here")
     args = parser.parse_args()
     # before TVM starts its thread pool
@@ -50,8 +53,11 @@ def main() -> None:
         if not args.peak_only:
             for name in [a for a in args.artifacts.split(",") if a]:
                 compile_dir, module_json = roofline.artifact_dirs(REPO / "artifacts", name)
+                onnx_model = (None if args.no_onnxruntime
+                              else roofline.reference_onnx(REPO / "artifacts", name))
                 reports[name] = roofline.artifact_roofline(compile_dir, module_json, peaks,
-                                                           args.threads, args.repeat)
+                                                           args.threads, args.repeat,
+                                                           onnx_model)
                 print(roofline.format_report(name, reports[name], args.top) + "\n")
             after = roofline.measure_peak(threads=sorted({1, args.threads}))
             drift = roofline.peak_drift(peaks, after)

@@ -120,3 +120,117 @@ def test_peak_drift_is_the_largest_relative_change():
     before, after = peaks(100e9, 200e9), peaks(90e9, 140e9)
     assert roofline.peak_drift(before, after) == pytest.approx(0.3)
     assert roofline.peak_drift(before, before) == 0.0
+
+
+def test_onnxruntime_nodes_are_identified_by_their_work():
+    from pipeline.runtime.ort_profile import node_signature
+
+    # 3x3 conv 64 -> 128 to 7x7: each output takes 64 * 9 MACs
+    assert node_signature("Conv", [[1, 64, 14, 14], [128, 64, 3, 3], [128]],
+                          [[1, 128, 7, 7]]) == (128 * 49 * 576, 128 * 49)
+    # depthwise (groups 32): weight [32, 1, 3, 3]
+    assert node_signature("Conv", [[1, 32, 8, 8], [32, 1, 3, 3]],
+                          [[1, 32, 8, 8]]) == (32 * 64 * 9, 32 * 64)
+    # QLinearConv: the weight is input 3
+    assert node_signature("QLinearConv", [[1, 8, 4, 4], [], [], [16, 8, 1, 1]],
+                          [[1, 16, 4, 4]]) == (16 * 16 * 8, 16 * 16)
+    assert node_signature("MatMul", [[1, 128, 256], [256, 64]], [[1, 128, 64]]) == (
+        128 * 64 * 256, 128 * 64)
+    assert node_signature("Relu", [[1, 8]], [[1, 8]]) is None
+    assert node_signature("Conv", [[1, 8, 4, 4]], [[1, 16, 4, 4]]) is None  # shapes left out
+
+
+def _convnet16():
+    """Conv 3 -> 16 (3x3) + Relu, Conv 16 -> 32 (1x1, stride 2) + Relu, GAP, Gemm 32 -> 10:
+    channels in onnxruntime's NCHWc blocks of 16 (it pads others, and their work with them)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, shape):
+        return numpy_helper.from_array((0.2 * rng.standard_normal(shape)).astype(np.float32),
+                                       name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "convnet16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [w("w1", (16, 3, 3, 3)), w("b1", (16,)), w("w2", (32, 16, 1, 1)), w("b2", (32,)),
+         w("fc", (10, 32)), w("fcb", (10,))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_tvm_kernels_meet_onnxruntime_nodes_on_the_same_model(tmp_path):
+    """The real onnxruntime profile of a small convnet and the same model lowered by TVM:
+    each conv and the matmul find their onnxruntime node; pools and copies stay apart."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.lowering import graph_cleanup, lower_for_target
+    from pipeline.core.targets import get_target, tvm_target
+    from pipeline.runtime import ort_profile
+
+    model = _convnet16()
+    path = tmp_path / "convnet16.onnx"
+    onnx.save(model, path)
+    nodes = ort_profile.profile_onnxruntime(path, threads=1, repeat=3, warmup=1)
+    assert all(n.us >= 0 for n in nodes)
+    mod = graph_cleanup()(from_onnx(model, shape_dict={"x": [1, 3, 16, 16]}))
+    work = kernel_flops.module_kernel_work(
+        lower_for_target(mod, tvm_target(get_target("cpu")), "float32", ""))
+    kernels = [{"name": name, "us": 10.0, "calls": 1} for name in work]
+    result = ort_profile.compare(kernels, work, nodes)
+    groups = {g["macs"]: g for g in result["groups"]}
+    # the 3x3 conv (16 x 16x16 outputs, 27 MACs each), the 1x1 stride-2 conv, the Gemm
+    assert sorted(groups) == [32 * 10, 32 * 8 * 8 * 16, 16 * 16 * 16 * 27], groups
+    assert all(len(g["kernels"]) == 1 and len(g["nodes"]) == 1 for g in groups.values())
+    assert "conv2d" in groups[16 * 16 * 16 * 27]["kernels"][0]
+    assert "matmul" in groups[32 * 10]["kernels"][0]
+    assert result["tvm_unmatched_us"] == pytest.approx(10.0 * (len(work) - 3))
+    assert result["ort_unmatched_us"] > 0  # the pool, the reorders
+    assert "| ratio | lost ms |" in ort_profile.format_comparison(result)
+
+
+def test_the_comparison_puts_the_most_time_lost_first():
+    from pipeline.runtime.ort_profile import OrtNode, compare, format_comparison
+
+    work = {"conv_a": kernel_flops.KernelWork(2 * 1000, "a", 10),
+            "conv_b": kernel_flops.KernelWork(2 * 1000, "b", 10),  # same work as conv_a
+            "conv_c": kernel_flops.KernelWork(2 * 50, "c", 5),
+            "pool": kernel_flops.KernelWork(0, "", 0)}
+    kernels = [{"name": "conv_a", "us": 300.0, "calls": 1},
+               {"name": "conv_b", "us": 200.0, "calls": 2},
+               {"name": "conv_c", "us": 90.0, "calls": 1},
+               {"name": "pool", "us": 5.0, "calls": 1}]
+    nodes = [OrtNode("n1", "Conv", 100.0, (1000, 10)), OrtNode("n2", "Conv", 150.0, (1000, 10)),
+             OrtNode("n3", "Conv", 100.0, (50, 5)), OrtNode("relu", "Relu", 7.0, None)]
+    result = compare(kernels, work, nodes)
+    first, second = result["groups"]
+    assert first["kernels"] == ["conv_a", "conv_b"] and first["nodes"] == ["n1", "n2"]
+    assert first["ratio"] == pytest.approx(2.0) and first["lost_us"] == pytest.approx(250.0)
+    assert second["ratio"] == pytest.approx(0.9)  # faster than onnxruntime: last
+    assert result["tvm_unmatched_us"] == 5.0 and result["ort_unmatched_us"] == 7.0
+    table = format_comparison(result)
+    assert table.index("conv_a, conv_b") < table.index("conv_c")
+    assert "| 0.500 | 0.250 | 2.00x | +0.250 |" in table
+
+
+def test_the_reference_onnx_is_the_quantized_model_or_the_source(tmp_path):
+    (tmp_path / "m" / "source").mkdir(parents=True)
+    (tmp_path / "m" / "source" / "model.onnx").write_bytes(b"x")
+    assert roofline.reference_onnx(tmp_path, "m_int8_dynamic") == (
+        tmp_path / "m" / "source" / "model.onnx")
+    (tmp_path / "m_int8" / "quantize").mkdir(parents=True)
+    (tmp_path / "m_int8" / "quantize" / "model.onnx").write_bytes(b"x")
+    assert roofline.reference_onnx(tmp_path, "m_int8") == (
+        tmp_path / "m_int8" / "quantize" / "model.onnx")
+    assert roofline.reference_onnx(tmp_path, "other_fp32") is None

@@ -11,6 +11,7 @@ wrong for "% of the FMA peak".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class KernelWork:
 
     flops: int
     label: str
+    outputs: int = 0  # output elements of its MAC blocks (their spatial iterations)
 
 
 def kernel_work(func) -> KernelWork:
@@ -66,7 +68,7 @@ def kernel_work(func) -> KernelWork:
     from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(func)
-    macs = 0
+    macs = outputs = 0
     labels = []
     pending = list(sch.get_child_blocks(sch.get_sblock("root")))
     while pending:
@@ -81,10 +83,11 @@ def kernel_work(func) -> KernelWork:
         for extent, _ in extents:
             count *= extent
         macs += count
+        outputs += math.prod(e for e, reduce in extents if not reduce)
         spatial = "x".join(str(e) for e, reduce in extents if not reduce)
         reduction = "x".join(str(e) for e, reduce in extents if reduce)
         labels.append(f"{block.name_hint} {spatial} * {reduction}")
-    return KernelWork(2 * macs, "; ".join(labels))
+    return KernelWork(2 * macs, "; ".join(labels), outputs)
 
 
 def multiply_accumulates(func) -> int:

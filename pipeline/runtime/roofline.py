@@ -165,9 +165,12 @@ def format_rows(rows: list[KernelRow], peak_gops: float | None, unit: str,
 
 
 def artifact_roofline(compile_dir: Path, module_json: Path, peaks: list[Peak], threads: int,
-                      repeat: int = 5) -> dict:
+                      repeat: int = 5, onnx_model: Path | None = None) -> dict:
     """The per-kernel table of one built CPU artifact (its ``compile`` and ``import`` stage
-    outputs) against the peak of its compute dtype on ``threads`` threads, as plain data."""
+    outputs) against the peak of its compute dtype on ``threads`` threads, as plain data.
+    With ``onnx_model`` (the model onnxruntime runs in ``doit bench``), also the same
+    layers' times in onnxruntime (:mod:`pipeline.runtime.ort_profile`), under
+    ``vs_onnxruntime``: a dict, or the error text if onnxruntime could not run it."""
     from pipeline.compiler.kernel_flops import artifact_kernel_work
     from pipeline.core.targets import get_target, tvm_target
     from pipeline.runtime.profile import profile_kernels
@@ -191,11 +194,37 @@ def artifact_roofline(compile_dir: Path, module_json: Path, peaks: list[Peak], t
     rows = kernel_rows(times, work)
     peak = next((p for p in peaks if p.kind == kind and p.threads == threads), None)
     peak_gops = peak.gops if peak else None
-    return {"compute_dtype": dtype, "peak_kind": kind, "threads": threads,
-            "peak_gops": peak_gops, "summary": summarize(rows, peak_gops),
-            "unmatched_kernels": missing,
-            "kernels": [{**asdict(r), "gops": r.gops, "of_peak": r.of_peak(peak_gops)}
-                        for r in rows]}
+    report = {"compute_dtype": dtype, "peak_kind": kind, "threads": threads,
+              "peak_gops": peak_gops, "summary": summarize(rows, peak_gops),
+              "unmatched_kernels": missing,
+              "kernels": [{**asdict(r), "gops": r.gops, "of_peak": r.of_peak(peak_gops)}
+                          for r in rows]}
+    if onnx_model is not None:
+        from pipeline.runtime import ort_profile
+
+        try:
+            nodes = ort_profile.profile_onnxruntime(onnx_model, threads, repeat=max(repeat, 10))
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types)
+            report["vs_onnxruntime"] = (f"onnxruntime could not run {onnx_model}: "
+                                        f"{type(e).__name__}: {str(e).strip()[:300]}")
+        else:
+            report["vs_onnxruntime"] = ort_profile.compare(report["kernels"], work, nodes)
+    return report
+
+
+def reference_onnx(artifacts: Path, artifact: str) -> Path | None:
+    """The ONNX model ``doit bench`` runs in onnxruntime for ``artifact``: its quantized model
+    (``<artifact>/quantize/model.onnx``) or else its model's source
+    (``<model>/source/model.onnx``, the model being the longest ``_``-prefix that has one)."""
+    quantized = Path(artifacts) / artifact / "quantize" / "model.onnx"
+    if quantized.is_file():
+        return quantized
+    parts = artifact.split("_")
+    for n in range(len(parts) - 1, 0, -1):
+        source = Path(artifacts) / "_".join(parts[:n]) / "source" / "model.onnx"
+        if source.is_file():
+            return source
+    return None
 
 
 def artifact_dirs(artifacts: Path, artifact: str) -> tuple[Path, Path]:
@@ -226,4 +255,11 @@ def format_report(name: str, report: dict, top: int | None = 15) -> str:
     rows = [KernelRow(k["name"], k["us"], k["calls"], k["flops"], k["share"], k["label"])
             for k in report["kernels"]]
     lines += ["", format_rows(rows, peak, unit, top)]
+    versus = report.get("vs_onnxruntime")
+    if isinstance(versus, str):
+        lines += ["", versus]
+    elif versus:
+        from pipeline.runtime.ort_profile import format_comparison
+
+        lines += ["", format_comparison(versus, top)]
     return "\n".join(lines)
