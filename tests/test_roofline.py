@@ -134,6 +134,11 @@ def test_onnxruntime_nodes_are_identified_by_their_work():
     # QLinearConv: the weight is input 3
     assert node_signature("QLinearConv", [[1, 8, 4, 4], [], [], [16, 8, 1, 1]],
                           [[1, 16, 4, 4]]) == (16 * 16 * 8, 16 * 16)
+    # ... unless onnxruntime prepacked it (then it is not listed): the graph's shape serves
+    prepacked = [[1, 4, 4, 8], [], [], [16], [16], [], [], [16]]  # NHWC, as it runs it
+    assert node_signature("QLinearConv", prepacked, [[1, 4, 4, 16]]) is None
+    assert node_signature("QLinearConv", prepacked, [[1, 4, 4, 16]], [16, 8, 1, 1]) == (
+        16 * 16 * 8, 16 * 16)
     assert node_signature("MatMul", [[1, 128, 256], [256, 64]], [[1, 128, 64]]) == (
         128 * 64 * 256, 128 * 64)
     assert node_signature("Relu", [[1, 8]], [[1, 8]]) is None

@@ -9,12 +9,16 @@ same pair (a ResNet's downsample and its first 1x1 conv of a stage can share it)
 group, compared as a whole: every kernel of the group against every node of the group.
 onnxruntime's NCHWc convs pad channels to blocks of 16 and report the padded shapes: a
 layer whose channel counts are not multiples of 16 finds no partner and counts as unmatched.
+A TVM kernel holds what it fused (bias, ReLU, a residual add); onnxruntime fuses some of
+that and runs the rest as nodes of their own (its int8 ``QLinearAdd``), which land in its
+unmatched time: read a group's ratio with the two unmatched totals beside it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -43,21 +47,25 @@ def _shapes(entries) -> list[list[int]]:
     return [next(iter(e.values())) for e in entries or []]
 
 
-def node_signature(op: str, inputs: list[list[int]], outputs: list[list[int]]):
+def node_signature(op: str, inputs: list[list[int]], outputs: list[list[int]],
+                   graph_weight: list[int] | None = None):
     """``(MACs, output elements)`` of a conv or matmul node from its profiled shapes; None
-    for any other operator (or shapes the profile left out)."""
+    for any other operator (or shapes the profile left out). ``graph_weight``: the weight's
+    shape in the ONNX graph, for nodes whose weight onnxruntime prepacked (its int8
+    QLinearConv then lists no weight among its inputs)."""
     index = _WEIGHT_INPUT.get(op)
-    if index is None or len(inputs) <= index or not outputs or not outputs[0]:
+    if index is None or not outputs or not outputs[0]:
         return None
-    out, weight = outputs[0], inputs[index]
+    out = outputs[0]
     elements = math.prod(out)
     if "Conv" in op:
-        if len(out) < 3 or not weight:
+        weight = graph_weight or (inputs[index] if len(inputs) > index else None)
+        if len(out) < 3 or not weight or len(weight) < 3:
             return None
         # weight [O, I/groups, kh, kw]: each output element takes I/groups * kh * kw MACs
         return elements * (math.prod(weight) // weight[0]), elements
-    data = inputs[0]
-    if not data:
+    data = inputs[0] if inputs else None
+    if not data or len(inputs) <= index:
         return None
     return elements * data[-1], elements  # [..., K] x [K, N]
 
@@ -93,6 +101,7 @@ def profile_onnxruntime(model: Path, threads: int, repeat: int = 20, warmup: int
         for _ in range(warmup + repeat):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    weights = graph_weight_shapes(model)
     times: dict[str, list[float]] = {}
     meta: dict[str, tuple] = {}
     for e in events:
@@ -106,9 +115,24 @@ def profile_onnxruntime(model: Path, threads: int, repeat: int = 20, warmup: int
     for name, durations in times.items():
         kept = durations[-repeat:]  # one per run, the warm-up runs first
         op, inputs, outputs = meta[name]
+        graph_name = re.sub(r"(_token_\d+|_nchwc)$", "", name)
         nodes.append(OrtNode(name, op, statistics.median(kept),
-                             node_signature(op, inputs, outputs)))
+                             node_signature(op, inputs, outputs, weights.get(graph_name))))
     return sorted(nodes, key=lambda n: -n.us)
+
+
+def graph_weight_shapes(model: Path) -> dict[str, list[int]]:
+    """Conv node name -> its weight's shape in the ONNX graph: an initializer, or one behind
+    a DequantizeLinear (a QDQ model)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in dims:
+            dims[node.output[0]] = dims[node.input[0]]
+    return {n.name: dims[n.input[1]] for n in graph.node
+            if "Conv" in n.op_type and len(n.input) > 1 and n.input[1] in dims}
 
 
 def kernel_signature(work) -> tuple[int, int] | None:
@@ -169,7 +193,7 @@ def format_comparison(result: dict, top: int | None = 15) -> str:
              "| TVM kernel(s) | onnxruntime node(s) | TVM ms | onnxruntime ms | ratio | lost ms |",
              "|---|---|---|---|---|---|"]
     for g in result["groups"][:top]:
-        names = ", ".join(g["kernels"])
+        names = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in g["kernels"])
         nodes = ", ".join(g["nodes"][:3]) + (f" (+{len(g['nodes']) - 3})"
                                               if len(g["nodes"]) > 3 else "")
         ratio = "-" if g["ratio"] is None else f"{g['ratio']:.2f}x"
