@@ -59,7 +59,9 @@ def node_signature(op: str, inputs: list[list[int]], outputs: list[list[int]],
     out = outputs[0]
     elements = math.prod(out)
     if "Conv" in op:
-        weight = graph_weight or (inputs[index] if len(inputs) > index else None)
+        listed = inputs[index] if len(inputs) > index else None
+        # as it runs (NCHWc pads channels: the listed shape matches the output's padding)
+        weight = listed if listed and len(listed) >= 3 else graph_weight
         if len(out) < 3 or not weight or len(weight) < 3:
             return None
         # weight [O, I/groups, kh, kw]: each output element takes I/groups * kh * kw MACs
