@@ -134,6 +134,27 @@ def test_cpu_weights_sit_at_staggered_page_offsets():
         np.testing.assert_array_equal(t.numpy(), v)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "uint8", "int32"])
+def test_staggered_weights_keep_every_dtype_bit_exact(dtype):
+    """bfloat16 has no numpy dtype DLPack takes: the bytes are copied by TVM, not numpy."""
+    import tvm
+
+    from pipeline.runtime.params import page_offset, staggered_weights
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 255, (3, 4 * 64), dtype=np.uint8)
+    source = tvm.runtime.tensor(raw, tvm.cpu())._create_view((3, 64 * 4 // tvm.runtime.DataType(
+        dtype).itemsize), dtype)
+    empty = tvm.runtime.tensor(np.zeros((0, 4), np.float32), tvm.cpu())
+    placed = staggered_weights([source, empty])
+    assert str(placed[0].dtype) == dtype and placed[0].shape == source.shape
+    assert placed[0].data_ptr() % 4096 == page_offset(0)
+    back = tvm.runtime.tensor(np.zeros_like(raw), tvm.cpu())
+    placed[0].copyto(back._create_view(source.shape, dtype))
+    np.testing.assert_array_equal(back.numpy(), raw)
+    assert placed[1].shape == (0, 4)
+
+
 _PLACEMENT_DRIVER = r"""
 #include <cstdio>
 #include "weights.h"

@@ -109,12 +109,17 @@ def staggered_weights(tensors: list) -> list:
 
     placed = []
     for i in range(len(tensors)):
-        values = tensors[i].numpy()
-        tensors[i] = None  # the file's copy goes as soon as this one is placed
-        offset = page_offset(i)
-        buffer = np.empty(values.nbytes + offset + PAGE, np.uint8)
-        start = (-buffer.ctypes.data) % PAGE + offset
-        view = buffer[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
-        view[...] = values
-        placed.append(tvm.runtime.from_dlpack(view))  # keeps ``buffer`` alive
+        source, tensors[i] = tensors[i], None  # the file's copy goes once this one is placed
+        nbytes = _nbytes(source)
+        if nbytes == 0:  # nothing to place (numpy gives an empty slice no aligned address)
+            placed.append(source)
+            continue
+        buffer = np.empty(nbytes + page_offset(i) + PAGE, np.uint8)
+        start = (-buffer.ctypes.data) % PAGE + page_offset(i)
+        # raw bytes through DLPack (it keeps ``buffer`` alive), typed as a TVM view: numpy
+        # has no bfloat16 or float8 that DLPack takes
+        raw = tvm.runtime.from_dlpack(buffer[start:start + nbytes])
+        target = raw._create_view(tuple(int(d) for d in source.shape), source.dtype)
+        source.copyto(target)
+        placed.append(target)
     return placed
