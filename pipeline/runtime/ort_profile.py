@@ -72,6 +72,21 @@ def node_signature(op: str, inputs: list[list[int]], outputs: list[list[int]],
     return elements * data[-1], elements  # [..., K] x [K, N]
 
 
+def bench_session_options(threads: int, config: dict | None = None):
+    """onnxruntime's CPU session as ``doit bench`` times it (and this profile, so the two
+    agree): ``threads`` intra-op threads, one inter-op, sequential, every graph optimisation;
+    ``config``: session config entries (a scheme's ``ort_session_config``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 def profile_onnxruntime(model: Path, threads: int, repeat: int = 20, warmup: int = 3,
                         session_config: dict | None = None, seed: int = 0) -> list[OrtNode]:
     """Per-node median time of ``model`` in onnxruntime on the CPU (sequential, ``threads``
@@ -82,12 +97,7 @@ def profile_onnxruntime(model: Path, threads: int, repeat: int = 20, warmup: int
 
     if not Path(model).is_file():
         raise ConfigError(f"{model} not found: build the artifact first")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
+    options = bench_session_options(threads, session_config)
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
         options.enable_profiling = True

@@ -166,15 +166,14 @@ def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
     import onnxruntime as ort
 
     model = Path(art.qdq_onnx if art.quantized else art.fp32_onnx)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    from pipeline.runtime.ort_profile import bench_session_options
+
+    config = None
     if art.quantized and art.scheme:  # the scheme's session config for its model
         from pipeline.schemes import get_scheme
 
-        for key, value in get_scheme(art.scheme).ort_session_config.items():
-            options.add_session_config_entry(key, value)
+        config = dict(get_scheme(art.scheme).ort_session_config)
+    options = bench_session_options(threads, config)
     provider = "CPUExecutionProvider"
     if art.is_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         provider = "CUDAExecutionProvider"
