@@ -33,7 +33,7 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler import intrinsics
+    from pipeline.compiler import intrinsics, weight_prepack
     from pipeline.compiler.lowering import lower_for_target
 
     spec = get_target(target_name)
@@ -44,17 +44,25 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     database = None
     if database_dir is not None and (database_dir / "database_workload.json").exists():
         database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
+    # kernels whose weight-packing twin has records are compiled as the twin (the tune
+    # stage chose the same, so the records match); their weights are packed below
+    twins: list[str] = []
+    if database is not None:
+        mod, twins = weight_prepack.prefer_prepacked(mod, target, database)
     tuned, untuned = untuned_kernels(mod, target, database)
     if database is not None:
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    packed = [name for name in twins if weight_prepack.packs_weights(mod[name])]
     label, schedule_untuned = UNTUNED_SCHEDULERS[spec.backend.untuned_scheduler]
     extra = {}
     if schedule_untuned is not None:
         mod, extra = schedule_untuned(mod, target, compute_dtype, transfer_logs)
+    if packed:
+        mod = weight_prepack.fold_packed_weights(mod, target)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
-              "untuned_scheduler": label, **lowering, **extra, **_float16_note(target,
-                                                                         compute_dtype)}
+              "untuned_scheduler": label, **lowering, **extra,
+              "prepacked_weights": packed, **_float16_note(target, compute_dtype)}
     return mod, target, report
 
 

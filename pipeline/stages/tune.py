@@ -50,6 +50,10 @@ class TuneConfig:
     log_key: str = ""  # the committed logs' folder (models/tuning_logs/<log_key>)
     # fnmatch patterns of the kernels to tune (tune_tasks=); empty: every kernel
     only_tasks: tuple[str, ...] = ()
+    # prepack=on: tune every conv/matmul over constant weights as its weight-packing twin
+    # (pipeline.compiler.weight_prepack); twins that already have records are tuned as
+    # twins either way
+    prepack: bool = False
 
 
 def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
@@ -89,6 +93,23 @@ def _publish_records(cache_db, plans: list[TaskPlan], out_dir: Path, target,
     return verdicts
 
 
+def _plans_with_stats(mod, target, database, outcome: TuneOutcome) -> list[TaskPlan]:
+    """``mod``'s tasks, with the tuner's numbers where it tuned the same task (same name,
+    both plain or both weight-packing twins), else the database's."""
+    from pipeline.compiler.weight_prepack import is_twin
+
+    tuned = {p.name: p for p in outcome.plans}
+    plans = plan_tasks(mod, target)
+    for p in plans:
+        same = tuned.get(p.name)
+        if same is not None and is_twin(same.task.dispatched[0]["main"]) == \
+                is_twin(p.task.dispatched[0]["main"]):
+            p.records, p.best_us = same.records, same.best_us
+        else:
+            p.records, p.best_us = workload_stats(database, p)
+    return plans
+
+
 def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
         out_dir: Path) -> dict:
     """Stage entry: seed from the committed logs and the local cache, tune what is missing,
@@ -101,8 +122,9 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
     """
     import tempfile
 
-    from pipeline.compiler import intrinsics
+    from pipeline.compiler import intrinsics, weight_prepack
     from pipeline.compiler.lowering import lower_for_target
+    from pipeline.compiler.weight_prepack import prefer_prepacked
     from pipeline.compiler.workloads import load_module
     from pipeline.core.store import file_lock
     from pipeline.core.targets import get_target, tvm_target
@@ -129,7 +151,7 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
             _merge_logs([seed_logs, cache_dir], db_dir, prefer_cpu=ranking_cpus(
                 measuring_cpu(target, None, budget.cold_weights)))
             database = tuning_log.open_database(db_dir, report=_say)
-            plans = plan_tasks(mod, target)
+            plans = plan_tasks(prefer_prepacked(mod, target, database)[0], target)
             for p in plans:
                 p.records, p.best_us = workload_stats(database, p)
             outcome = TuneOutcome(plans)  # nothing more this command could do
@@ -142,16 +164,22 @@ def run(module_json: Path, seed_logs: Path, cache_dir: Path, config: TuneConfig,
             _merge_logs([seed_logs, cache_dir], cache_dir)
             # no rpc=: tune() measures here, with the budget's cold_weights
             runner = make_runner(_rpc(config.rpc)) if config.rpc else None
+            # twins with records are tuned as twins (compile will use them); prepack=on
+            # makes every conv/matmul over constant weights one
+            wanted = weight_prepack.twins(mod) if config.prepack else ()
             outcome = tune(mod, target, cache_dir, budget, runner=runner, progress=_say,
-                           only=config.only_tasks)
-            plans = outcome.plans
+                           only=config.only_tasks,
+                           prefer=lambda m, db: prefer_prepacked(m, target, db, wanted)[0])
             with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
                 view = Path(scratch) / "db"
                 # rank each workload by this CPU's own measurements where it has any
                 _merge_logs([cache_dir], view, prefer_cpu=ranking_cpus(
                     measuring_cpu(target, runner, budget.cold_weights)))
-                verdicts = _publish_records(tuning_log.open_database(view, report=_say),
-                                            plans, out_dir, target, verify)
+                database = tuning_log.open_database(view, report=_say)
+                # a twin left without a record (budget spent) goes back to its plain kernel
+                plans = _plans_with_stats(
+                    prefer_prepacked(mod, target, database)[0], target, database, outcome)
+                verdicts = _publish_records(database, plans, out_dir, target, verify)
     verdict = {v.name: v for v in verdicts}
     summary = {
         "tasks": [{"name": p.name, "share": round(p.share, 4), "weight": p.weight,

@@ -170,7 +170,7 @@ def stage_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
         wall_seconds=(options.tune_minutes * 60 if options.tune_minutes is not None
                       else budget.wall_seconds),
         seed=budget.seed, rpc=options.rpc, log_key=key,
-        only_tasks=options.tune_task_patterns())
+        only_tasks=options.tune_task_patterns(), prepack=options.prepack == "on")
     upstream = {"module": module}
     for f in _files(seed_logs, "database_*"):  # plain or gzipped
         upstream[f"logs/{f.name}"] = f

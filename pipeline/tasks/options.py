@@ -20,6 +20,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.spec import CPU_FP32_LAYOUTS
 
 TUNE_MODES = ("off", "missing", "extend")
+PREPACK_VALUES = ("on", "off")
 
 
 def max_threads() -> int:
@@ -39,6 +40,9 @@ class Options:
     # Comma-separated kernel names (fnmatch patterns) the tuner may work on; "" = all. The
     # roofline and tune_report.json name the slow kernels; a top-up can then go to them.
     tune_tasks: str = ""
+    # "on": tune the convs and matmuls over constant weights as weight-packing twins
+    # (pipeline.compiler.weight_prepack); a one-off, like tune_tasks (not remembered)
+    prepack: str = ""
     layout: str = ""  # overrides the spec's fp32 conv layout on CPUs (NHWC | NCHW16c)
     threads: int | None = None  # bench threads (default: every core of this machine)
     warmup: int = 5
@@ -65,6 +69,12 @@ class Options:
         elif self.tune_tasks and self.tune == "off":
             problems.append(f"tune_tasks={self.tune_tasks}: tune=off tunes nothing; use "
                             "tune=extend (top up those kernels) or tune=missing")
+        if self.prepack and self.prepack not in PREPACK_VALUES:
+            problems.append(f"prepack={self.prepack}: use prepack=on (tune the kernels with "
+                            "their weights packed too) or leave it out")
+        elif self.prepack == "on" and self.tune == "off":
+            problems.append("prepack=on: tune=off tunes nothing; use tune=extend (with "
+                            "tune_tasks= for some kernels) or tune=missing")
         if self.layout and self.layout not in CPU_FP32_LAYOUTS:
             problems.append(f"layout={self.layout}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
         if self.rpc:
@@ -151,7 +161,7 @@ def parse_options(get_var: Callable[..., str | None], target: str | None = None,
             values["tune_minutes"] = float(text)
         except ValueError:
             problems.append(f"tune_minutes={text}: not a number (allowed: minutes > 0)")
-    for name in ("tune", "rpc", "tune_tasks", "layout", "kit_report"):
+    for name in ("tune", "rpc", "tune_tasks", "prepack", "layout", "kit_report"):
         text = (get_var(name) or "").strip()
         if text:
             values[name] = text

@@ -286,17 +286,49 @@ def seed_schedules(mod, by_kind: dict, limit: int = 2) -> list:
     :func:`transfer_schedules` would transfer. The tuner measures them as the task's first
     candidates (prior-guided search: MetaSchedule's evolutionary search starts from a
     workload's best records)."""
+    from pipeline.compiler.weight_prepack import is_twin
     from pipeline.tuning.kernel_check import reads_by_index
 
     func = mod["main"]
     if reads_by_index(func) or not _has_reduction(func):
         return []
+    # a weight-packing twin (pipeline.compiler.weight_prepack) gets each borrowed schedule
+    # twice: as recorded (weights unpacked: the twin's records then always hold the plain
+    # schedule, measured beside the packed ones) and with its weights packed
+    twin = is_twin(func)
     schedules = []
     for _, _, record in _ranked(func, by_kind):
         try:
-            schedules.append(_replayed(record, func))
+            replayed = [_replayed(record, func)]
+            if twin:
+                replayed.append(_replayed_packed(record, func))
         except Exception:  # noqa: BLE001  (TVM raises its own error types; try the next)
             continue
-        if len(schedules) == limit:
+        schedules += replayed
+        if len(schedules) >= limit * (2 if twin else 1):
             break
     return schedules
+
+
+def _replayed_packed(record, func):
+    """:func:`_replayed`, then MetaSchedule's CPU postprocessors run again on the result,
+    ``RewriteLayout`` among them: the weights ``func`` marks layout-free are packed into the
+    order the schedule's loops read them. Raises if it does not replay."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    # (no adapt_unroll_steps: before the postprocessors the unroll step is still the
+    # block annotation the trace sampled, which they turn into the loops' pragma)
+    record.trace.apply_to_schedule(sch, remove_postproc=True,
+                                   decision_provider=adapting_decisions(sch))
+    sch.enter_postproc()
+    context = ms.TuneContext(mod=sch.mod, target=record.target,
+                             space_generator="post-order-apply",
+                             search_strategy="evolutionary")
+    for postproc in ms.postproc.Postproc.create("llvm"):
+        postproc._initialize_with_tune_context(context)  # noqa: SLF001  (TVM's own hook)
+        if not postproc.apply(sch):
+            raise ValueError(f"{type(postproc).__name__} rejects the packed schedule")
+    return sch

@@ -635,7 +635,7 @@ def tasks_named(plans: list[TaskPlan], patterns: tuple[str, ...]) -> set[str]:
 
 
 def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=print,
-         select=None, only: tuple[str, ...] = ()) -> TuneOutcome:
+         select=None, only: tuple[str, ...] = (), prefer=None) -> TuneOutcome:
     """Tune ``mod``'s tasks into the JSON database in ``db_dir`` within ``budget``.
 
     Records are appended to the database as they are measured, so a killed run keeps what
@@ -663,6 +663,9 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
     only : tuple of str
         Kernel names or fnmatch patterns (``tune_tasks=``): tune only the tasks they name;
         each must name at least one task of ``mod``.
+    prefer : callable, optional
+        ``prefer(mod, database) -> mod``: the module to tune, chosen once the database is
+        open (the tune stage swaps in weight-packing twins: compiler.weight_prepack).
 
     Returns
     -------
@@ -682,6 +685,8 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
 
     db_dir.mkdir(parents=True, exist_ok=True)
     database = tuning_log.open_database(db_dir)
+    if prefer is not None:
+        mod = prefer(mod, database)
     plans = plan_tasks(mod, target)
     named = tasks_named(plans, only) if only else None
     kind = target.kind.name
@@ -1145,14 +1150,16 @@ def _measure_schedules(database, plan: TaskPlan, schedules: list, runner,
     mod, target = task.dispatched[0], task.target
     kind = target.kind.name
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch, _ in schedules])
-    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     device = "cuda" if kind == "cuda" else "cpu"
-    inputs = [(trace, b) for (_, trace), b in zip(schedules, built) if b.error_msg is None]
+    # each schedule's own arguments: one that packs a weight (weight_prepack) is built and
+    # measured without its packing block, on the weight in the packed shape
+    inputs = [(trace, b, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+              for (sch, trace), b in zip(schedules, built) if b.error_msg is None]
     futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, args)
-                          for _, b in inputs])
+                          for _, b, args in inputs])
     workload = database.commit_workload(mod)
     best = None
-    for (trace, _), future in zip(inputs, futures):
+    for (trace, _, args), future in zip(inputs, futures):
         result = future.result()
         if result.error_msg is not None or not result.run_secs:
             continue

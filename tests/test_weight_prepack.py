@@ -1,0 +1,156 @@
+"""Weights packed at compile time in the order a kernel reads them (pipeline.compiler.
+weight_prepack): the twins, the packed replay of a record, and a compile that uses it."""
+
+import numpy as np
+import pytest
+from test_transfer import _conv_relu, _kernels, _lowered
+
+from pipeline.compiler import weight_prepack
+
+
+def _conv_kernel(mod) -> str:
+    (name,) = [n for n in _kernels(mod) if "conv" in n]
+    return name
+
+
+def test_twins_mark_the_constant_weights_of_reducing_kernels():
+    mod, _ = _lowered(_conv_relu())
+    conv = _conv_kernel(mod)
+    weights = weight_prepack.constant_args(mod)
+    # the conv takes (input, weight, bias, out): weight and bias are constants, the input
+    # is not; the output is not an argument of call_tir
+    assert weights[conv] == (1, 2)
+    twins = weight_prepack.twins(mod)
+    assert list(twins) == [conv]  # elementwise kernels (if any) are never twins
+    assert [int(i) for i in twins[conv].attrs[weight_prepack.LAYOUT_FREE]] == [1, 2]
+    swapped = weight_prepack.with_twins(mod, [conv])
+    assert weight_prepack.LAYOUT_FREE in swapped[conv].attrs
+    assert weight_prepack.LAYOUT_FREE not in (mod[conv].attrs or {})  # mod is untouched
+
+
+def _records(mod, target, tmp_path):
+    """A database holding, for the conv's twin, its rule schedule replayed with the weight
+    packed (as the tuner's seeds do); returns (database dir, twin's packed schedule)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import cpu_rules
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.tuning import transfer
+
+    conv = _conv_kernel(mod)
+    (plain,) = [p for p in plan_tasks(mod, target) if p.name == conv]
+    (twin,) = [p for p in plan_tasks(weight_prepack.with_twins(mod, [conv]), target)
+               if p.name == conv]
+    _, sch = cpu_rules.rule_schedule_traced(plain.task.dispatched[0]["main"], target)
+    scratch = ms.database.MemoryDatabase()
+    source = ms.database.TuningRecord(
+        sch.trace, scratch.commit_workload(plain.task.dispatched[0]), [1e-3], target,
+        ms.arg_info.ArgInfo.from_prim_func(plain.task.dispatched[0]["main"]))
+    packed = transfer._replayed_packed(source, twin.task.dispatched[0]["main"])
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    database.commit_tuning_record(ms.database.TuningRecord(
+        packed.trace, database.commit_workload(twin.task.dispatched[0]), [1e-4], target,
+        ms.arg_info.ArgInfo.from_entry_func(packed.mod, remove_preproc=True)))
+    return db_dir, packed
+
+
+def test_a_packed_replay_packs_the_weight_and_computes_the_same(tmp_path):
+    """A record's trace replayed on the twin with MetaSchedule's postprocessors: the kernel
+    gets a weight-packing block, its measured form takes the weight in another shape, and
+    it computes what the naive kernel computes (the kernel check)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tuning.kernel_check import first_agreeing
+
+    mod, target = _lowered(_conv_relu())
+    conv = _conv_kernel(mod)
+    _, packed = _records(mod, target, tmp_path)
+    func = packed.mod["main"]
+    assert weight_prepack.packs_weights(func)
+    measured = ms.arg_info.ArgInfo.from_entry_func(packed.mod, remove_preproc=True)
+    plain = ms.arg_info.ArgInfo.from_prim_func(mod[conv])
+    assert [tuple(a.shape) for a in measured] != [tuple(a.shape) for a in plain]
+    chosen, why_not = first_agreeing({conv: mod[conv]}, {conv: [lambda: func]}, target)
+    assert conv in chosen, why_not
+
+
+def test_compile_packs_the_weight_where_the_twin_has_a_record(tmp_path):
+    """compile's lowering: the kernel whose twin has a record is compiled as the twin, its
+    weight packed at compile time (model.params holds it in the packed shape), and the
+    model computes what the same model compiled without records computes."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.lowering import graph_cleanup
+    from pipeline.compiler.params import lift_constants
+    from pipeline.stages.compile_model import lower_and_schedule
+
+    model = _conv_relu()
+    lowered, target = _lowered(model)
+    db_dir, _ = _records(lowered, target, tmp_path)
+    source = graph_cleanup()(from_onnx(model, keep_params_in_input=False))
+    x = np.random.default_rng(1).standard_normal((1, 24, 20, 20)).astype(np.float32)
+    results, shapes, reports = {}, {}, {}
+    for label, database in (("packed", db_dir), ("plain", None)):
+        scheduled, target, report = lower_and_schedule(source, "cpu", "float32", database)
+        scheduled, weights = lift_constants(scheduled)
+        vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
+        results[label] = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+        shapes[label] = sorted(tuple(w.shape) for w in weights)
+        reports[label] = report
+    assert reports["packed"]["prepacked_weights"] == [_conv_kernel(lowered)]
+    assert reports["plain"]["prepacked_weights"] == []
+    assert shapes["packed"] != shapes["plain"]
+    np.testing.assert_allclose(results["packed"], results["plain"], rtol=1e-5, atol=1e-5)
+
+
+def test_prepack_option_is_checked():
+    from pipeline.core.errors import ConfigError
+    from pipeline.tasks.options import Options
+
+    assert Options(tune="extend", prepack="on").problems() == []
+    with pytest.raises(ConfigError, match="prepack=yes"):
+        Options(prepack="yes").validate()
+    with pytest.raises(ConfigError, match="tune=off tunes nothing"):
+        Options(tune="off", prepack="on").validate()
+
+
+@pytest.mark.slow  # two small tuning runs (builder and runner workers): ~1 minute
+def test_the_tuner_seeds_a_twin_with_its_plain_and_packed_schedule(tmp_path):
+    """A conv tuned plain, then as its twin (what `prepack=on` does): the twin's first
+    candidates are the plain record replayed as it is and with its weight packed, so the
+    twin's records hold both, each measured on its own arguments; the twin is what the
+    database now prefers for compile."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.workloads import plan_tasks
+    from pipeline.tuning import tuner
+    from pipeline.tuning.kernel_check import scheduled_func
+
+    mod, target = _lowered(_conv_relu(channels=16, size=8))
+    conv = _conv_kernel(mod)
+    db_dir = tmp_path / "db"
+    budget = tuner.TuneBudget(trials_per_task=4, max_trials=100, wall_seconds=600,
+                              builder_timeout=60, coarse_trials=4)
+    tuner.tune(mod, target, db_dir, budget, progress=lambda s: None, only=(conv,))
+    lines: list[str] = []
+    twin_budget = tuner.TuneBudget(trials_per_task=6, max_trials=100, wall_seconds=600,
+                                   builder_timeout=60, coarse_trials=6)
+    tuner.tune(mod, target, db_dir, twin_budget, progress=lines.append, only=(conv,),
+               prefer=lambda m, db: weight_prepack.prefer_prepacked(m, target, db, [conv])[0])
+    assert any("started from" in line for line in lines), lines
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    (twin,) = [p for p in plan_tasks(weight_prepack.with_twins(mod, [conv]), target)
+               if p.name == conv]
+    records = database.get_top_k(database.commit_workload(twin.task.dispatched[0]), 100)
+    packed = [weight_prepack.packs_weights(scheduled_func(r)) for r in records]
+    assert True in packed and False in packed, packed
+    plain_shapes = [tuple(int(d) for d in p.shape) for p in mod[conv].params]
+    for r, packs in zip(records, packed):
+        # measured on the packed tensors (the weight's, or the bias's, or both)
+        assert ([tuple(a.shape) for a in r.args_info] != plain_shapes) == packs
+    chosen, names = weight_prepack.prefer_prepacked(mod, target, database)
+    assert names == [conv] and weight_prepack.LAYOUT_FREE in chosen[conv].attrs
