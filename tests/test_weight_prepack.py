@@ -107,10 +107,37 @@ def test_compile_packs_the_weight_where_the_twin_has_a_record(tmp_path):
     np.testing.assert_allclose(results["packed"], results["plain"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_twin_slower_than_its_plain_kernel_is_not_chosen(tmp_path):
+    """The twin's best record against the plain kernel's best in the same database: the
+    twin only where it is at least as fast; a twin about to be tuned (``wanted``) always."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import cpu_rules
+    from pipeline.compiler.workloads import plan_tasks
+
+    mod, target = _lowered(_conv_relu())
+    conv = _conv_kernel(mod)
+    db_dir, _ = _records(mod, target, tmp_path)  # the twin's record: 100 us
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    assert weight_prepack.prefer_prepacked(mod, target, database)[1] == [conv]
+    (plain,) = [p for p in plan_tasks(mod, target) if p.name == conv]
+    workload = plain.task.dispatched[0]
+    _, sch = cpu_rules.rule_schedule_traced(workload["main"], target)
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(workload), [5e-5], target,
+        ms.arg_info.ArgInfo.from_prim_func(workload["main"])))  # the plain kernel: 50 us
+    assert weight_prepack.prefer_prepacked(mod, target, database)[1] == []
+    assert weight_prepack.prefer_prepacked(mod, target, database, [conv])[1] == [conv]
+    assert weight_prepack.prefer_prepacked(mod, target, None)[1] == []
+
+
 def test_prepack_option_is_checked():
     from pipeline.core.errors import ConfigError
-    from pipeline.tasks.options import Options
+    from pipeline.tasks.options import REMEMBERED, Options, parse_options
 
+    given = {"tune": "extend", "prepack": "on"}
+    assert parse_options(lambda name, default=None: given.get(name)).prepack == "on"
+    assert "prepack" not in REMEMBERED  # a one-off, like tune_tasks
     assert Options(tune="extend", prepack="on").problems() == []
     with pytest.raises(ConfigError, match="prepack=yes"):
         Options(prepack="yes").validate()
@@ -152,5 +179,10 @@ def test_the_tuner_seeds_a_twin_with_its_plain_and_packed_schedule(tmp_path):
     for r, packs in zip(records, packed):
         # measured on the packed tensors (the weight's, or the bias's, or both)
         assert ([tuple(a.shape) for a in r.args_info] != plain_shapes) == packs
+    (plain,) = [p for p in plan_tasks(mod, target) if p.name == conv]
+    plain_best = database.get_top_k(database.commit_workload(plain.task.dispatched[0]), 1)[0]
+    twin_faster = (sum(map(float, records[0].run_secs)) / len(records[0].run_secs)
+                   <= sum(map(float, plain_best.run_secs)) / len(plain_best.run_secs))
     chosen, names = weight_prepack.prefer_prepacked(mod, target, database)
-    assert names == [conv] and weight_prepack.LAYOUT_FREE in chosen[conv].attrs
+    assert (names == [conv]) == twin_faster
+    assert (weight_prepack.LAYOUT_FREE in (chosen[conv].attrs or {})) == twin_faster

@@ -20,13 +20,16 @@ the 3x3 stride-2 conv 512 @7x7 2.25 -> 1.52 ms, the 1x1 stride-2 1024 @14x14 1.3
 the 3x3 256 @14x14 (x5) 1.20 -> 1.16; but the 1x1 512 @28x28 1.19 -> 1.87 and the 1x1
 stride-2 2048 @7x7 1.20 -> 1.43. So a kernel is packed only where its *twin* (the same
 PrimFunc with the attribute: a workload of its own in the tuning database) has tuning
-records, and the twin's records always include the unpacked schedule measured alongside
-the packed ones (:func:`pipeline.tuning.transfer.seed_schedules`), so MetaSchedule's own
-choice of the twin's best record is the measured choice between packed and not.
+records at least as fast as its own (:func:`prefer_prepacked`), and a twin starts from its
+plain kernel's best records replayed both unpacked and packed
+(:func:`pipeline.tuning.transfer.twin_seeds`), so the twin's best record is itself a
+measured choice between packed and not.
 ``doit build:<artifact> tune=extend prepack=on`` tunes the twins.
 """
 
 from __future__ import annotations
+
+import math
 
 LAYOUT_FREE = "layout_free_buffers"
 PREPROC_BLOCK = "meta_schedule.layout_rewrite_preproc"
@@ -91,11 +94,16 @@ def with_twins(mod, names) -> object:
 
 
 def prefer_prepacked(mod, target, database, wanted=()):
-    """``(mod', names)``: ``mod`` with each kernel whose twin has a tuning record in
-    ``database`` (or whose name is in ``wanted``: twins about to be tuned) replaced by its
-    twin; ``names`` lists them. CPU targets only: elsewhere ``mod`` is returned as is.
-    Tune and compile both call this on the same lowered module and database records, so
-    they agree on every kernel's workload."""
+    """``(mod', names)``: ``mod`` with each kernel whose twin's best record in ``database``
+    is at least as fast as its own best (or that has none), or whose name is in ``wanted``
+    (twins about to be tuned), replaced by its twin; ``names`` lists them. CPU targets
+    only: elsewhere ``mod`` is returned as is.
+
+    The tune stage publishes from a database ranked for this CPU (each workload's records
+    of this CPU, measured cold, where it has any), so the twin and its plain kernel are
+    compared on like times, and it publishes only the variant chosen; compile, on that
+    published database, then chooses the same. A twin that measured slower than its plain
+    kernel (its seeds replayed another CPU's record, say) is never compiled."""
     from pipeline.compiler.workloads import plan_tasks
     from pipeline.tuning.tuner import valid_records
 
@@ -106,9 +114,19 @@ def prefer_prepacked(mod, target, database, wanted=()):
         return mod, []
     chosen = set(wanted) & set(candidates)
     if database is not None:
+        plain = {p.name: p for p in plan_tasks(mod, target) if p.name in candidates}
+
+        def best(workload_mod) -> float:
+            records = valid_records(database, workload_mod, 1)
+            return (sum(float(t) for t in records[0].run_secs) / len(records[0].run_secs)
+                    if records else math.inf)
+
         for plan in plan_tasks(with_twins(mod, candidates), target):
-            if plan.name in candidates and plan.name not in chosen and \
-                    valid_records(database, plan.task.dispatched[0], 1):
+            if plan.name not in candidates or plan.name in chosen:
+                continue
+            twin_secs = best(plan.task.dispatched[0])
+            if twin_secs < math.inf and (plan.name not in plain or twin_secs <= best(
+                    plain[plan.name].task.dispatched[0])):
                 chosen.add(plan.name)
     return (with_twins(mod, chosen), sorted(chosen)) if chosen else (mod, [])
 

@@ -310,6 +310,19 @@ def seed_schedules(mod, by_kind: dict, limit: int = 2) -> list:
     return schedules
 
 
+def twin_seeds(func, records) -> list:
+    """A weight-packing twin's first schedules: each of its plain kernel's ``records``
+    replayed as it is (weights unpacked) and with its weights packed."""
+    schedules = []
+    for record in records:
+        for replay in (_replayed, _replayed_packed):
+            try:
+                schedules.append(replay(record, func))
+            except Exception:  # noqa: BLE001  (TVM raises its own error types; skip it)
+                continue
+    return schedules
+
+
 def _replayed_packed(record, func):
     """:func:`_replayed`, then MetaSchedule's CPU postprocessors run again on the result,
     ``RewriteLayout`` among them: the weights ``func`` marks layout-free are packed into the

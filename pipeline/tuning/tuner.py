@@ -541,6 +541,7 @@ class MeasuredHere:
         self.here = here
         self.tagged_best: dict[str, float] = {}  # task -> best secs of records tagged here
         self.before: dict[str, set] = {}  # task -> ids of the records the run began with
+        self.tagged_ids: dict = {}  # workload key -> ids of its records tagged here
         if here is None:
             return
         contents = tuning_log.load(db_dir)
@@ -550,6 +551,7 @@ class MeasuredHere:
             if r.valid and contents.cpu_of(r) == here and r.workload_index in by_index:
                 key = by_index[r.workload_index].key
                 tagged[key] = min(tagged.get(key, math.inf), r.mean_secs)
+                self.tagged_ids.setdefault(key, set()).add(tuple(r.run_secs))
         for p in plans:
             mod = p.task.dispatched[0]
             if not database.has_workload(mod):
@@ -558,6 +560,16 @@ class MeasuredHere:
             if key in tagged:
                 self.tagged_best[p.name] = tagged[key]
             self.before[p.name] = {_record_id(r) for r in valid_records(database, mod, 100000)}
+
+    def best_records(self, database, workload_mod, k: int) -> list:
+        """The ``k`` fastest valid records of a workload, those measured the way this run
+        measures first (another CPU's or a hot time ranks schedules for another machine)."""
+        valid = valid_records(database, workload_mod, limit=100000)
+        if not valid:
+            return []
+        here = self.tagged_ids.get(tuning_log.workload_key(database.commit_workload(
+            workload_mod)), set())
+        return sorted(valid, key=lambda r: _record_id(r) not in here)[:k]  # stable: by time
 
     def stats(self, database, p: TaskPlan) -> tuple[int, float | None]:
         """(valid records, best us) of ``p``: the best of those measured here, where any."""
@@ -842,6 +854,7 @@ class _Run:
         self.stop: _StopOnSignal | None = None
         self.runner = None
         self._by_kind = None  # records grouped by kernel kind, read once a task needs them
+        self._plain: dict[str, list] = {}  # twin -> its plain kernel's best records
         self._builders: dict[float, object] = {}  # by timeout (a retry doubles it)
 
     def builder(self, timeout: float, kind: str):
@@ -900,14 +913,15 @@ class _Run:
         return self.task_models[p.name]
 
     def _seed(self, p: TaskPlan, timeout: float) -> int:
-        """Measure the schedules borrowed from kernels of ``p``'s kind; trials spent."""
+        """Measure the schedules borrowed from kernels of ``p``'s kind (for a weight-packing
+        twin: its plain kernel's best records, unpacked and packed); trials spent."""
         if self._by_kind is None:
             from pipeline.tuning import transfer
 
             self._by_kind = transfer.records_by_kind(self.database)
         seeded, seeded_us = _seed_from_kind(
             self.database, p, self._by_kind, self.runner,
-            self.builder(timeout, p.task.target.kind.name))
+            self.builder(timeout, p.task.target.kind.name), self._plain_records(p))
         self.outcome.trials += seeded
         self.done[p.name] += seeded
         if seeded:
@@ -915,6 +929,23 @@ class _Run:
                           "its kind: best " + (f"{seeded_us:.1f} us" if seeded_us
                                                else "none valid"))
         return seeded
+
+    def _plain_records(self, p: TaskPlan) -> list:
+        """For a weight-packing twin: its plain kernel's best records, this CPU's first
+        (the twin starts from them, unpacked and packed); empty for any other task."""
+        import tvm
+
+        from pipeline.compiler.weight_prepack import LAYOUT_FREE, is_twin
+
+        twin = p.task.dispatched[0]
+        if not is_twin(twin["main"]):
+            return []
+        if p.name not in self._plain:
+            plain = tvm.IRModule({"main": twin["main"].without_attr(LAYOUT_FREE)})
+            self._plain[p.name] = (self.measured_here.best_records(
+                self.database, plain, TWIN_SEEDS) if self.database.has_workload(plain)
+                else [])
+        return self._plain[p.name]
 
     def remeasure_elsewhere_measured(self, todo: list[TaskPlan], here: str) -> None:
         """For each task (largest share first) with no record measured the way this run
@@ -970,7 +1001,10 @@ class _Run:
                                   f"{timeout:g} s)")
                 self.progress(f"tune: task {i}/{len(todo)} {p.name} ({p.share * 100:.1f}% "
                               f"of model), {n} trials, {seconds_left:.0f} s left")
-                if budget.seed_from_kind and p.records == 0 and attempt == 0:
+                # a twin starts every run from its plain kernel's best records (unpacked
+                # and packed): its records then hold that schedule measured like its own
+                if budget.seed_from_kind and attempt == 0 and (
+                        p.records == 0 or self._plain_records(p)):
                     n = max(1, n - self._seed(p, timeout))
                 before = p.records
                 _, cut_short = self._measure(p, seed, timeout, n)
@@ -1111,20 +1145,27 @@ def _tune_one(database, plan: TaskPlan, db_dir: Path, seed: int, builder,
     return counter.n, scheduler.cut_short
 
 
+TWIN_SEEDS = 2  # plain records a weight-packing twin starts from (each unpacked and packed)
+
+
 def _seed_from_kind(database, plan: TaskPlan, by_kind: dict, runner,
-                    builder) -> tuple[int, float | None]:
+                    builder, plain_records=()) -> tuple[int, float | None]:
     """Prior-guided start of a task with no record: the schedules :mod:`.transfer` would
     borrow for its kernel (the nearest records of kernels of its kind, tile sizes adapted)
     and, on CPUs, its default schedule from rules (:mod:`pipeline.compiler.cpu_rules`) are
     measured first and filed as its records, so the evolutionary search starts from the
     best of them instead of from random samples only. Why the rule too: on bert-mini the
     rules alone ran the model 20% faster than rules + borrowed schedules (7.11 vs 8.89 ms),
-    and a kernel of a kind no record covers has nothing to borrow. Returns (candidates
-    measured, best us)."""
+    and a kernel of a kind no record covers has nothing to borrow. A weight-packing twin
+    starts from ``plain_records`` instead (its own kernel's best records, unpacked and
+    packed). Returns (candidates measured, best us)."""
     from pipeline.tuning import transfer
 
     task = _on_stored_workload(database, plan.task)
-    schedules = transfer.seed_schedules(task.dispatched[0], by_kind)
+    if plain_records:
+        schedules = transfer.twin_seeds(task.dispatched[0]["main"], plain_records)
+    else:
+        schedules = transfer.seed_schedules(task.dispatched[0], by_kind)
     if task.target.kind.name == "llvm" and not reads_by_index(task.dispatched[0]):
         from pipeline.compiler import cpu_rules
 
