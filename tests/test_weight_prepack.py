@@ -96,6 +96,8 @@ def test_compile_packs_the_weight_where_the_twin_has_a_record(tmp_path):
     results, shapes, reports = {}, {}, {}
     for label, database in (("packed", db_dir), ("plain", None)):
         scheduled, target, report = lower_and_schedule(source, "cpu", "float32", database)
+        # the packed kernel keeps its name (the roofline and tune_tasks= go by it)
+        assert _conv_kernel(lowered) in [g.name_hint for g in scheduled.get_global_vars()]
         scheduled, weights = lift_constants(scheduled)
         vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
         results[label] = vm["main"](tvm.runtime.tensor(x), *weights).numpy()

@@ -33,6 +33,7 @@ import math
 
 LAYOUT_FREE = "layout_free_buffers"
 PREPROC_BLOCK = "meta_schedule.layout_rewrite_preproc"
+SPLIT_SUFFIX = "_prepacked"  # SplitLayoutRewritePreproc's name for a kernel it splits
 
 
 def constant_args(mod) -> dict[str, tuple[int, ...]]:
@@ -135,14 +136,30 @@ def fold_packed_weights(mod, target):
     """After scheduling: each kernel's weight-packing block becomes a function of its own
     (``SplitLayoutRewritePreproc``), evaluated on the constant weights now
     (``FoldConstant``); the packing functions, then unused, are dropped."""
-    from tvm import relax, transform
+    from tvm import relax, tirx, transform
 
     with target:
-        return transform.Sequential([
+        mod = transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ])(mod)
+    # the split names each kernel "<name>_prepacked": it gets its own name back, the one
+    # the tuning report, the roofline and tune_tasks= know it by (through a public symbol:
+    # NormalizeGlobalVar renames a function to its global_symbol)
+    names = {gvar.name_hint for gvar in mod.get_global_vars()}
+    renamed = []
+    for gvar, func in list(mod.functions_items()):
+        name = gvar.name_hint.removesuffix(SPLIT_SUFFIX)
+        if isinstance(func, tirx.PrimFunc) and name != gvar.name_hint and name not in names:
+            mod[gvar] = func.with_attr("global_symbol", name)
+            renamed.append(name)
+    if renamed:
+        mod = relax.transform.NormalizeGlobalVar()(mod)
+        for gvar, func in list(mod.functions_items()):
+            if gvar.name_hint in renamed:
+                mod[gvar] = func.without_attr("global_symbol")
+    return mod
 
 
 def is_twin(func) -> bool:
