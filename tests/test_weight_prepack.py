@@ -188,3 +188,44 @@ def test_the_tuner_seeds_a_twin_with_its_plain_and_packed_schedule(tmp_path):
     chosen, names = weight_prepack.prefer_prepacked(mod, target, database)
     assert (names == [conv]) == twin_faster
     assert (weight_prepack.LAYOUT_FREE in (chosen[conv].attrs or {})) == twin_faster
+
+
+@pytest.mark.slow  # two doit runs that tune (builder and runner workers), and a C++ build
+def test_prepack_on_from_the_doit_command_line(tmp_path):
+    """``prepack=on`` as a user types it, after a plain tuning run: the conv's twin is
+    tuned into the cache (a workload marking its weights layout-free), the build goes
+    through every stage (the C++ app agrees with TVM in Python), and a kernel compile
+    reports as packed is published as its twin. A bad value is refused before anything
+    runs."""
+    import json
+
+    from doit_runner import doit
+    from test_tune import _rpc_spec
+    from test_tune_continue import _one_conv
+
+    from models import make_project
+
+    project = make_project(tmp_path / "p", _one_conv(), _rpc_spec())
+    run = doit(project, "tune:tiny_fp32@cpu", "tune=missing", "tune_tasks=*conv2d*")
+    assert run.returncode == 0, run.output
+    run = doit(project, "build:tiny_fp32", "tune=extend", "prepack=on", "tune_tasks=*conv2d*")
+    assert run.returncode == 0, run.output
+    assert "started from" in run.output, run.output  # the twin's seeds: the plain records
+    def twins_recorded(db_dir) -> int:
+        from tvm.s_tir import meta_schedule as ms
+
+        database = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+        return sum(weight_prepack.is_twin(r.workload.mod["main"])
+                   for r in database.get_all_tuning_records())
+
+    (cache,) = (project / "artifacts" / "tuning_cache").glob("*/database_workload.json")
+    assert twins_recorded(cache.parent) >= 1
+    out = project / "artifacts" / "tiny_fp32" / "cpu"
+    packed = json.loads((out / "compile" / "compile_report.json").read_text())[
+        "prepacked_weights"]
+    assert len(packed) <= 1 and all("conv2d" in name for name in packed), packed
+    if packed:
+        assert twins_recorded(out / "tune") == 1
+    assert (out / "smoke").exists()
+    bad = doit(project, "build:tiny_fp32", "tune=extend", "prepack=yes")
+    assert bad.returncode != 0 and "prepack=yes" in bad.output, bad.output

@@ -20,7 +20,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.spec import CPU_FP32_LAYOUTS
 
 TUNE_MODES = ("off", "missing", "extend")
-PREPACK_VALUES = ("on", "off")
+PREPACK_VALUES = ("on",)
 
 
 def max_threads() -> int:
