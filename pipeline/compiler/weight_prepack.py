@@ -58,24 +58,20 @@ def constant_args(mod) -> dict[str, tuple[int, ...]]:
     return {name: tuple(sorted(found)) for name, found in seen.items() if found}
 
 
-def _reduces(func) -> bool:
-    from pipeline.tuning.transfer import _has_reduction
-
-    return _has_reduction(func)
-
-
 def twins(mod, names=None) -> dict[str, object]:
     """``{kernel name: its twin}`` for the kernels of ``mod`` (or those in ``names``) that
     reduce (convs, matmuls) over constant weights: the same PrimFunc with
     ``layout_free_buffers`` naming those weights."""
     from tvm import tirx
 
+    from pipeline.compiler.workloads import has_reduction
+
     out = {}
     for name, weights in sorted(constant_args(mod).items()):
         if names is not None and name not in names:
             continue
         func = mod[name]
-        if not isinstance(func, tirx.PrimFunc) or not _reduces(func):
+        if not isinstance(func, tirx.PrimFunc) or not has_reduction(func):
             continue
         out[name] = func.with_attr(LAYOUT_FREE, [int(i) for i in weights])
     return out
@@ -106,7 +102,7 @@ def prefer_prepacked(mod, target, database, wanted=()):
     published database, then chooses the same. A twin that measured slower than its plain
     kernel (its seeds replayed another CPU's record, say) is never compiled."""
     from pipeline.compiler.workloads import plan_tasks
-    from pipeline.tuning.tuner import valid_records
+    from pipeline.tuning.logs import FAILED_RUN_SECS
 
     if target.kind.name != "llvm":
         return mod, []
@@ -118,9 +114,13 @@ def prefer_prepacked(mod, target, database, wanted=()):
         plain = {p.name: p for p in plan_tasks(mod, target) if p.name in candidates}
 
         def best(workload_mod) -> float:
-            records = valid_records(database, workload_mod, 1)
-            return (sum(float(t) for t in records[0].run_secs) / len(records[0].run_secs)
-                    if records else math.inf)
+            """The workload's fastest measured time (inf: none, or only failed ones)."""
+            if not database.has_workload(workload_mod):
+                return math.inf
+            records = database.get_top_k(database.commit_workload(workload_mod), 1)
+            secs = ([float(t) for t in records[0].run_secs]
+                    if records and records[0].run_secs else [])
+            return sum(secs) / len(secs) if secs and max(secs) < FAILED_RUN_SECS else math.inf
 
         for plan in plan_tasks(with_twins(mod, candidates), target):
             if plan.name not in candidates or plan.name in chosen:

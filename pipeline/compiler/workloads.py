@@ -7,6 +7,7 @@ I/O signature and its (de)serialisation live here too, below both stages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,11 @@ class TaskPlan:
     records: int = 0
     best_us: float | None = None
     attempts: int = 0  # tuning runs of this task in this call (2 after a retry)
+
+
+def has_reduction(func) -> bool:
+    """Whether a PrimFunc has a reduction axis (a conv, matmul, pooling, norm)."""
+    return re.search(r'T\.axis\.(reduce\(|remap\("[SR]*R)', func.script()) is not None
 
 
 def plan_tasks(mod, target) -> list[TaskPlan]:

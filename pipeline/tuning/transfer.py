@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.compiler.workloads import has_reduction
+
 MAX_TRIES = 4  # candidate records per kernel
 
 
@@ -48,11 +50,6 @@ class TransferReport:
 def block_names(func) -> tuple[str, ...]:
     """The names of a PrimFunc's blocks, sorted (the kernel's kind)."""
     return tuple(sorted(set(re.findall(r'T\.s?block\("([\w.]+)"', func.script()))))
-
-
-def _has_reduction(func) -> bool:
-    """Whether a PrimFunc has a reduction axis (a conv, matmul, pooling, norm)."""
-    return re.search(r'T\.axis\.(reduce\(|remap\("[SR]*R)', func.script()) is not None
 
 
 def _sizes(func) -> list[int]:
@@ -250,7 +247,7 @@ def transfer_schedules(mod, logs_dir: Path | None, target, check: bool = True):
         if reads_by_index(func):
             report.kept_naive[name] = GATHER_NOT_CHECKED
             continue
-        if not _has_reduction(func):
+        if not has_reduction(func):
             # a borrowed trace on an elementwise/layout kernel gains little and can take LLVM
             # half a minute to compile (inception_v2's transposes: up to 33 s each)
             report.kept_naive[name] = "no reduction (elementwise or layout): not transferred"
@@ -290,7 +287,7 @@ def seed_schedules(mod, by_kind: dict, limit: int = 2) -> list:
     from pipeline.tuning.kernel_check import reads_by_index
 
     func = mod["main"]
-    if reads_by_index(func) or not _has_reduction(func):
+    if reads_by_index(func) or not has_reduction(func):
         return []
     # a weight-packing twin (pipeline.compiler.weight_prepack) gets each borrowed schedule
     # twice: as recorded (weights unpacked: the twin's records then always hold the plain
