@@ -295,13 +295,13 @@ def seed_schedules(mod, by_kind: dict, limit: int = 2) -> list:
     twin = is_twin(func)
     schedules = []
     for _, _, record in _ranked(func, by_kind):
-        try:
-            replayed = [_replayed(record, func)]
-            if twin:
-                replayed.append(_replayed_packed(record, func))
-        except Exception:  # noqa: BLE001  (TVM raises its own error types; try the next)
-            continue
-        schedules += replayed
+        if twin:
+            schedules += twin_seeds(func, [record])
+        else:
+            try:
+                schedules.append(_replayed(record, func))
+            except Exception:  # noqa: BLE001  (TVM raises its own error types; the next)
+                continue
         if len(schedules) >= limit * (2 if twin else 1):
             break
     return schedules

@@ -915,13 +915,14 @@ class _Run:
     def _seed(self, p: TaskPlan, timeout: float) -> int:
         """Measure the schedules borrowed from kernels of ``p``'s kind (for a weight-packing
         twin: its plain kernel's best records, unpacked and packed); trials spent."""
-        if self._by_kind is None:
+        plain = self._plain_records(p)
+        if self._by_kind is None and not plain:  # a twin's seeds need no other kernels
             from pipeline.tuning import transfer
 
             self._by_kind = transfer.records_by_kind(self.database)
         seeded, seeded_us = _seed_from_kind(
             self.database, p, self._by_kind, self.runner,
-            self.builder(timeout, p.task.target.kind.name), self._plain_records(p))
+            self.builder(timeout, p.task.target.kind.name), plain)
         self.outcome.trials += seeded
         self.done[p.name] += seeded
         if seeded:
