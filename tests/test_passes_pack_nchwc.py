@@ -76,7 +76,7 @@ def test_unknown_layout_is_refused():
     from tvm.relax.frontend.onnx import from_onnx
 
     mod = from_onnx(H.residual_model(), keep_params_in_input=False)
-    with pytest.raises(ValueError, match="use one of NHWC, NCHW16c"):
+    with pytest.raises(ValueError, match="use one of NHWC, NCHW16c, NHWC-winograd"):
         lowering.lower_for_target(mod, tvm_target(get_target("cpu")), "float32", "NCHW8c")
 
 

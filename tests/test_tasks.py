@@ -79,7 +79,7 @@ def test_bad_options_all_reported():
         Options(target="tpu", tune="always", trials=0, rpc="nohost", layout="NCHW").validate()
     msg = str(e.value)
     for needle in ("target=tpu", "tune=always", "trials=0", "rpc=nohost",
-                   "layout=NCHW: use one of NHWC, NCHW16c"):
+                   "layout=NCHW: use one of NHWC, NCHW16c, NHWC-winograd"):
         assert needle in msg
     with pytest.raises(ConfigError, match="known targets: cpu, rtx4090, h100"):
         get_target("tpu")

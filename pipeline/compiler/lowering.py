@@ -56,6 +56,19 @@ def _convert_nhwc(mod, report: dict):
     return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
 
 
+def _convert_nhwc_winograd(mod, report: dict):
+    """NHWC, then the 3x3 stride-1 convs as Winograd F(m, 3) (:mod:`.passes.winograd`):
+    their weights, constants again after folding the layout conversion, are transformed."""
+    from tvm import relax
+
+    from pipeline.compiler.passes.winograd import winograd_conv2d
+
+    mod = relax.transform.FoldConstant()(_convert_nhwc(mod, report))
+    mod, done = winograd_conv2d(mod)
+    report["winograd"] = done.as_dict()
+    return mod
+
+
 def _pack_nchw16c(mod, report: dict):
     from pipeline.compiler.passes.pack_nchwc import PackFloat32NCHWc
 
@@ -72,6 +85,9 @@ def _cpu_float32_layout(target, layout: str):
     # the model as imported (always builds, at about half the speed: FACTS.md).
     if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
         return [("NHWC", _convert_nhwc), ("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
+    if layout == "NHWC-winograd":
+        return [("NHWC-winograd", _convert_nhwc_winograd), ("NHWC", _convert_nhwc),
+                ("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
     return [("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
 
 

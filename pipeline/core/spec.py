@@ -18,7 +18,7 @@ from pipeline.core.errors import ConfigError
 
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 QUANT_TYPES = ("uint8", "int8")
-CPU_FP32_LAYOUTS = ("NHWC", "NCHW16c")  # the choices of pipeline.compiler.lowering
+CPU_FP32_LAYOUTS = ("NHWC", "NCHW16c", "NHWC-winograd")  # the choices of pipeline.compiler.lowering
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 

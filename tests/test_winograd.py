@@ -1,0 +1,149 @@
+"""Winograd F(m, 3) convs (layout=NHWC-winograd): the transforms' algebra, each kernel's
+numerics against a float64 direct convolution, and a model lowered with them against
+onnxruntime."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from pipeline.compiler import lowering
+from pipeline.compiler.passes import winograd
+from pipeline.core.targets import get_target, tvm_target
+
+import models as M
+
+
+@pytest.mark.parametrize("m", sorted(winograd.WINOGRAD_TILES))
+def test_tiles_compute_a_correlation_exactly(m):
+    """A^T [(G k) . (B^T d)] is the valid correlation of d with k, in exact arithmetic,
+    for every basis d and k (so for all of them)."""
+    at, g, bt = winograd.WINOGRAD_TILES[m]
+
+    def mul(a, v):
+        return [sum(Fraction(x) * y for x, y in zip(row, v)) for row in a]
+
+    for i in range(m + 2):
+        for j in range(3):
+            d = [Fraction(int(n == i)) for n in range(m + 2)]
+            k = [Fraction(int(n == j)) for n in range(3)]
+            got = mul(at, [x * y for x, y in zip(mul(g, k), mul(bt, d))])
+            want = [sum(d[o + t] * k[t] for t in range(3)) for o in range(m)]
+            assert got == want, (m, i, j)
+
+
+def _direct(x, g):
+    """float64 3x3 stride-1 pad-1 convolution, NHWC x HWIO."""
+    n, h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(np.einsum("nhwc,ck->nhwk", xp[:, i:i + h, j:j + w], g[i, j].astype(np.float64))
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout", [(1, 8, 8, 16, 32), (1, 14, 14, 8, 16),
+                                            (2, 12, 8, 16, 8), (1, 6, 6, 4, 4)])
+def test_kernels_compute_the_convolution(n, h, w, cin, cout):
+    """input transform -> batched matmul with the transformed weight -> output transform
+    equals the direct convolution (float32 rounding only), at the tile tile_for picks."""
+    import tvm
+
+    m = winograd.tile_for(h, w)
+    assert m == (4 if h % 4 == 0 and w % 4 == 0 and min(h, w) >= 8 else 2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    g = (rng.standard_normal((3, 3, cin, cout)) * 0.2).astype(np.float32)
+    a, tiles = m + 2, n * (h // m) * (w // m)
+    to_tiles, from_tiles = (
+        tvm.compile(f.with_attr("global_symbol", "main"), target="llvm")
+        for f in (winograd.input_transform(n, h, w, cin, m),
+                  winograd.output_transform(n, h, w, cout, m)))
+    v = tvm.runtime.tensor(np.zeros((a * a, tiles, cin), np.float32))
+    to_tiles(tvm.runtime.tensor(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))), v)
+    mm = np.matmul(v.numpy(), winograd.transform_weight(g, m))
+    y = tvm.runtime.tensor(np.zeros((n, h, w, cout), np.float32))
+    from_tiles(tvm.runtime.tensor(mm), y)
+    ref = _direct(x, g)
+    assert np.abs(y.numpy() - ref).max() <= 2e-5 * np.abs(ref).max()
+
+
+def test_odd_outputs_have_no_tile():
+    assert winograd.tile_for(7, 7) is None and winograd.tile_for(14, 7) is None
+    assert winograd.tile_for(56, 56) == 4 and winograd.tile_for(14, 14) == 2
+
+
+def _lowered(model, monkeypatch, min_channels: int):
+    """``model`` lowered for the CPU with layout=NHWC-winograd: (module, report)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", min_channels)
+    mod = lowering.graph_cleanup()(from_onnx(model, keep_params_in_input=False))
+    report: dict = {}
+    lowered = lowering.lower_for_target(mod, tvm_target(get_target("cpu")), "float32",
+                                        "NHWC-winograd", report)
+    return lowered, report
+
+
+def test_convs_with_few_channels_stay_direct(monkeypatch):
+    """Below MIN_CHANNELS (the transforms would cost more than the matmul saves) a conv is
+    left to the direct kernel; the layout is still the one asked for."""
+    lowered, report = _lowered(M.tiny_convnet(with_bn=False), monkeypatch, 128)
+    assert report["layout"] == "NHWC-winograd" and report["winograd"] == {"convs": {}}
+    assert not any("winograd" in gv.name_hint for gv in lowered.get_global_vars())
+
+
+def test_model_lowered_with_winograd_matches_onnxruntime(monkeypatch):
+    """tiny_convnet's two 3x3 convs (8x8: F(4,3); MIN_CHANNELS lowered to their 3 and 8)
+    go Winograd, the epilogue (bias, residual add, relu) fused into the output transform;
+    the result matches onnxruntime."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    model = M.tiny_convnet(with_bn=False)
+    x = np.random.default_rng(1).standard_normal(M.TINY_SHAPE).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    lowered, report = _lowered(model, monkeypatch, 1)
+    assert report["layout"] == "NHWC-winograd"
+    assert report["winograd"] == {"convs": {"8x8 3->8 F(4,3)": 1, "8x8 8->8 F(4,3)": 1}}
+    kernels = [gv.name_hint for gv, f in lowered.functions.items()
+               if not isinstance(f, relax.Function)]
+    assert not any("conv2d" in k for k in kernels), kernels
+    assert any(k.startswith("fused_winograd_output") and k.endswith("relu") for k in kernels), \
+        kernels
+    target = tvm_target(get_target("cpu"))
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_transforms_stay_exact_when_vectorized(which):
+    """A transform scheduled the way MetaSchedule's CPU rules do (tiles x channels fused,
+    split, outer parallel, inner vectorized) computes what its loop form computes. A first
+    version bound each tile value to a name; vectorized, it computed wrong values, and the
+    tuner's kernel check refused every record."""
+    import tvm
+
+    n, h, w, c, m = 1, 8, 8, 32, 4
+    a, tiles = m + 2, (h // m) * (w // m)
+    if which == "input":
+        func = winograd.input_transform(n, h, w, c, m)
+        shapes = ((n, h + 2, w + 2, c), (a * a, tiles, c))
+    else:
+        func = winograd.output_transform(n, h, w, c, m)
+        shapes = ((a * a, tiles, c), (n, h, w, c))
+    func = func.with_attr("global_symbol", "main")
+    sch = tvm.s_tir.Schedule(func)
+    outer, inner = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock(f"winograd_{which}"))),
+                             [None, 16])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+    x = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
+    outs = []
+    for mod in (func, sch.mod):
+        out = tvm.runtime.tensor(np.zeros(shapes[1], np.float32))
+        tvm.compile(mod, target="llvm")(tvm.runtime.tensor(x), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
