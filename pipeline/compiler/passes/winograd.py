@@ -133,56 +133,57 @@ def _dims(*sizes: int) -> str:
     return "(" + ", ".join(f"T.int64({s})" for s in sizes) + ")"
 
 
+def _tile_origin(n: int, h: int, w: int, m: int) -> tuple[str, str, str, int]:
+    """For tiles numbered ``vp`` over an N x H x W output in m x m tiles: the TVMScript of a
+    tile's batch, first row and first column, and the number of tiles. Written into each
+    index rather than bound to names (see :func:`_two_passes`)."""
+    th, tw = h // m, w // m
+    return f"vp // {th * tw}", f"vp % {th * tw} // {tw} * {m}", f"vp % {tw} * {m}", n * th * tw
+
+
+def _tile_kernel(name: str, params: str, pattern: int, tiles: int, channels: int,
+                 reads: str, writes: str, stores: list[str]) -> str:
+    """TVMScript of a PrimFunc with one block over (tile ``vp``, channel ``vc``) that makes
+    ``stores`` (``buffer[...] = value`` lines)."""
+    return "\n".join([
+        "@T.prim_func(private=True, s_tir=True)",
+        f"def {name}({params}):",
+        f"    T.func_attr({{\"tirx.noalias\": True, \"op_pattern\": {pattern}}})",
+        f"    for p, ch in T.grid(T.int64({tiles}), T.int64({channels})):",
+        f"        with T.sblock(\"{name}\"):",
+        "            vp, vc = T.axis.remap(\"SS\", [p, ch])",
+        f"            T.reads({reads})",
+        f"            T.writes({writes})",
+        *(f"            {line}" for line in stores)]) + "\n"
+
+
 def _input_source(n: int, h: int, w: int, c: int, m: int) -> str:
     # reads the input zero-padded by 1 (a Relax pad before it): no bounds checks, so the
     # channel loop vectorizes
     a = m + 2
     _, _, bt = WINOGRAD_TILES[m]
-    th, tw = h // m, w // m
-    tiles = n * th * tw
-    lines = [
-        "@T.prim_func(private=True, s_tir=True)",
-        f"def winograd_input(x: T.Buffer({_dims(n, h + 2, w + 2, c)}, \"float32\"), "
-        f"v: T.Buffer({_dims(a * a, tiles, c)}, \"float32\")):",
-        f"    T.func_attr({{\"tirx.noalias\": True, \"op_pattern\": {_OPAQUE}}})",
-        f"    for p, ch in T.grid(T.int64({tiles}), T.int64({c})):",
-        "        with T.sblock(\"winograd_input\"):",
-        "            vp, vc = T.axis.remap(\"SS\", [p, ch])",
-        f"            T.reads(x[vp // {th * tw}, vp % {th * tw} // {tw} * {m}:"
-        f"vp % {th * tw} // {tw} * {m} + {a}, vp % {tw} * {m}:vp % {tw} * {m} + {a}, vc])",
-        f"            T.writes(v[0:{a * a}, vp, vc])",
-    ]
-    b, row, col = f"vp // {th * tw}", f"vp % {th * tw} // {tw} * {m}", f"vp % {tw} * {m}"
+    b, row, col, tiles = _tile_origin(n, h, w, m)
     d = [[f"x[{b}, {row} + {i}, {col} + {j}, vc]" for j in range(a)] for i in range(a)]
-    for e, row_e in enumerate(_two_passes(bt, bt, d)):
-        for k, value in enumerate(row_e):
-            lines.append(f"            v[{e * a + k}, vp, vc] = {value}")
-    return "\n".join(lines) + "\n"
+    stores = [f"v[{e * a + k}, vp, vc] = {value}"
+              for e, row_e in enumerate(_two_passes(bt, bt, d)) for k, value in enumerate(row_e)]
+    return _tile_kernel(
+        "winograd_input", f"x: T.Buffer({_dims(n, h + 2, w + 2, c)}, \"float32\"), "
+        f"v: T.Buffer({_dims(a * a, tiles, c)}, \"float32\")", _OPAQUE, tiles, c,
+        f"x[{b}, {row}:{row} + {a}, {col}:{col} + {a}, vc]", f"v[0:{a * a}, vp, vc]", stores)
 
 
 def _output_source(n: int, h: int, w: int, k: int, m: int) -> str:
     a = m + 2
     at, _, _ = WINOGRAD_TILES[m]
-    th, tw = h // m, w // m
-    tiles = n * th * tw
-    lines = [
-        "@T.prim_func(private=True, s_tir=True)",
-        f"def winograd_output(mm: T.Buffer({_dims(a * a, tiles, k)}, \"float32\"), "
-        f"y: T.Buffer({_dims(n, h, w, k)}, \"float32\")):",
-        f"    T.func_attr({{\"tirx.noalias\": True, \"op_pattern\": {_OUT_ELEMWISE_FUSABLE}}})",
-        f"    for p, ch in T.grid(T.int64({tiles}), T.int64({k})):",
-        "        with T.sblock(\"winograd_output\"):",
-        "            vp, vk = T.axis.remap(\"SS\", [p, ch])",
-        f"            T.reads(mm[0:{a * a}, vp, vk])",
-        f"            T.writes(y[vp // {th * tw}, vp % {th * tw} // {tw} * {m}:"
-        f"vp % {th * tw} // {tw} * {m} + {m}, vp % {tw} * {m}:vp % {tw} * {m} + {m}, vk])",
-    ]
-    b, row, col = f"vp // {th * tw}", f"vp % {th * tw} // {tw} * {m}", f"vp % {tw} * {m}"
-    tile = [[f"mm[{i * a + j}, vp, vk]" for j in range(a)] for i in range(a)]
-    for r, row_r in enumerate(_two_passes(at, at, tile)):
-        for c, value in enumerate(row_r):
-            lines.append(f"            y[{b}, {row} + {r}, {col} + {c}, vk] = {value}")
-    return "\n".join(lines) + "\n"
+    b, row, col, tiles = _tile_origin(n, h, w, m)
+    tile = [[f"mm[{i * a + j}, vp, vc]" for j in range(a)] for i in range(a)]
+    stores = [f"y[{b}, {row} + {r}, {col} + {c}, vc] = {value}"
+              for r, row_r in enumerate(_two_passes(at, at, tile))
+              for c, value in enumerate(row_r)]
+    return _tile_kernel(
+        "winograd_output", f"mm: T.Buffer({_dims(a * a, tiles, k)}, \"float32\"), "
+        f"y: T.Buffer({_dims(n, h, w, k)}, \"float32\")", _OUT_ELEMWISE_FUSABLE, tiles, k,
+        f"mm[0:{a * a}, vp, vc]", f"y[{b}, {row}:{row} + {m}, {col}:{col} + {m}, vc]", stores)
 
 
 def _parse(source: str):
