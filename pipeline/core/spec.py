@@ -67,7 +67,8 @@ class VariantSpec:
     # keep in float: a transformer quantizes ["MatMul", "Gemm"], never its mask arithmetic
     op_types: tuple = ()
     exclude_nodes: tuple = ()
-    layout: str = ""  # fp32 convs on CPUs: "NHWC" or "NCHW16c"; empty: the pipeline's default
+    # fp32 convs on CPUs: "NHWC", "NCHW16c" or "NHWC-winograd"; empty: the pipeline's default
+    layout: str = ""
     # block-wise weight-only schemes (w4g32, ...): zero points per group (false) or none
     symmetric: bool = False
     # MatMulNBits accuracy_level written into the quantized ONNX: what onnxruntime computes
