@@ -9,11 +9,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import models as M
 from pipeline.compiler import lowering
 from pipeline.compiler.passes import winograd
 from pipeline.core.targets import get_target, tvm_target
-
-import models as M
 
 
 @pytest.mark.parametrize("m", sorted(winograd.WINOGRAD_TILES))
