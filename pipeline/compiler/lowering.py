@@ -83,12 +83,11 @@ def _cpu_float32_layout(target, layout: str):
     # The chosen layout first, then the fallbacks, in order: NCHW16c is the project's own
     # pass (it packs only the convs and ops it knows, converting at their edges), NCHW is
     # the model as imported (always builds, at about half the speed: FACTS.md).
-    if (layout or DEFAULT_CPU_FP32_LAYOUT) == "NHWC":
-        return [("NHWC", _convert_nhwc), ("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
-    if layout == "NHWC-winograd":
-        return [("NHWC-winograd", _convert_nhwc_winograd), ("NHWC", _convert_nhwc),
-                ("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
-    return [("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
+    # NHWC-winograd falls back to plain NHWC first.
+    packed = [("NCHW16c", _pack_nchw16c), ("NCHW", _keep_layout)]
+    nhwc = [("NHWC", _convert_nhwc), *packed]
+    return {"NHWC": nhwc, "NHWC-winograd": [("NHWC-winograd", _convert_nhwc_winograd), *nhwc],
+            "NCHW16c": packed}[layout or DEFAULT_CPU_FP32_LAYOUT]
 
 
 def _cpu_float16_layout(target, layout: str):
