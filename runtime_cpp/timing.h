@@ -60,6 +60,17 @@ inline std::string to_json(const Stats& s) {
   return buf;
 }
 
+/*! \brief Samples as a JSON array of milliseconds, in the order given. */
+inline std::string to_json(const std::vector<double>& samples_ms) {
+  std::string out = "[";
+  char buf[32];
+  for (size_t i = 0; i < samples_ms.size(); ++i) {
+    std::snprintf(buf, sizeof(buf), "%s%.6f", i ? ", " : "", samples_ms[i]);
+    out += buf;
+  }
+  return out + "]";
+}
+
 /*! \brief Monotonic stopwatch (steady_clock: immune to wall-clock adjustments). */
 class Stopwatch {
  public:

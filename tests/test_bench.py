@@ -74,11 +74,13 @@ def test_bad_settings_are_rejected(tmp_path):
                                      tmp_path, INPUTS)
     with pytest.raises(ConfigError, match="threads=0"):
         bench.run(art, threads=0, warmup=0, repeat=1, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="rounds=0 must be >= 1"):
+        bench.run(art, threads=1, warmup=0, repeat=1, out_dir=tmp_path, rounds=0)
 
 
 @pytest.mark.slow
 def test_bench_json_has_every_runner_and_a_finite_ratio(artifact, tmp_path):
-    result = bench.run(artifact, threads=1, warmup=1, repeat=3, out_dir=tmp_path)
+    result = bench.run(artifact, threads=1, warmup=1, repeat=3, out_dir=tmp_path, rounds=2)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved == result and saved["status"] == "ok"
     for runner in bench.RUNNERS:
@@ -86,11 +88,19 @@ def test_bench_json_has_every_runner_and_a_finite_ratio(artifact, tmp_path):
         for key in ("median_ms", "p90_ms", "min_ms", "throughput_per_s"):
             assert math.isfinite(entry[key]) and entry[key] > 0, (runner, key)
         assert entry["min_ms"] <= entry["median_ms"] <= entry["p90_ms"]
-        assert entry["count"] == 3 and entry["threads"] == 1
+        # repeat=3 over 2 rounds: 2 timed runs a round, statistics over all 4
+        assert entry["count"] == 4 and entry["threads"] == 1
+        assert len(entry["round_medians_ms"]) == 2 and "samples_ms" not in entry
+        # (the app's JSON rounds to 1e-6 ms)
+        assert min(entry["round_medians_ms"]) - 1e-6 <= entry["median_ms"] <= max(
+            entry["round_medians_ms"]) + 1e-6
     assert saved["cpp"]["peak_rss_mb"] > 1 and "RUSAGE_CHILDREN" in saved["cpp"]["peak_rss_method"]
     assert saved["onnxruntime"]["model"] == "fp32 ONNX"
     assert math.isfinite(saved["ratio"]) and saved["ratio"] > 0
     assert saved["ratio"] == pytest.approx(saved["cpp"]["median_ms"] /
                                            saved["onnxruntime"]["median_ms"])
+    assert saved["ratio_per_round"] == pytest.approx(
+        [c / o for c, o in zip(saved["cpp"]["round_medians_ms"],
+                               saved["onnxruntime"]["round_medians_ms"])])
     bench.report([saved], tmp_path / "report")
     assert (tmp_path / "report" / "bench.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -399,6 +399,10 @@ def test_app_output_matches_tvm_vm_and_onnxruntime(cpu_package, tiny, tmp_path):
         assert 0 < stats["exclude_copies_ms"][key] <= stats["include_copies_ms"][key]
     assert stats["latency_ms"]["count"] == 5
     assert stats["latency_ms"]["min"] <= stats["latency_ms"]["median"] <= stats["latency_ms"]["p90"]
+    # the timed runs themselves, for pooling across runs: the summary is theirs
+    samples = stats["samples_ms"]
+    assert len(samples) == 5 and min(samples) == pytest.approx(stats["latency_ms"]["min"])
+    assert float(np.median(samples)) == pytest.approx(stats["latency_ms"]["median"], abs=2e-6)
 
     proc = app.run_binary(out, tiny["x_npy"], device_timing="include-copies", threads=1)
     assert proc.returncode == 0 and "threads: 1 of" in proc.stdout

@@ -171,7 +171,7 @@ def test_parse_options_names_every_bad_value():
     from pipeline.tasks.options import parse_options
 
     given = {"trials": "abc", "tune_minutes": "-1", "rpc": "host:port:key", "threads": "0",
-             "warmup": "x", "repeat": "0"}
+             "warmup": "x", "repeat": "0", "rounds": "0"}
     with pytest.raises(ConfigError) as e:
         parse_options(given.get, argv=["build:tiny_int8", "trails=3", "trials=abc"],
                       other_vars=("baseline",))
@@ -181,6 +181,7 @@ def test_parse_options_names_every_bad_value():
                    "rpc=host:port:key: port 'port' must be a number 1..65535",
                    "threads=0: must be 1..", "warmup=x: not a whole number (allowed: >= 0)",
                    "repeat=0: must be a whole number >= 1",
+                   "rounds=0: must be a whole number >= 1",
                    "trails=3: unknown option 'trails' (options: baseline, kit_report, layout"):
         assert needle in msg
     assert "trials=abc" in msg and "build:tiny_int8" not in msg

@@ -1,6 +1,12 @@
 """Stage ``bench``: latency of the C++ binary, TVM in Python and onnxruntime, in one run.
 
-The three are measured back to back on the same input with the same thread count:
+The three are measured on the same input with the same thread count, interleaved: ``rounds``
+rounds, each timing the three in turn (``repeat`` split between them, ``warmup`` untimed runs
+at the start of each), and each runner's statistics pooled over its rounds. On a shared
+machine the load drifts over a minute; a runner timed only at the start or the end of a run
+would be judged by a different minute than the others (measured on a 2-core cloud VM:
+onnxruntime alone drifted 38.7 -> 42.9 ms between minutes). Interleaving gives each the same
+mix of minutes, and ``ratio_per_round`` shows how steady the comparison was.
 
 - ``cpp``: the packaged ``bin/infer --warmup --repeat --threads --json``; its JSON's
   ``latency_ms`` (for a CUDA target: ``main()`` without the host<->device copies). Peak
@@ -57,7 +63,9 @@ print(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr"
                   "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
-# TVM_NUM_THREADS is set in this interpreter's environment before tvm is imported.
+# TVM_NUM_THREADS is set in this interpreter's environment before tvm is imported. One
+# process serves every round (importing tvm and loading the model take seconds): each line
+# on stdin asks for {"warmup": w, "repeat": r} and is answered by one line of JSON.
 _VM_BENCH = """
 import json, sys, time
 import numpy as np
@@ -71,16 +79,17 @@ if args["params"]:  # the weights follow the inputs (pipeline.runtime.params)
     weights = tvm.runtime.load_param_dict_from_file(args["params"])
     inputs += [weights[k].copyto(dev) for k in sorted(weights, key=lambda k: int(k[6:]))]
 main = vm["main"]
-times = []
-for i in range(args["warmup"] + args["repeat"]):
-    start = time.perf_counter()
-    main(*inputs)
-    dev.sync()
-    if i >= args["warmup"]:
-        times.append((time.perf_counter() - start) * 1e3)
 threads = int(tvm.get_global_func("runtime.NumThreads")())
-with open(args["result"], "w") as f:
-    json.dump({"times_ms": times, "threads": threads}, f)
+for line in sys.stdin:
+    ask = json.loads(line)
+    times = []
+    for i in range(ask["warmup"] + ask["repeat"]):
+        start = time.perf_counter()
+        main(*inputs)
+        dev.sync()
+        if i >= ask["warmup"]:
+            times.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({"times_ms": times, "threads": threads}), flush=True)
 """
 
 
@@ -90,8 +99,9 @@ class BenchConfig:
 
     threads: int  # for every runner: TVM's pool, onnxruntime's intra-op pool
     warmup: int
-    repeat: int
+    repeat: int  # timed runs of each runner, split between the rounds
     target: dict  # core.targets.target_config()
+    rounds: int = 3  # interleaved rounds of the three runners
 
 
 def stats(times_ms: list[float]) -> dict[str, float]:
@@ -136,33 +146,60 @@ def _bench_cpp(art: ArtifactUnderTest, inputs: Path | dict, threads: int, warmup
             "mean_ms": float(lat["mean"]), "count": int(lat["count"]),
             "throughput_per_s": 1e3 / median if median > 0 else None,
             "threads": int(report["threads"]), "device_timing": report["device_timing"],
-            "peak_rss_mb": ran["maxrss_kib"] / 1024.0, "peak_rss_method": RSS_METHOD}
+            "peak_rss_mb": ran["maxrss_kib"] / 1024.0, "peak_rss_method": RSS_METHOD,
+            "samples_ms": [float(t) for t in report["samples_ms"]]}
 
 
-def _bench_tvm_python(art: ArtifactUnderTest, paths: list[Path], threads: int, warmup: int,
-                      repeat: int, out_dir: Path) -> dict:
-    result = out_dir / "tvm_python_latency.json"
-    params = Path(art.package_dir) / "model.params"
-    args = {"model": str(Path(art.package_dir) / "model.so"), "inputs": [str(p) for p in paths],
-            "params": str(params) if params.is_file() else "",
-            "device": "cuda" if art.is_gpu else "cpu", "warmup": warmup, "repeat": repeat,
-            "result": str(result)}
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    if art.is_gpu:  # the subprocess compiles the kernels at load: NVRTC or nvcc, as smoke
-        from pipeline.runtime.vm import cuda_compile_mode
+class _TvmPythonRunner:
+    """``relax.VirtualMachine`` on the artifact's ``model.so`` in a subprocess that stays up
+    between rounds (:data:`_VM_BENCH`)."""
 
-        env["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
-    proc = subprocess.run([sys.executable, "-c", _VM_BENCH, json.dumps(args)], env=env,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not result.is_file():
-        raise StageFailed(STAGE, f"{art.name}: the Python VM benchmark failed "
-                          f"(exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
-    data = json.loads(result.read_text(encoding="utf-8"))
-    return {**stats(data["times_ms"]), "threads": data["threads"]}
+    def __init__(self, art: ArtifactUnderTest, paths: list[Path], threads: int):
+        params = Path(art.package_dir) / "model.params"
+        args = {"model": str(Path(art.package_dir) / "model.so"),
+                "inputs": [str(p) for p in paths],
+                "params": str(params) if params.is_file() else "",
+                "device": "cuda" if art.is_gpu else "cpu"}
+        env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+        if art.is_gpu:  # the subprocess compiles the kernels at load: NVRTC or nvcc, as smoke
+            from pipeline.runtime.vm import cuda_compile_mode
+
+            env["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
+        self.name = art.name
+        self.proc = subprocess.Popen([sys.executable, "-c", _VM_BENCH, json.dumps(args)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def time(self, warmup: int, repeat: int) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps({"warmup": warmup, "repeat": repeat}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died loading the model: the read below says so with its stderr
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.stdin.close()
+            err = self.proc.stderr.read()
+            raise StageFailed(STAGE, f"{self.name}: the Python VM benchmark failed "
+                              f"(exit {self.proc.wait()}): {err[-2000:]}")
+        data = json.loads(line)
+        return {**stats(data["times_ms"]), "threads": data["threads"],
+                "samples_ms": data["times_ms"]}
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
 
 
-def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
-               repeat: int) -> dict:
+def _ort_session(art: ArtifactUnderTest, threads: int):
+    """(session, what it runs) for the artifact's onnxruntime counterpart."""
     import onnxruntime as ort
 
     model = Path(art.qdq_onnx if art.quantized else art.fp32_onnx)
@@ -178,20 +215,35 @@ def _bench_ort(art: ArtifactUnderTest, feed: dict, threads: int, warmup: int,
     if art.is_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         provider = "CUDAExecutionProvider"
     session = ort.InferenceSession(str(model), options, providers=[provider])
+    return session, {"threads": threads, "provider": provider,
+                     "model": _ORT_MODEL.get(art.scheme, "QDQ ONNX") if art.quantized
+                     else "fp32 ONNX", "model_path": str(model), "version": ort.__version__}
+
+
+def _bench_ort(session, feed: dict, warmup: int, repeat: int) -> dict:
     times = []
     for i in range(warmup + repeat):
         start = time.perf_counter()
         session.run(None, feed)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return {**stats(times), "threads": threads, "provider": provider,
-            "model": _ORT_MODEL.get(art.scheme, "QDQ ONNX") if art.quantized else "fp32 ONNX",
-            "model_path": str(model),
-            "version": ort.__version__}
+    return {**stats(times), "samples_ms": times}
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """One runner's rounds as one result: statistics over every round's samples (the
+    first round's other fields; the highest peak memory)."""
+    samples = [t for r in rounds for t in r["samples_ms"]]
+    pooled = {**rounds[0], **stats(samples),
+              "round_medians_ms": [r["median_ms"] for r in rounds]}
+    pooled.pop("samples_ms")
+    if "peak_rss_mb" in pooled:
+        pooled["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    return pooled
 
 
 def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir: Path,
-        *, seed: int = 0) -> dict:
+        *, rounds: int = 1, seed: int = 0) -> dict:
     """Benchmark one artifact against onnxruntime; write ``out_dir/bench.json``.
 
     Parameters
@@ -201,9 +253,13 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     threads : int
         CPU threads for every runner (TVM's pool, onnxruntime's intra-op pool).
     warmup, repeat : int
-        Untimed and timed runs of each runner.
+        Untimed runs of each runner per round; timed runs of each runner in all, split
+        evenly between the rounds (rounded up).
     out_dir : Path
         Receives ``bench.json``, the input and the runners' raw timing files.
+    rounds : int
+        Interleaved rounds: each times the C++ binary, TVM in Python and onnxruntime in
+        turn; each runner's statistics are over all its rounds.
     seed : int
         Seed of the synthetic input all three runners share.
 
@@ -212,13 +268,14 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     dict
         ``status`` ("ok" or "not run: no CUDA device"), the settings, one entry per runner
         in :data:`RUNNERS` (``median_ms``, ``p90_ms``, ``min_ms``, ``mean_ms``,
-        ``throughput_per_s``, ...; ``cpp`` adds ``peak_rss_mb``), ``ratio`` (C++ median /
-        onnxruntime median) and ``ratio_tvm_python``.
+        ``throughput_per_s``, ``round_medians_ms``, ...; ``cpp`` adds ``peak_rss_mb``),
+        ``ratio`` (C++ median / onnxruntime median), ``ratio_per_round`` (the same within
+        each round) and ``ratio_tvm_python``.
 
     Raises
     ------
     ConfigError
-        ``threads``, ``warmup`` or ``repeat`` out of range.
+        ``threads``, ``warmup``, ``repeat`` or ``rounds`` out of range.
     StageFailed
         A runner failed (the message quotes its output).
     """
@@ -226,7 +283,8 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     from pipeline.runtime.vm import cuda_available
 
     problems = [f"{k}={v} must be >= {lo}" for k, v, lo in
-                (("threads", threads, 1), ("warmup", warmup, 0), ("repeat", repeat, 1))
+                (("threads", threads, 1), ("warmup", warmup, 0), ("repeat", repeat, 1),
+                 ("rounds", rounds, 1))
                 if not isinstance(v, int) or v < lo]
     cores = os.cpu_count() or 1
     if isinstance(threads, int) and threads > cores:  # bin/infer refuses more than the cores
@@ -236,7 +294,8 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {**art.header(), "threads": threads, "warmup": warmup,
-                              "repeat": repeat, "input": f"seeded synthetic (seed {seed})"}
+                              "repeat": repeat, "rounds": rounds,
+                              "input": f"seeded synthetic (seed {seed})"}
     if art.is_gpu and not cuda_available():
         result.update(status=NO_CUDA, ratio=None, ratio_tvm_python=None,
                       **{runner: None for runner in RUNNERS})
@@ -253,18 +312,32 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
         np.save(path, feed[spec_name])
     inputs: Path | dict = paths[0] if len(paths) == 1 else dict(zip(order, paths, strict=True))
 
-    result["cpp"] = _bench_cpp(art, inputs, threads, warmup, repeat, out_dir)
-    result["tvm_python"] = _bench_tvm_python(art, paths, threads, warmup, repeat, out_dir)
-    result["onnxruntime"] = _bench_ort(art, feed, threads, warmup, repeat)
+    per_round = -(-repeat // rounds)
+    session, ort_info = _ort_session(art, threads)
+    timed: dict[str, list[dict]] = {runner: [] for runner in RUNNERS}
+    vm = _TvmPythonRunner(art, paths, threads)
+    try:
+        for _ in range(rounds):
+            timed["cpp"].append(_bench_cpp(art, inputs, threads, warmup, per_round, out_dir))
+            timed["tvm_python"].append(vm.time(warmup, per_round))
+            timed["onnxruntime"].append({**_bench_ort(session, feed, warmup, per_round),
+                                         **ort_info})
+    finally:
+        vm.close()
+    for runner in RUNNERS:
+        result[runner] = _pooled(timed[runner])
     ort_median = result["onnxruntime"]["median_ms"]
     result["ratio"] = result["cpp"]["median_ms"] / ort_median
+    result["ratio_per_round"] = [c["median_ms"] / o["median_ms"] for c, o in
+                                 zip(timed["cpp"], timed["onnxruntime"], strict=True)]
     result["ratio_tvm_python"] = result["tvm_python"]["median_ms"] / ort_median
     result["status"] = "ok"
     _write_json(out_dir / "bench.json", result)
     print(f"bench: {art.name} on {art.target}, {threads} threads: C++ "
           f"{result['cpp']['median_ms']:.3f} ms, TVM Python "
           f"{result['tvm_python']['median_ms']:.3f} ms, onnxruntime {ort_median:.3f} ms "
-          f"(C++/onnxruntime {result['ratio']:.2f}x)", flush=True)
+          f"(C++/onnxruntime {result['ratio']:.2f}x; per round "
+          f"{' '.join(f'{r:.2f}' for r in result['ratio_per_round'])})", flush=True)
     return result
 
 

@@ -199,7 +199,8 @@ def bench(root: Path, config, upstream: dict[str, Path], stable: Path, spec, var
 
     art = _artifact(spec, variant, target, paths)
     run_stage(root, "bench", recipe_of(config), upstream, stable,
-              lambda out: stage.run(art, config.threads, config.warmup, config.repeat, out))
+              lambda out: stage.run(art, config.threads, config.warmup, config.repeat, out,
+                                  rounds=config.rounds))
 
 
 @doit_action

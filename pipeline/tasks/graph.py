@@ -254,7 +254,8 @@ def check_tasks(project: Project, spec: ModelSpec, variant: VariantSpec, target:
                      validate_upstream, p.artifact_dir / "validate", "validation.json",
                      extra_args=extra)
     bench_config = BenchConfig(threads=options.threads or tcfg.get("num_cores", 1),
-                               warmup=options.warmup, repeat=options.repeat, target=tcfg)
+                               warmup=options.warmup, repeat=options.repeat, target=tcfg,
+                               rounds=options.rounds)
     bench = _task(project, at, f"latency of {name} on {target.name} vs onnxruntime",
                   stages.bench, bench_config, upstream, p.artifact_dir / "bench", "bench.json",
                   extra_args=extra)

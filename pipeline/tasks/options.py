@@ -47,6 +47,7 @@ class Options:
     threads: int | None = None  # bench threads (default: every core of this machine)
     warmup: int = 5
     repeat: int = 30
+    rounds: int = 3  # bench: interleaved rounds of the C++ app, TVM in Python, onnxruntime
     kit_report: str = ""  # a validation kit checker's report for `doit validate` to read
 
     def problems(self) -> list[str]:
@@ -87,6 +88,8 @@ class Options:
             problems.append(f"warmup={self.warmup}: must be a whole number >= 0")
         if self.repeat < 1:
             problems.append(f"repeat={self.repeat}: must be a whole number >= 1")
+        if self.rounds < 1:
+            problems.append(f"rounds={self.rounds}: must be a whole number >= 1")
         if self.kit_report and not Path(self.kit_report).is_file():
             problems.append(f"kit_report={self.kit_report}: no such file (the JSON report a "
                             "validation kit's check.py wrote)")
@@ -128,7 +131,7 @@ def _rpc_problems(rpc: str) -> list[str]:
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 _INT_OPTIONS = {"trials": ">= 1", "threads": f"1..{max_threads()}", "warmup": ">= 0",
-                "repeat": ">= 1"}
+                "repeat": ">= 1", "rounds": ">= 1"}
 
 
 def parse_options(get_var: Callable[..., str | None], target: str | None = None,
