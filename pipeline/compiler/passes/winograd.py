@@ -164,10 +164,16 @@ def _plus(index: str, offset: int) -> str:
 def _input_source(n: int, h: int, w: int, c: int, m: int) -> str:
     # Reads the unpadded input (no pad kernel before it). A tile's first and last rows and
     # columns can fall outside the image at its border: those reads are clamped into it
-    # and selected away, a condition on the tile alone. Not a branch (if_then_else): TIR
-    # vectorizes the channel loop only where a value is a select of whole vectors, and it
-    # scalarized every branchy read: 62 us for 14x14x256 against 42 for a pad kernel and
-    # the transform of the padded input; this form 22 (Zen 4, 2 threads, alone).
+    # and multiplied by a 0/1 mask, a condition on the tile alone. Two forms that failed:
+    # - a branch (if_then_else): TIR vectorizes the channel loop only over whole-vector
+    #   values, and it scalarized every branchy read: 62 us for 14x14x256 against 42 for a
+    #   pad kernel and the transform of the padded input (this form: 10 against 23, Zen 4,
+    #   2 threads, alone);
+    # - Select(inside, x[clamped], 0): TIR's simplifier, knowing ``inside`` within the
+    #   select, dropped the clamps, and a select computes both sides: it read a row before
+    #   the input (a segfault in the model; a test now runs it between guard pages).
+    # A clamped edge pixel times 0 is 0 unless that pixel is inf or nan, and then its
+    # tile's outputs are not finite anyway (every output of a tile mixes all its inputs).
     a = m + 2
     _, _, bt = WINOGRAD_TILES[m]
     b, row, col, tiles = _tile_origin(n, h, w, m)
@@ -189,7 +195,8 @@ def _input_source(n: int, h: int, w: int, c: int, m: int) -> str:
         inside = [cond for cond in (r_ok, q_ok) if cond]
         if not inside:
             return value
-        return f"T.Select({' and '.join(inside)}, {value}, T.float32(0))"
+        return (f"{value} * T.Select({' and '.join(inside)}, T.float32(1), "
+                "T.float32(0))")
 
     d = [[read(i, j) for j in range(a)] for i in range(a)]
     stores = [f"v[{e * a + k}, vp, vc] = {value}"
