@@ -1,6 +1,7 @@
-"""lower_for_target: the default CPU fp32 layout (NHWC) builds what the ONNX frontend makes of
-Dropout and n-ary Sum/Mean/Max/Min, keeps ops with broken layout rules in their own layout,
-says what it did, and matches onnxruntime; the light model zoo lowers in NHWC."""
+"""lower_for_target: the default CPU fp32 layout (NHWC, Winograd for wide 3x3 convs) builds
+what the ONNX frontend makes of Dropout and n-ary Sum/Mean/Max/Min, keeps ops with broken
+layout rules in their own layout, says what it did, and matches onnxruntime; the light model
+zoo lowers in it with no fallback."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_dropout_lowers_in_nhwc_and_matches_onnxruntime(mask, tmp_path):
                         [("y", TensorProto.FLOAT)] + ([("mask", TensorProto.BOOL)] if mask
                                                       else []))
     report, kernels, expected = _check_against_onnxruntime(model, tmp_path)
-    assert report["layout"] == "NHWC" and report["layout_fallback"] is None, report
+    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["dropouts_removed"] == 1
     assert not any("dropout" in k for k in kernels), kernels
     if mask:
@@ -117,7 +118,7 @@ def test_nary_ops_lower_in_nhwc_and_match_onnxruntime(op, inputs, tmp_path):
                          helper.make_node("Relu", ["s"], ["y"])], [("y", TensorProto.FLOAT)],
                         inits=[BIAS])
     report, kernels, _ = _check_against_onnxruntime(model, tmp_path)
-    assert report["layout"] == "NHWC" and report["layout_fallback"] is None, report
+    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["nary_unstacked"] == {f"relax.{op.lower()}": 1}
     assert not any("stack" in k for k in kernels), kernels  # no 5-D tensor left
 
@@ -188,7 +189,7 @@ def test_fenced_op_stays_in_its_layout_and_the_rest_converts(name):
 
     mod = _relax_after_conv(FENCED[name])
     lowered, report = _lower_default(mod)
-    assert report["layout"] == "NHWC" and report["layout_fallback"] is None, report
+    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["unconverted_ops"] == {name: 1}
     assert name in layout_prep.UNCONVERTED_OPS
     # the conv ran in NHWC: its input and the fenced op's inputs are layout-converted
@@ -235,7 +236,7 @@ def test_compile_report_records_the_layout():
                          helper.make_node("Sum", ["d", "c2"], ["y"])],
                         [("y", TensorProto.FLOAT)])
     _, _, report = compile_model.lower_and_schedule(_import(model), "cpu", "float32", None)
-    assert report["layout"] == "NHWC" and report["layout_requested"] == "NHWC"
+    assert report["layout"] == report["layout_requested"] == lowering.DEFAULT_CPU_FP32_LAYOUT
     assert report["layout_fallback"] is None
     assert report["layout_prep"] == {"dropouts_removed": 1,
                                      "nary_unstacked": {"relax.sum": 1},
@@ -263,7 +264,7 @@ def test_light_zoo_lowers_in_nhwc(name):
     mod = lowering.graph_cleanup()(from_onnx(model, shape_dict={"data_0": [1, 3, 224, 224]},
                                              keep_params_in_input=False))
     _, report = _lower_default(mod)
-    assert report["layout"] == "NHWC" and report["layout_fallback"] is None, report
+    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
 
 
 def test_cpu_float32_exp_erf_softmax_are_fast_polynomials():

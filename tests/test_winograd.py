@@ -14,6 +14,7 @@ import pytest
 import models as M
 from pipeline.compiler import lowering
 from pipeline.compiler.passes import winograd
+from pipeline.compiler.workloads import plan_tasks
 from pipeline.core.project import REPO
 from pipeline.core.targets import get_target, tvm_target
 
@@ -210,3 +211,47 @@ def test_input_transform_reads_stay_inside_the_input(n, h, w, c, m):
     proc = subprocess.run([sys.executable, "-c", _GUARDED_RUN, *map(str, (n, h, w, c, m))],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0 and "in bounds" in proc.stdout, proc.stderr[-1500:]
+
+
+def test_default_layout_is_plain_nhwc_for_a_model_without_wide_convs():
+    """Winograd is the default CPU fp32 layout; a model with no conv it would compute (here
+    every conv under MIN_CHANNELS) lowers exactly as NHWC does: the extra constant folding
+    is skipped, so its kernels and tuning records stay NHWC's."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    assert lowering.DEFAULT_CPU_FP32_LAYOUT == "NHWC-winograd"
+    mod = lowering.graph_cleanup()(from_onnx(M.tiny_convnet(with_bn=False),
+                                             keep_params_in_input=False))
+    target = tvm_target(get_target("cpu"))
+    default_report: dict = {}
+    default = lowering.lower_for_target(mod, target, "float32", "", default_report)
+    nhwc = lowering.lower_for_target(mod, target, "float32", "NHWC", {})
+    assert default_report["winograd"] == {"convs": {}}
+    tvm.ir.assert_structural_equal(default, nhwc)
+
+
+def test_tuning_leaves_the_transforms_to_the_rules(monkeypatch, tmp_path):
+    """``tune`` does not search the transforms (the CPU rules give them the schedule a
+    search converges to) unless ``tune_tasks=`` names them; the batched matmul it tunes."""
+    from pipeline.tuning import tuner
+
+    lowered, _ = _lowered(M.tiny_convnet(with_bn=False), monkeypatch, 1)
+    transforms = sorted(p.name for p in plan_tasks(lowered, tvm_target(get_target("cpu")))
+                        if winograd.is_transform_kernel(p.name))
+    assert any(n.startswith("winograd_input") for n in transforms)
+    assert any(n.startswith("fused_winograd_output") for n in transforms)
+    budget = tuner.TuneBudget(trials_per_task=1, max_trials=10, wall_seconds=60,
+                              mode="missing", seed=0, builder_timeout=60)
+    messages: list[str] = []
+    outcome = tuner.tune(lowered, tvm_target(get_target("cpu")), tmp_path / "db", budget,
+                         progress=messages.append, select=lambda plan: False)
+    (skipped,) = [m for m in messages if "Winograd transform" in m]
+    assert all(name in skipped for name in transforms) and "tune_tasks=" in skipped
+    assert outcome.complete
+    messages.clear()  # named: searched like any kernel (select keeps this run from it)
+    tuner.tune(lowered, tvm_target(get_target("cpu")), tmp_path / "db", budget,
+               progress=messages.append, select=lambda plan: False,
+               only=("winograd_input*",))
+    (skipped,) = [m for m in messages if "Winograd transform" in m] or [""]
+    assert not any(n in skipped for n in transforms if n.startswith("winograd_input"))

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.compiler.passes.winograd import is_transform_kernel
 from pipeline.compiler.workloads import TaskPlan, plan_tasks
 from pipeline.core.errors import ConfigError, StageFailed, collect
 from pipeline.core.project import REPO
@@ -721,7 +722,14 @@ def tune(mod, target, db_dir: Path, budget: TuneBudget, runner=None, progress=pr
                  f"indices ({', '.join(p.name for p in gathers)}): MetaSchedule measures "
                  "with random inputs, which index out of bounds; they keep their "
                  "untuned schedules (a gather is a copy)")
-    todo = [p for p in plans if wanted(p) > 0 and p not in gathers
+    ruled = [p for p in plans if wanted(p) > 0 and is_transform_kernel(p.name)
+             and (named is None or p.name not in named)]
+    if ruled:
+        progress(f"tune: not tuning {len(ruled)} Winograd transform(s) "
+                 f"({', '.join(p.name for p in ruled)}): the CPU rules schedule them as a "
+                 "search does, and their candidates build slowly; name them in tune_tasks= "
+                 "to tune them")
+    todo = [p for p in plans if wanted(p) > 0 and p not in gathers and p not in ruled
             and (select is None or select(p)) and (named is None or p.name in named)]
     if named is not None:
         progress(f"tune: tune_tasks selects {len(named)} of {len(plans)} kernels: "

@@ -31,7 +31,8 @@ import numpy as np
 
 from ._qdq import op_name, rewrite_calls, shape_of
 
-__all__ = ["WINOGRAD_TILES", "WinogradReport", "winograd_conv2d", "tile_for", "transform_weight"]
+__all__ = ["WINOGRAD_TILES", "WinogradReport", "has_candidates", "is_transform_kernel",
+           "winograd_conv2d", "tile_for", "transform_weight"]
 
 _F = Fraction
 # F(m, 3): (A^T [m, a], G [a, 3], B^T [a, a]), a = m + 2; Lavin and Gray's points 0, +-1,
@@ -157,6 +158,18 @@ def _tile_kernel(name: str, params: str, pattern: int, tiles: int, channels: int
         *(f"            {line}" for line in stores)]) + "\n"
 
 
+# Kernel names of the transforms (with their fused epilogues): ``tune`` leaves them to the
+# CPU rules' Injective schedule unless ``tune_tasks=`` names them. A search here converged
+# to that very shape (tiles x channels fused, a parallel outer loop, a 16-lane vector
+# inner one), and their candidates build slowly (a long body, unrolled: ~20-30 s each on
+# 2 cores), which a new model's first build would pay for every conv shape.
+TRANSFORM_KERNEL_PREFIXES = ("winograd_input", "winograd_output", "fused_winograd_output")
+
+
+def is_transform_kernel(name: str) -> bool:
+    return name.startswith(TRANSFORM_KERNEL_PREFIXES)
+
+
 def _plus(index: str, offset: int) -> str:
     return index if offset == 0 else f"{index} {'+' if offset > 0 else '-'} {abs(offset)}"
 
@@ -249,9 +262,10 @@ class WinogradReport:
         return {"convs": dict(sorted(self.convs.items()))}
 
 
-def _eligible(call) -> int | None:
+def _eligible(call, weight_constant: bool = True) -> int | None:
     """The tile m for a conv2d call Winograd computes, or None: NHWC data, HWIO weight
-    given as a constant, 3x3, stride 1, dilation 1, padding 1, one group, float32, at least
+    given as a constant (unless ``weight_constant`` is False: it may still be an expression
+    over one), 3x3, stride 1, dilation 1, padding 1, one group, float32, at least
     :data:`MIN_CHANNELS` input and output channels."""
     from tvm import ir
 
@@ -262,7 +276,8 @@ def _eligible(call) -> int | None:
             or [int(p) for p in a.padding] != [1, 1, 1, 1]):
         return None
     data, weight = call.args
-    if not isinstance(weight, ir.Constant) or str(weight.ty.dtype) != "float32":
+    if (weight_constant and not isinstance(weight, ir.Constant)) or \
+            str(weight.ty.dtype) != "float32":
         return None
     if str(data.ty.dtype) != "float32" or str(call.ty.dtype) != "float32":
         return None
@@ -271,6 +286,23 @@ def _eligible(call) -> int | None:
         return None
     _, h, w, _ = shape_of(call)
     return tile_for(h, w)
+
+
+def has_candidates(mod) -> bool:
+    """Whether ``mod`` (NHWC) has a conv Winograd would compute once its weights are
+    folded to constants: a cheap look, so a model without one skips that folding."""
+    from tvm import relax
+
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in getattr(func.body, "blocks", ()):
+            for binding in block.bindings:
+                call = binding.value
+                if (op_name(call) == "relax.nn.conv2d"
+                        and _eligible(call, weight_constant=False) is not None):
+                    return True
+    return False
 
 
 def winograd_conv2d(mod, report: WinogradReport | None = None):
