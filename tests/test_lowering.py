@@ -21,6 +21,7 @@ from pipeline.core.targets import get_target, tvm_target
 C, HW = 8, 6
 X_SHAPE = (1, C, HW, HW)
 LIGHT = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light"
+DEFAULT_LAYOUT = lowering.DEFAULT_CPU_FP32_LAYOUT  # NHWC, Winograd for wide 3x3 convs
 
 
 def _conv_model(nodes, outputs, inits=(), opset=13) -> onnx.ModelProto:
@@ -95,7 +96,7 @@ def test_dropout_lowers_in_nhwc_and_matches_onnxruntime(mask, tmp_path):
                         [("y", TensorProto.FLOAT)] + ([("mask", TensorProto.BOOL)] if mask
                                                       else []))
     report, kernels, expected = _check_against_onnxruntime(model, tmp_path)
-    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
+    assert report["layout"] == DEFAULT_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["dropouts_removed"] == 1
     assert not any("dropout" in k for k in kernels), kernels
     if mask:
@@ -118,7 +119,7 @@ def test_nary_ops_lower_in_nhwc_and_match_onnxruntime(op, inputs, tmp_path):
                          helper.make_node("Relu", ["s"], ["y"])], [("y", TensorProto.FLOAT)],
                         inits=[BIAS])
     report, kernels, _ = _check_against_onnxruntime(model, tmp_path)
-    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
+    assert report["layout"] == DEFAULT_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["nary_unstacked"] == {f"relax.{op.lower()}": 1}
     assert not any("stack" in k for k in kernels), kernels  # no 5-D tensor left
 
@@ -189,7 +190,7 @@ def test_fenced_op_stays_in_its_layout_and_the_rest_converts(name):
 
     mod = _relax_after_conv(FENCED[name])
     lowered, report = _lower_default(mod)
-    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
+    assert report["layout"] == DEFAULT_LAYOUT and report["layout_fallback"] is None, report
     assert report["layout_prep"]["unconverted_ops"] == {name: 1}
     assert name in layout_prep.UNCONVERTED_OPS
     # the conv ran in NHWC: its input and the fenced op's inputs are layout-converted
@@ -236,7 +237,7 @@ def test_compile_report_records_the_layout():
                          helper.make_node("Sum", ["d", "c2"], ["y"])],
                         [("y", TensorProto.FLOAT)])
     _, _, report = compile_model.lower_and_schedule(_import(model), "cpu", "float32", None)
-    assert report["layout"] == report["layout_requested"] == lowering.DEFAULT_CPU_FP32_LAYOUT
+    assert report["layout"] == report["layout_requested"] == DEFAULT_LAYOUT
     assert report["layout_fallback"] is None
     assert report["layout_prep"] == {"dropouts_removed": 1,
                                      "nary_unstacked": {"relax.sum": 1},
@@ -264,7 +265,7 @@ def test_light_zoo_lowers_in_nhwc(name):
     mod = lowering.graph_cleanup()(from_onnx(model, shape_dict={"data_0": [1, 3, 224, 224]},
                                              keep_params_in_input=False))
     _, report = _lower_default(mod)
-    assert report["layout"] == lowering.DEFAULT_CPU_FP32_LAYOUT and report["layout_fallback"] is None, report
+    assert report["layout"] == DEFAULT_LAYOUT and report["layout_fallback"] is None, report
 
 
 def test_cpu_float32_exp_erf_softmax_are_fast_polynomials():
