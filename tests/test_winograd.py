@@ -121,6 +121,20 @@ def test_model_lowered_with_winograd_matches_onnxruntime(monkeypatch):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+
+def vectorized(func, which: str):
+    """``func`` (a transform) scheduled the way MetaSchedule's CPU rules do: tiles x
+    channels fused, split 16, the outer loop parallel, the inner vectorized."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func.with_attr("global_symbol", "main"))
+    outer, inner = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock(f"winograd_{which}"))),
+                             [None, 16])
+    sch.parallel(outer)
+    sch.vectorize(inner)
+    return sch.mod
+
+
 @pytest.mark.parametrize("which", ["input", "output"])
 def test_transforms_stay_exact_when_vectorized(which):
     """A transform scheduled the way MetaSchedule's CPU rules do (tiles x channels fused,
@@ -138,14 +152,9 @@ def test_transforms_stay_exact_when_vectorized(which):
         func = winograd.output_transform(n, h, w, c, m)
         shapes = ((a * a, tiles, c), (n, h, w, c))
     func = func.with_attr("global_symbol", "main")
-    sch = tvm.s_tir.Schedule(func)
-    outer, inner = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock(f"winograd_{which}"))),
-                             [None, 16])
-    sch.parallel(outer)
-    sch.vectorize(inner)
     x = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
     outs = []
-    for mod in (func, sch.mod):
+    for mod in (func, vectorized(func, which)):
         out = tvm.runtime.tensor(np.zeros(shapes[1], np.float32))
         tvm.compile(mod, target="llvm")(tvm.runtime.tensor(x), out)
         outs.append(out.numpy())
@@ -160,13 +169,8 @@ def test_input_transform_reads_whole_vectors_at_the_border():
     import tvm
 
     n, h, w, c, m = 1, 8, 8, 32, 4
-    func = winograd.input_transform(n, h, w, c, m).with_attr("global_symbol", "main")
-    sch = tvm.s_tir.Schedule(func)
-    outer, inner = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("winograd_input"))),
-                             [None, 16])
-    sch.parallel(outer)
-    sch.vectorize(inner)
-    llvm_ir = tvm.compile(sch.mod, target="llvm").mod.inspect_source("ll")
+    mod = vectorized(winograd.input_transform(n, h, w, c, m), "input")
+    llvm_ir = tvm.compile(mod, target="llvm").mod.inspect_source("ll")
     assert llvm_ir.count("load <16 x float>") == (m + 2) ** 2  # one per tile element
     assert "load float" not in llvm_ir and "select <16 x i1>" in llvm_ir
 
@@ -176,14 +180,11 @@ import ctypes, mmap, sys
 import numpy as np
 import tvm
 from pipeline.compiler.passes import winograd
+sys.path.insert(0, "tests")
+from test_winograd import vectorized
 
 n, h, w, c, m = (int(v) for v in sys.argv[1:])
 func = winograd.input_transform(n, h, w, c, m).with_attr("global_symbol", "main")
-sch = tvm.s_tir.Schedule(func)
-outer, inner = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("winograd_input"))),
-                         [None, 16])
-sch.parallel(outer)
-sch.vectorize(inner)
 page, nbytes = mmap.PAGESIZE, n * h * w * c * 4
 assert nbytes % page == 0
 region = mmap.mmap(-1, nbytes + 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -195,7 +196,7 @@ for guard in (start, start + page + nbytes):  # no access just before and just a
 x = np.frombuffer(region, np.float32, nbytes // 4, page).reshape(n, h, w, c)
 x[:] = np.random.default_rng(0).standard_normal(x.shape)
 v = tvm.runtime.tensor(np.zeros(((m + 2) ** 2, n * (h // m) * (w // m), c), np.float32))
-for mod in (func, sch.mod):
+for mod in (func, vectorized(func, "input")):
     tvm.compile(mod, target="llvm")(tvm.runtime.from_dlpack(x), v)
 print("in bounds")
 """
