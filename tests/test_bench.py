@@ -8,7 +8,7 @@ import pytest
 from test_validate import INPUTS, build_artifact
 
 from models import tiny_convnet
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, StageFailed
 from pipeline.runtime.artifact import ArtifactUnderTest
 from pipeline.runtime.vm import cuda_available
 from pipeline.stages import bench
@@ -104,3 +104,16 @@ def test_bench_json_has_every_runner_and_a_finite_ratio(artifact, tmp_path):
                                saved["onnxruntime"]["round_medians_ms"])])
     bench.report([saved], tmp_path / "report")
     assert (tmp_path / "report" / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_a_model_the_python_runner_cannot_load_is_a_stage_failure(tmp_path):
+    """The TVM-in-Python runner stays up between rounds; if it dies loading the model, the
+    stage fails with its stderr (not a hang, not a bare traceback)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "model.so").write_text("not a shared library")
+    art = ArtifactUnderTest("t_fp32", "t", "fp32", "cpu", False, tmp_path / "m.onnx", None,
+                            pkg, tmp_path / "io.json", INPUTS)
+    with pytest.raises(StageFailed, match="the Python VM benchmark failed") as e:
+        bench._TvmPythonRunner(art, [], threads=1, out_dir=tmp_path)
+    assert "exit 1" in str(e.value) and (tmp_path / "tvm_python.stderr").read_text()

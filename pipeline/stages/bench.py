@@ -155,7 +155,7 @@ class _TvmPythonRunner:
     """``relax.VirtualMachine`` on the artifact's ``model.so`` in a subprocess that stays up
     between rounds (:data:`_VM_BENCH`)."""
 
-    def __init__(self, art: ArtifactUnderTest, paths: list[Path], threads: int):
+    def __init__(self, art: ArtifactUnderTest, paths: list[Path], threads: int, out_dir: Path):
         params = Path(art.package_dir) / "model.params"
         args = {"model": str(Path(art.package_dir) / "model.so"),
                 "inputs": [str(p) for p in paths],
@@ -167,9 +167,12 @@ class _TvmPythonRunner:
 
             env["TVM_CUDA_COMPILE_MODE"] = cuda_compile_mode()
         self.name = art.name
-        self.proc = subprocess.Popen([sys.executable, "-c", _VM_BENCH, json.dumps(args)],
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        # stderr to a file: a pipe nobody reads while it runs could fill and block it
+        self.stderr_path = Path(out_dir) / "tvm_python.stderr"
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-c", _VM_BENCH, json.dumps(args)],
+                                         env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
         # Wait until it has imported TVM and loaded the model (seconds of CPU), or it
         # would be doing that while the first round times the C++ app.
         self._answer()
@@ -178,9 +181,10 @@ class _TvmPythonRunner:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.stdin.close()
-            err = self.proc.stderr.read()
+            code = self.proc.wait()
+            err = self.stderr_path.read_text(encoding="utf-8", errors="replace")
             raise StageFailed(STAGE, f"{self.name}: the Python VM benchmark failed "
-                              f"(exit {self.proc.wait()}): {err[-2000:]}")
+                              f"(exit {code}): {err[-2000:]}")
         return json.loads(line)
 
     def time(self, warmup: int, repeat: int) -> dict:
@@ -201,8 +205,7 @@ class _TvmPythonRunner:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
+        self.proc.stdout.close()
 
 
 def _ort_session(art: ArtifactUnderTest, threads: int):
@@ -322,7 +325,7 @@ def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir:
     per_round = -(-repeat // rounds)
     session, ort_info = _ort_session(art, threads)
     timed: dict[str, list[dict]] = {runner: [] for runner in RUNNERS}
-    vm = _TvmPythonRunner(art, paths, threads)
+    vm = _TvmPythonRunner(art, paths, threads, out_dir)
     try:
         for _ in range(rounds):
             timed["cpp"].append(_bench_cpp(art, inputs, threads, warmup, per_round, out_dir))
