@@ -102,7 +102,7 @@ class BenchConfig:
     warmup: int
     repeat: int  # timed runs of each runner, split between the rounds
     target: dict  # core.targets.target_config()
-    rounds: int = 3  # interleaved rounds of the three runners
+    rounds: int  # interleaved rounds of the three runners (doit's rounds=, default 3)
 
 
 def stats(times_ms: list[float]) -> dict[str, float]:
@@ -253,7 +253,7 @@ def _pooled(rounds: list[dict]) -> dict:
 
 
 def run(art: ArtifactUnderTest, threads: int, warmup: int, repeat: int, out_dir: Path,
-        *, rounds: int = 1, seed: int = 0) -> dict:
+        *, rounds: int = 3, seed: int = 0) -> dict:
     """Benchmark one artifact against onnxruntime; write ``out_dir/bench.json``.
 
     Parameters
