@@ -171,7 +171,8 @@ int main() {
   for (int64_t k = 0; k < 100; ++k) {
     ffi::Tensor w = weight_memory::staggered_copy(host, k);
     const float* d = static_cast<const float*>(w.data_ptr());
-    std::printf("%zu %g %g\n", static_cast<size_t>(reinterpret_cast<uintptr_t>(d) % 4096), d[1], d[299]);
+    size_t offset = static_cast<size_t>(reinterpret_cast<uintptr_t>(d) % 4096);
+    std::printf("%zu %g %g\n", offset, d[1], d[299]);
   }
 }
 """
