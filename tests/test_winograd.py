@@ -122,6 +122,34 @@ def test_model_lowered_with_winograd_matches_onnxruntime(monkeypatch):
 
 
 
+def test_roofline_joins_the_three_kernels_with_the_conv_node_they_compute(monkeypatch,
+                                                                          tmp_path):
+    """The comparison with onnxruntime joins kernels on their work; a Winograd matmul does
+    fewer MACs than the conv (and in ResNet-50 as many as an unrelated 1x1 conv), so each
+    of the three kernels carries its direct conv's work, and the three join the conv's node
+    in a real onnxruntime profile."""
+    import qdq_helpers as H
+
+    from pipeline.compiler import kernel_flops
+    from pipeline.runtime import ort_profile
+
+    model = H.conv_model(cin=16, cout=32, hw=8)  # channels onnxruntime's NCHWc keeps as is
+    lowered, _ = _lowered(model, monkeypatch, 1)
+    work = kernel_flops.module_kernel_work(lowered)
+    conv = (8 * 8 * 32 * 9 * 16, 8 * 8 * 32)  # (MACs, output elements)
+    chain = sorted(k for k, w in work.items() if w.direct_conv == conv)
+    assert len(chain) == 3, work  # input transform, matmul, output transform
+    matmul = next(k for k in chain if k.startswith("matmul"))
+    assert work[matmul].flops // 2 < conv[0]  # its own MACs stay its own (its GFLOP/s)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    nodes = ort_profile.profile_onnxruntime(path, threads=1, repeat=2, warmup=1)
+    rows = [{"name": k, "us": 10.0, "calls": 1} for k in work]
+    groups = ort_profile.compare(rows, work, nodes)["groups"]
+    assert [sorted(g["kernels"]) for g in groups] == [chain]
+    assert [next(n.op for n in nodes if n.name == g["nodes"][0]) for g in groups] == ["Conv"]
+
+
 def vectorized(func, which: str):
     """``func`` (a transform) scheduled the way MetaSchedule's CPU rules do: tiles x
     channels fused, split 16, the outer loop parallel, the inner vectorized."""

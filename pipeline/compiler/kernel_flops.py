@@ -60,6 +60,11 @@ class KernelWork:
     flops: int
     label: str
     outputs: int = 0  # output elements of its MAC blocks (their spatial iterations)
+    # A Winograd kernel (input transform, batched matmul, output transform): the ``(MACs,
+    # output elements)`` of the direct 3x3 conv the three compute together, so that the
+    # comparison with onnxruntime joins them with its conv node; ``flops`` stays the work
+    # the kernel itself does (a Winograd matmul has fewer MACs than the conv).
+    direct_conv: tuple[int, int] | None = None
 
 
 def kernel_work(func) -> KernelWork:
@@ -97,11 +102,63 @@ def multiply_accumulates(func) -> int:
 
 def module_kernel_work(mod) -> dict[str, KernelWork]:
     """The work of every PrimFunc of a lowered module, by function name (the name the Relax
-    VM calls it by, and the profile reports)."""
+    VM calls it by, and the profile reports); Winograd kernels carry their conv's work as
+    ``direct_conv``."""
+    from dataclasses import replace
+
     from tvm import tirx
 
-    return {gv.name_hint: kernel_work(func)
+    work = {gv.name_hint: kernel_work(func)
             for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+    for name, conv in winograd_direct_convs(mod).items():
+        if name in work:
+            work[name] = replace(work[name], direct_conv=conv)
+    return work
+
+
+def winograd_direct_convs(mod) -> dict[str, tuple[int, int]]:
+    """For each kernel of a Winograd conv (see :mod:`.passes.winograd`) in ``mod``'s Relax
+    functions, the ``(MACs, output elements)`` of the direct conv it is part of, read from
+    the chain ``winograd_input -> batched matmul V[a*a, tiles, Cin] @ U -> output transform``:
+    an F(m, 3) tile is m x m outputs, so the conv has ``tiles * m^2 * Cout`` outputs and 9 x
+    Cin MACs each. A kernel shared by convs of different work (one input transform for two
+    output widths) is left out: it cannot be joined to either."""
+    from tvm import relax
+
+    from pipeline.compiler.passes._qdq import shape_of
+    from pipeline.compiler.passes.winograd import is_transform_kernel
+
+    found: dict[str, set] = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        callee_of, consumers = {}, {}
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if not (isinstance(value, relax.Call) and value.op.name == "relax.call_tir"):
+                    continue
+                callee = value.args[0].name_hint
+                callee_of[binding.var] = (callee, value)
+                for arg in value.args[1].fields:
+                    consumers.setdefault(arg, []).append(binding.var)
+        for var, (callee, call) in callee_of.items():
+            source = call.args[1].fields[0] if call.args[1].fields else None
+            if source not in callee_of or not callee_of[source][0].startswith("winograd_input"):
+                continue
+            shape = shape_of(var)  # [a*a, tiles, Cout]
+            cin = shape_of(source)[-1]
+            if len(shape) != 3 or int(round(math.sqrt(shape[0]))) ** 2 != shape[0]:
+                continue
+            m = int(round(math.sqrt(shape[0]))) - 2
+            outputs = shape[1] * m * m * shape[2]
+            conv = (outputs * 9 * cin, outputs)
+            kernels = [callee_of[source][0], callee]
+            kernels += [callee_of[v][0] for v in consumers.get(var, [])
+                        if is_transform_kernel(callee_of[v][0])]
+            for name in kernels:
+                found.setdefault(name, set()).add(conv)
+    return {name: convs.pop() for name, convs in found.items() if len(convs) == 1}
 
 
 def artifact_kernel_work(module_json: Path, target, compute_dtype: str,

@@ -148,7 +148,10 @@ def graph_weight_shapes(model: Path) -> dict[str, list[int]]:
 
 
 def kernel_signature(work) -> tuple[int, int] | None:
-    """``(MACs, output elements)`` of a TVM kernel (``kernel_flops.KernelWork``)."""
+    """``(MACs, output elements)`` of a TVM kernel (``kernel_flops.KernelWork``); for the
+    kernels of a Winograd conv, the direct conv's (the work onnxruntime's conv node does)."""
+    if work and work.direct_conv:
+        return work.direct_conv
     if not work or not work.flops or not work.outputs:
         return None
     return work.flops // 2, work.outputs
