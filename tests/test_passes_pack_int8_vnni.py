@@ -130,6 +130,23 @@ def test_packed_matmuls_are_bit_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_head_with_columns_not_a_multiple_of_16_is_packed_and_bit_exact(tmp_path):
+    """A 10-class head (ResNet-50's has 1000: 62.5 blocks of 16) runs on VNNI blocks with
+    zero columns up to the next 16, the extra outputs sliced off before its epilogue."""
+    qdq, mod = _integer_module(H.classifier_model(), tmp_path)
+    pack = PackInt8MatmulForVNNI()
+    packed = pack(mod)
+    assert pack.last_stats == {"matmuls": 1}
+    script = packed.script(show_meta=False)
+    assert 'R.call_tir(cls.matmul_vnni' in script
+    assert 'out_ty=R.Tensor((1, 16), dtype="int32")' in script  # 10 columns + 6 zero ones
+    assert "R.strided_slice" in script
+    xs = H.inputs(H.input_shape(qdq), 3, seed=5)
+    for a, b in zip(H.build_and_run(mod, xs), H.build_and_run(packed, xs)):
+        assert a.shape == b.shape == (1, 10)
+        np.testing.assert_array_equal(a, b)
+
+
 def test_metaschedule_space_tensorizes_packed_matmul_with_vnni(tmp_path):
     """Every design space MetaSchedule generates for a packed matmul kernel (with its
     requantize epilogue) is tiled for the VNNI intrinsic."""
