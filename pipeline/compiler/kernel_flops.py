@@ -125,34 +125,31 @@ def winograd_direct_convs(mod) -> dict[str, tuple[int, int]]:
     output widths) is left out: it cannot be joined to either."""
     from tvm import relax
 
-    from pipeline.compiler.passes._qdq import shape_of
-    from pipeline.compiler.passes.winograd import is_transform_kernel
+    from pipeline.compiler.passes._qdq import op_name, shape_of
+    from pipeline.compiler.passes.winograd import INPUT_KERNEL, is_transform_kernel
 
     found: dict[str, set] = {}
     for func in mod.functions.values():
         if not isinstance(func, relax.Function):
             continue
-        callee_of, consumers = {}, {}
+        callee_of, consumers = {}, {}  # var -> (kernel name, call); var -> vars reading it
         for block in func.body.blocks:
             for binding in block.bindings:
-                value = binding.value
-                if not (isinstance(value, relax.Call) and value.op.name == "relax.call_tir"):
+                if op_name(binding.value) != "relax.call_tir":
                     continue
-                callee = value.args[0].name_hint
-                callee_of[binding.var] = (callee, value)
-                for arg in value.args[1].fields:
+                callee_of[binding.var] = (binding.value.args[0].name_hint, binding.value)
+                for arg in binding.value.args[1].fields:
                     consumers.setdefault(arg, []).append(binding.var)
         for var, (callee, call) in callee_of.items():
             source = call.args[1].fields[0] if call.args[1].fields else None
-            if source not in callee_of or not callee_of[source][0].startswith("winograd_input"):
+            if source not in callee_of or not callee_of[source][0].startswith(INPUT_KERNEL):
                 continue
             shape = shape_of(var)  # [a*a, tiles, Cout]
-            cin = shape_of(source)[-1]
-            if len(shape) != 3 or int(round(math.sqrt(shape[0]))) ** 2 != shape[0]:
+            a = math.isqrt(shape[0])
+            if len(shape) != 3 or a * a != shape[0]:
                 continue
-            m = int(round(math.sqrt(shape[0]))) - 2
-            outputs = shape[1] * m * m * shape[2]
-            conv = (outputs * 9 * cin, outputs)
+            outputs = shape[1] * (a - 2) ** 2 * shape[2]  # tiles x m^2 x Cout
+            conv = (outputs * 9 * shape_of(source)[-1], outputs)
             kernels = [callee_of[source][0], callee]
             kernels += [callee_of[v][0] for v in consumers.get(var, [])
                         if is_transform_kernel(callee_of[v][0])]

@@ -163,7 +163,8 @@ def _tile_kernel(name: str, params: str, pattern: int, tiles: int, channels: int
 # to that very shape (tiles x channels fused, a parallel outer loop, a 16-lane vector
 # inner one), and their candidates build slowly (a long body, unrolled: ~20-30 s each on
 # 2 cores), which a new model's first build would pay for every conv shape.
-TRANSFORM_KERNEL_PREFIXES = ("winograd_input", "winograd_output", "fused_winograd_output")
+INPUT_KERNEL, OUTPUT_KERNEL = "winograd_input", "winograd_output"  # names the pass gives them
+TRANSFORM_KERNEL_PREFIXES = (INPUT_KERNEL, OUTPUT_KERNEL, f"fused_{OUTPUT_KERNEL}")
 
 
 def is_transform_kernel(name: str) -> bool:
@@ -215,7 +216,7 @@ def _input_source(n: int, h: int, w: int, c: int, m: int) -> str:
     stores = [f"v[{e * a + k}, vp, vc] = {value}"
               for e, row_e in enumerate(_two_passes(bt, bt, d)) for k, value in enumerate(row_e)]
     return _tile_kernel(
-        "winograd_input", f"x: T.Buffer({_dims(n, h, w, c)}, \"float32\"), "
+        INPUT_KERNEL, f"x: T.Buffer({_dims(n, h, w, c)}, \"float32\"), "
         f"v: T.Buffer({_dims(a * a, tiles, c)}, \"float32\")", _OPAQUE, tiles, c,
         f"x[{b}, 0:{h}, 0:{w}, vc]", f"v[0:{a * a}, vp, vc]", stores)
 
@@ -229,7 +230,7 @@ def _output_source(n: int, h: int, w: int, k: int, m: int) -> str:
               for r, row_r in enumerate(_two_passes(at, at, tile))
               for c, value in enumerate(row_r)]
     return _tile_kernel(
-        "winograd_output", f"mm: T.Buffer({_dims(a * a, tiles, k)}, \"float32\"), "
+        OUTPUT_KERNEL, f"mm: T.Buffer({_dims(a * a, tiles, k)}, \"float32\"), "
         f"y: T.Buffer({_dims(n, h, w, k)}, \"float32\")", _OUT_ELEMWISE_FUSABLE, tiles, k,
         f"mm[0:{a * a}, vp, vc]", f"y[{b}, {row}:{row} + {m}, {col}:{col} + {m}, vc]", stores)
 
@@ -325,8 +326,8 @@ def winograd_conv2d(mod, report: WinogradReport | None = None):
         key = (n, h, w, cin, cout, m)
         bb = mutator.builder_
         if key not in funcs:
-            funcs[key] = (bb.add_func(input_transform(n, h, w, cin, m), "winograd_input"),
-                          bb.add_func(output_transform(n, h, w, cout, m), "winograd_output"))
+            funcs[key] = (bb.add_func(input_transform(n, h, w, cin, m), INPUT_KERNEL),
+                          bb.add_func(output_transform(n, h, w, cout, m), OUTPUT_KERNEL))
         to_tiles, from_tiles = funcs[key]
         a, tiles = m + 2, n * (h // m) * (w // m)
         u = relax.const(transform_weight(weight.value.numpy(), m), "float32")
