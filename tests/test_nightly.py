@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from models import make_project, tiny_convnet
 from pipeline import nightly
 from pipeline.core.errors import ConfigError
+from pipeline.core.project import Project
 from pipeline.core.targets import host_machine_class
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -202,6 +203,36 @@ def test_a_failed_stage_fails_the_run_and_leads_the_report(tmp_path):
     assert md.startswith("# Nightly: FAIL") and "LLVM said no" in md.split("## Artifacts")[0]
 
 
+def test_models_option_runs_only_the_named_artifacts(tmp_path):
+    project = make_project(tmp_path)
+    options, _ = nightly.NightlyOptions.from_vars({"models": " tiny_int8 ,"})
+    assert options.models == ("tiny_int8",)
+    calls = []
+
+    def fake_doit(cmd, cwd, timeout):
+        calls.append(cmd)
+        return 0, ""
+
+    summary = nightly.run(project, ["cpu"], options, run_doit=fake_doit)
+    tasks = [a for a in calls[0] if ":" in a]
+    assert tasks == ["build:tiny_int8", "validate:tiny_int8@cpu", "bench:tiny_int8@cpu"]
+    assert [a["artifact"] for a in summary["artifacts"]] == ["tiny_int8"]
+    # a model name selects every variant; the whole-project groups are not asked for
+    whole = nightly.select_artifacts(Project.load(project), ["tiny"])
+    assert sorted(f"{s.name}_{v.name}" for s, v in whole) == ["tiny_fp32", "tiny_int8"]
+    assert "build" not in calls[0] and "validate" not in calls[0]
+
+
+def test_unknown_model_name_fails_before_building_and_lists_the_known_ones(tmp_path):
+    project = make_project(tmp_path)
+    options, _ = nightly.NightlyOptions.from_vars({"models": "tiny_int8,resnet51"})
+    with pytest.raises(ConfigError) as e:
+        nightly.run(project, ["cpu"], options,
+                    run_doit=lambda *a: pytest.fail("doit must not run"))
+    msg = str(e.value)
+    assert "unknown resnet51" in msg and "tiny_fp32" in msg and "models tiny" in msg
+
+
 # ----------------------------------------------------------------------------- real runs
 
 def _report(project: Path) -> dict:
@@ -270,6 +301,10 @@ def test_second_run_rebuilds_nothing_and_passes(built):
     assert "Skipped as up to date" in md and "`compile:tiny_int8@cpu`" in md
     history = nightly.read_history(project / nightly.REPORT_DIR / "history.jsonl")
     assert [h["status"] for h in history if h["kind"] == "run"][-1] == "pass"
+    # doit takes the per-artifact task names the models= filter hands it
+    one = doit(project, "nightly", "targets=cpu", "models=tiny_int8")
+    assert one.returncode == 0 and one.built == set(), one.output
+    assert [a["artifact"] for a in _report(project)["artifacts"]] == ["tiny_int8"]
 
 
 @pytest.mark.slow

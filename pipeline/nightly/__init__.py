@@ -55,10 +55,12 @@ from pipeline.nightly.runner import (
     buildable_targets,
     nightly_task,
     run,
+    select_artifacts,
 )
 
 __all__ = ["BASELINE_FILE", "BUILT", "DEFAULT_SQNR_DROP_DB", "DEFAULT_THRESHOLD", "FAILED",
            "NIGHTLY_VARS", "NOT_RUN", "RAN", "REPORT_DIR", "REUSED", "STAGES", "UP_TO_DATE",
            "NightlyFailed", "NightlyOptions", "append_history", "buildable_targets", "check",
            "classify", "history_chart", "load_baseline", "nightly_task", "parse_doit_output",
-           "read_history", "run", "snapshot_links", "write_report"]
+           "read_history", "run", "select_artifacts", "snapshot_links",
+           "write_report"]

@@ -69,6 +69,9 @@ class NightlyOptions:
     baseline_file: str = ""  # relative to the project; default models/baselines/...
     doit_vars: tuple[tuple[str, str], ...] = ()  # warmup/repeat/threads for the builds
     timeout_s: float | None = None  # per target's doit run
+    # ``models=resnet50,minilm_int8``: model names (every variant) or artifact names; empty:
+    # every artifact. A per-model baseline refresh on a new machine class needs no full run.
+    models: tuple[str, ...] = ()
 
     @classmethod
     def from_vars(cls, values: Mapping[str, str | None]) -> tuple[NightlyOptions, list[str]]:
@@ -113,9 +116,32 @@ class NightlyOptions:
                 passthrough.append((name, str(values[name])))
         if problems:
             raise ConfigError("bad `doit nightly` option(s):\n  - " + "\n  - ".join(problems))
+        models = tuple(m.strip() for m in (values.get("models") or "").split(",")
+                       if m.strip())
         return cls(baseline=mode, threshold=threshold, sqnr_drop_db=drop,
                    baseline_file=values.get("baseline_file") or "", doit_vars=tuple(passthrough),
-                   timeout_s=timeout), targets
+                   timeout_s=timeout, models=models), targets
+
+
+def select_artifacts(project, names: Sequence[str] = ()) -> list[tuple[Any, Any]]:
+    """The (spec, variant) pairs a run covers: all of them, or those ``models=`` names (a
+    model name selects each of its variants, ``<model>_<variant>`` one artifact).
+
+    An unknown name is a :class:`ConfigError` listing what the project has.
+    """
+    pairs = [(spec, variant) for spec in project.specs.values()
+             for variant in spec.variants.values()]
+    if not names:
+        return pairs
+    by_artifact = {f"{spec.name}_{variant.name}": (spec, variant) for spec, variant in pairs}
+    unknown = [n for n in names if n not in project.specs and n not in by_artifact]
+    if unknown:
+        raise ConfigError(
+            f"models={','.join(names)}: unknown {', '.join(unknown)}; this project has the "
+            f"models {', '.join(sorted(project.specs)) or '(none)'} and the artifacts "
+            f"{', '.join(sorted(by_artifact)) or '(none)'} (comma-separated, either kind)")
+    return [(spec, variant) for spec, variant in pairs
+            if spec.name in names or f"{spec.name}_{variant.name}" in names]
 
 
 def buildable_targets(asked: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
@@ -149,11 +175,15 @@ def _find_nvcc() -> str | None:
 
 # ----------------------------------------------------------------------------- doit runs
 
-def doit_command(project: Path, target: str, doit_vars: Sequence[tuple[str, str]] = ()
-                 ) -> list[str]:
-    """The build/validate/bench command of one target, as a user would type it."""
+def doit_command(project: Path, target: str, doit_vars: Sequence[tuple[str, str]] = (),
+                 artifacts: Sequence[str] = ()) -> list[str]:
+    """The build/validate/bench command of one target, as a user would type it: every
+    artifact, or only ``artifacts`` (``<model>_<variant>`` names) with their own tasks."""
+    tasks = [task for name in artifacts
+             for task in (f"build:{name}", f"validate:{name}@{target}", f"bench:{name}@{target}")
+             ] or ["build", "validate", "bench"]
     return [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(project),
-            "--continue", "build", "validate", "bench", f"target={target}", "tune=off",
+            "--continue", *tasks, f"target={target}", "tune=off",
             *(f"{k}={v}" for k, v in doit_vars)]
 
 
@@ -308,12 +338,15 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
     now = datetime.now(UTC).isoformat(timespec="seconds")
     commit = _git_commit(root)
     chosen, skipped = buildable_targets(targets or ())
+    selected = select_artifacts(project, options.models)
+    names = [f"{spec.name}_{variant.name}" for spec, variant in selected] \
+        if options.models else []
     run_doit = run_doit or _run_streaming
 
     per_target, results = [], []
     for target in chosen:
         before = snapshot_links(root / "artifacts")
-        cmd = doit_command(root, target, options.doit_vars)
+        cmd = doit_command(root, target, options.doit_vars, names)
         print(f"nightly: {target}: {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()
         returncode, output = run_doit(cmd, root, options.timeout_s)
@@ -329,10 +362,8 @@ def run(project_dir: Path, targets: Sequence[str] | None = None,
                            "seconds": round(seconds, 1), "log": str(log.relative_to(root)),
                            "tasks": rows, "counts": counts})
         by_name = {row["task"]: row for row in rows}
-        for spec in project.specs.values():
-            for variant in spec.variants.values():
-                results.append(artifact_result(project, spec, variant, target, by_name,
-                                               machine_class))
+        results += [artifact_result(project, spec, variant, target, by_name, machine_class)
+                    for spec, variant in selected]
 
     refresh = options.baseline == "refresh"
     # A refresh sets new numbers: they are not compared with the ones they replace.
@@ -411,8 +442,8 @@ def action(root: Path, values: dict[str, str | None]) -> None:
                             + "\n  - ".join(summary["failures"]))
 
 
-NIGHTLY_VARS = ("targets", "target", "baseline", "threshold", "sqnr_drop_db", "baseline_file",
-                "timeout", *PASSTHROUGH)
+NIGHTLY_VARS = ("targets", "target", "models", "baseline", "threshold", "sqnr_drop_db",
+                "baseline_file", "timeout", *PASSTHROUGH)
 
 
 def nightly_task(root: Path, get_var: Callable[..., str | None]) -> dict:
@@ -423,4 +454,4 @@ def nightly_task(root: Path, get_var: Callable[..., str | None]) -> dict:
 
 __all__ = ["NightlyFailed", "NightlyOptions", "action", "buildable_targets", "check",
            "classify", "doit_command", "history_chart", "load_baseline", "nightly_task",
-           "parse_doit_output", "read_history", "run", "snapshot_links"]
+           "parse_doit_output", "read_history", "run", "select_artifacts", "snapshot_links"]
