@@ -7,6 +7,8 @@ there to cross-compile):
    dodo.py, so the nightly takes the same incremental path a developer does: up-to-date stages
    are skipped, outputs found in the store are reused). ``tune=off``: nothing is tuned, every
    kernel's schedule comes from the tuning logs (committed under ``models/tuning_logs/``).
+   ``models=resnet50,minilm_int8`` narrows the run to those models (every variant) or
+   artifacts: doit is then asked for their own ``build:``, ``validate:`` and ``bench:`` tasks.
 2. doit's output is parsed per task: ``.  task`` ran, ``-- task`` was up to date; the stage
    lines ``<stage>: built ...`` / ``<stage>: reusing verified output ...`` say whether a stage
    that ran made something new, and the manifests before and after say why (which config key,
