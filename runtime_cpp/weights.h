@@ -50,6 +50,47 @@ struct OffsetAlloc {
   void FreeData(DLTensor*) { std::free(base); }
 };
 
+/*! \brief The float32 value of the IEEE half-precision bits `h` (exact: every half is a float). */
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0x1f) {  // inf, nan (payload kept)
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {  // normal: rebias 15 -> 127
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {  // +-0
+    bits = sign;
+  } else {  // subnormal half: normalize (a normal float)
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+/*!
+ * \brief A float32 CPU tensor of the float16 CPU tensor `narrow`: a weight the params file
+ * stores as float16 (pipeline/runtime/params.py: "param_NNNN.widen") that main takes as float32.
+ */
+inline ffi::Tensor widened_float32(const ffi::Tensor& narrow) {
+  const DLDataType f16{kDLFloat, 16, 1}, f32{kDLFloat, 32, 1};
+  if (narrow.device().device_type != kDLCPU || narrow.dtype().code != f16.code ||
+      narrow.dtype().bits != f16.bits || narrow.dtype().lanes != 1) {
+    throw std::invalid_argument("widened_float32: not a float16 CPU tensor");
+  }
+  ffi::Tensor wide = ffi::Tensor::FromNDAlloc(OffsetAlloc{0}, narrow.shape(), f32, narrow.device());
+  const auto* src = reinterpret_cast<const uint16_t*>(static_cast<const char*>(narrow.data_ptr()) + narrow.byte_offset());
+  float* dst = static_cast<float*>(wide.data_ptr());
+  const size_t n = ffi::GetDataSize(narrow) / sizeof(uint16_t);
+  for (size_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+  return wide;
+}
+
 /*! \brief A copy of the CPU tensor `host` at weight `index`'s page offset. */
 inline ffi::Tensor staggered_copy(const ffi::Tensor& host, int64_t index) {
   if (host.device().device_type != kDLCPU) throw std::invalid_argument("staggered_copy: not a CPU tensor");

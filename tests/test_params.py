@@ -70,6 +70,44 @@ def test_param_files_round_trip_byte_identically(tmp_path):
     assert params_path(tmp_path / "module.json") == tmp_path / "module.params"
 
 
+def test_float16_valued_weights_are_stored_narrow_and_load_as_float32(tmp_path):
+    """narrow_float16: a float32 tensor float16 holds exactly is stored as float16
+    (``.widen``) and loads back as the same float32 bytes; one it does not hold exactly, and
+    any other dtype, is stored as it is."""
+    import tvm
+
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((64, 3)).astype(np.float16).astype(np.float32)
+    exact[0, :] = [np.float32(2.0 ** -24), -0.0, 65504.0]  # subnormal, -0, float16's max
+    inexact = exact.copy()
+    inexact[5, 1] += np.float32(1e-6)
+    ints = np.arange(9, dtype=np.int8)
+    arrays = [exact, inexact, ints]
+    written = save_params([tvm.runtime.tensor(a) for a in arrays], tmp_path / "w.params",
+                          narrow_float16=True)
+    assert written == exact.nbytes // 2 + inexact.nbytes + ints.nbytes
+    stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / "w.params"))
+    assert {k: str(v.dtype) for k, v in stored.items()} == {
+        "param_0000.widen": "float16", "param_0001": "float32", "param_0002": "int8"}
+    back = load_params(tmp_path / "w.params")
+    assert [str(b.dtype) for b in back] == ["float32", "float32", "int8"]
+    assert [b.numpy().tobytes() for b in back] == [a.tobytes() for a in arrays]
+    # without narrow_float16 nothing changes
+    assert save_params([tvm.runtime.tensor(exact)], tmp_path / "p.params") == exact.nbytes
+
+
+def test_a_widen_tensor_that_is_not_float16_is_a_clear_error(tmp_path):
+    import tvm
+
+    from pipeline.core.errors import CorruptInputError
+
+    tvm.runtime.save_param_dict_to_file(
+        {"param_0000.widen": tvm.runtime.tensor(np.ones(4, np.float32))},
+        str(tmp_path / "w.params"))
+    with pytest.raises(CorruptInputError, match="param_0000.widen is float32, not float16"):
+        load_params(tmp_path / "w.params")
+
+
 def test_a_truncated_param_file_is_a_clear_error(tmp_path):
     import tvm
 
@@ -180,16 +218,47 @@ int main() {
 
 def test_the_cpp_app_places_weights_by_the_same_rule(tmp_path):
     """runtime_cpp/weights.h against pipeline.runtime.params.page_offset, compiled and run."""
+    import subprocess
+
+    from pipeline.runtime.params import page_offset
+
+    driver = _build_driver(tmp_path, _PLACEMENT_DRIVER)
+    lines = subprocess.run([driver], capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    rows = [line.split() for line in lines if line]
+    assert [int(r[0]) for r in rows] == [page_offset(k) for k in range(100)]
+    assert all(r[1:] == ["0.5", "149.5"] for r in rows)
+
+
+_WIDEN_DRIVER = r"""
+#include <cstdio>
+#include "weights.h"
+namespace ffi = tvm::ffi;
+struct Plain {
+  void AllocData(DLTensor* t) { t->data = std::aligned_alloc(64, ffi::GetDataSize(*t) + 64); }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+int main() {
+  // every float16 code, through the tensor widening the app does for "param_NNNN.widen"
+  int64_t shape[1] = {65536};
+  ffi::Tensor narrow = ffi::Tensor::FromNDAlloc(Plain{}, ffi::ShapeView(shape, 1),
+                                                DLDataType{kDLFloat, 16, 1}, DLDevice{kDLCPU, 0});
+  for (uint32_t c = 0; c < 65536; ++c) static_cast<uint16_t*>(narrow.data_ptr())[c] = c;
+  ffi::Tensor wide = weight_memory::widened_float32(narrow);
+  std::fwrite(wide.data_ptr(), sizeof(float), 65536, stdout);
+}
+"""
+
+
+def _build_driver(tmp_path, source: str) -> Path:
     import shutil
     import subprocess
 
     import tvm_ffi.libinfo as ffi_info
 
-    from pipeline.runtime.params import page_offset
-
     if shutil.which("g++") is None:
         pytest.skip("g++ is needed")
-    (tmp_path / "driver.cc").write_text(_PLACEMENT_DRIVER)
+    (tmp_path / "driver.cc").write_text(source)
     lib = ffi_info.find_libtvm_ffi()
     runtime_cpp = Path(__file__).resolve().parents[1] / "runtime_cpp"
     subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror",
@@ -197,8 +266,17 @@ def test_the_cpp_app_places_weights_by_the_same_rule(tmp_path):
                     f"-I{ffi_info.find_dlpack_include_path()}", "driver.cc", lib,
                     f"-Wl,-rpath,{Path(lib).parent}", "-o", "driver"],
                    cwd=tmp_path, check=True)
-    lines = subprocess.run([tmp_path / "driver"], capture_output=True, text=True,
-                           check=True).stdout.split("\n")
-    rows = [line.split() for line in lines if line]
-    assert [int(r[0]) for r in rows] == [page_offset(k) for k in range(100)]
-    assert all(r[1:] == ["0.5", "149.5"] for r in rows)
+    return tmp_path / "driver"
+
+
+def test_the_cpp_app_widens_every_float16_code_as_numpy_does(tmp_path):
+    """runtime_cpp/weights.h's float16 -> float32 (weights stored ``.widen``): all 65536
+    codes, subnormals, infinities and NaN payloads included, bit for bit."""
+    import subprocess
+
+    out = subprocess.run([_build_driver(tmp_path, _WIDEN_DRIVER)], capture_output=True,
+                         check=True).stdout
+    got = np.frombuffer(out, dtype=np.uint32)
+    want = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]

@@ -8,6 +8,12 @@ with no Python (``runtime.LoadParamsFromFile``: what the C++ app calls). Tensors
 ``param_0000``, ``param_0001``, ... in the order ``main`` takes them after its inputs, and
 written in that order (TVM's map keeps insertion order), so equal weights give equal bytes.
 Loading reads each tensor once into its own buffer: peak memory is one copy of the weights.
+
+A float32 weight whose values are all float16 values (a float16 model compiled as float32
+compute on a CPU without float16 arithmetic) may be stored as float16 under the name
+``param_NNNN.widen``: the loaders (:func:`load_params`, ``load_weights`` in the C++ app)
+widen it back to float32, exactly. The file is then half the size, and ``main`` still gets
+float32.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from pipeline.core.errors import CorruptInputError
 
 PREFIX = "param_"
+WIDEN_SUFFIX = ".widen"  # stored as float16, main takes it as float32
 
 
 def param_name(index: int) -> str:
@@ -32,18 +39,38 @@ def params_path(module_file: Path) -> Path:
     return module_file.with_name(module_file.name.rsplit(".", 1)[0] + ".params")
 
 
-def save_params(tensors: Sequence, path: Path) -> int:
-    """Write ``tensors`` (TVM tensors, ``main``'s order) to ``path``; returns their bytes.
+def save_params(tensors: Sequence, path: Path, narrow_float16: bool = False) -> int:
+    """Write ``tensors`` (TVM tensors, ``main``'s order) to ``path``; returns the bytes
+    written for them. ``narrow_float16``: each float32 tensor that float16 holds exactly is
+    stored as float16 (``param_NNNN.widen``), for the loaders to widen.
 
     An empty list still writes a (small) file: every stage output exists whatever the model.
     """
     import tvm
 
-    named = {param_name(i): t for i, t in enumerate(tensors)}
+    named = {}
+    for i, t in enumerate(tensors):
+        narrow = _exact_float16(t) if narrow_float16 else None
+        if narrow is None:
+            named[param_name(i)] = t
+        else:
+            named[param_name(i) + WIDEN_SUFFIX] = tvm.runtime.tensor(narrow)
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tvm.runtime.save_param_dict_to_file(named, str(tmp))
     os.replace(tmp, path)
-    return sum(_nbytes(t) for t in tensors)
+    return sum(_nbytes(t) for t in named.values())
+
+
+def _exact_float16(tensor):
+    """``tensor`` as a float16 numpy array if it is float32 and float16 holds every value
+    exactly, else None."""
+    import numpy as np
+
+    if str(tensor.dtype) != "float32":
+        return None
+    values = tensor.numpy()
+    narrow = values.astype(np.float16)
+    return narrow if np.array_equal(narrow.astype(np.float32), values) else None
 
 
 def _nbytes(tensor) -> int:
@@ -76,11 +103,24 @@ def load_params(path: Path) -> list:
                                 f"{os.path.getsize(path)}: it is truncated; rebuild the "
                                 "artifact")
     names = [param_name(i) for i in range(len(loaded))]
-    missing = [n for n in names if n not in loaded]
+    missing = [n for n in names if n not in loaded and n + WIDEN_SUFFIX not in loaded]
     if missing:
         raise CorruptInputError(f"weights file {path} does not hold {', '.join(missing[:3])}: "
                                 "not written by this pipeline; rebuild the artifact")
-    return [loaded[n] for n in names]
+    return [loaded[n] if n in loaded else _widened(loaded[n + WIDEN_SUFFIX], path, n)
+            for n in names]
+
+
+def _widened(tensor, path: Path, name: str):
+    """A ``.widen`` tensor (float16) as the float32 tensor ``main`` takes (exact)."""
+    import numpy as np
+    import tvm
+
+    if str(tensor.dtype) != "float16":
+        raise CorruptInputError(f"weights file {path}: {name}{WIDEN_SUFFIX} is "
+                                f"{tensor.dtype}, not float16: not written by this pipeline; "
+                                "rebuild the artifact")
+    return tvm.runtime.tensor(tensor.numpy().astype(np.float32))
 
 
 PAGE = 4096

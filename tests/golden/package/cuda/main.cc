@@ -476,10 +476,21 @@ std::vector<ffi::Tensor> load_weights(const std::string& path, DLDevice dev) {
   for (int64_t i = 0; i < kNumParams; ++i) {
     char name[32];
     std::snprintf(name, sizeof(name), "param_%04lld", static_cast<long long>(i));
+    // "param_NNNN.widen": stored as float16, main takes float32 (pipeline/runtime/params.py)
+    const std::string narrow_name = std::string(name) + ".widen";
     auto found = loaded.find(name);
+    const bool widen = found == loaded.end();
+    if (widen) found = loaded.find(narrow_name);
     if (found == loaded.end()) throw std::runtime_error("weights file " + path + " has no tensor " + name);
     ffi::Tensor host = (*found).second;
-    loaded.erase(name);  // the map's reference: each file copy is freed once placed
+    loaded.erase(widen ? ffi::String(narrow_name) : ffi::String(name));  // each file copy is freed once placed
+    if (widen) {
+      const DLDataType dt = host.dtype();
+      if (dt.code != kDLFloat || dt.bits != 16 || dt.lanes != 1) {
+        throw std::runtime_error("weights file " + path + ": " + narrow_name + " is not float16 (not written by this pipeline?)");
+      }
+      host = weight_memory::widened_float32(host);
+    }
     if (dev.device_type == kDLCPU) {
       // at its own page offset (runtime_cpp/weights.h says why: cache-set conflicts)
       weights.push_back(weight_memory::staggered_copy(host, i));
