@@ -82,4 +82,5 @@ def test_import_reports_name_the_rewritten_ops(built):
     assert len(imported("fp16")["fp16_accumulate_fp32"]["rewritten"]) == 3
     compiled = json.loads((_art(project, "fp16") / "compile" / "compile_report.json")
                           .read_text())
-    assert compiled["float16_compute"].startswith(("native", "converted to float32"))
+    assert compiled["float16_compute"].startswith(
+        ("native", "converted to float32", "float32 arithmetic on the float16 weights"))

@@ -14,7 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 from oracle import ort_run
 
 from models import tiny_convnet
-from pipeline.compiler.passes.float_formats import accumulate_in_float32, keep_bfloat16_weights
+from pipeline.compiler.passes.float_formats import (
+    accumulate_in_float32,
+    keep_bfloat16_weights,
+    widen_float16,
+)
 from pipeline.core.spec import ValidationSpec
 from pipeline.schemes import SCHEMES
 from pipeline.stages.validate import compare
@@ -42,6 +46,18 @@ def _calls(mod, name: str) -> list:
     return found
 
 
+def _constants(mod) -> list:
+    from tvm import ir, relax
+
+    found = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: found.append(e) if isinstance(e, ir.Constant)
+                and hasattr(e.value, "numpy") and e not in found else None)
+    return found
+
+
 def _constant_dtypes(mod) -> list[str]:
     from tvm import ir, relax
 
@@ -65,6 +81,45 @@ def test_float16_matmul_and_conv_accumulate_in_float32():
     for op in ("relax.nn.conv2d", "relax.matmul"):
         assert {str(c.attrs.out_dtype) for c in _calls(new, op)} == {"float32"}, op
     assert all(str(c.args[0].ty.dtype) == "float16" for c in _calls(new, "relax.matmul"))
+
+
+def _float16_module(model, shape):
+    from onnxconverter_common import float16
+
+    return accumulate_in_float32(_import(float16.convert_float_to_float16(
+        model, keep_io_types=True), shape))[0]
+
+
+def test_a_float16_convnet_widens_to_float32_compute_on_its_float16_weights():
+    """No float16 value is left; every weight is a float32 constant holding the float16
+    weight's value exactly; the casts are gone; convs and matmul remain."""
+    mod = _float16_module(tiny_convnet(), (1, 3, 8, 8))
+    halves = sorted(e.value.numpy().astype(np.float32).tobytes() for e in _constants(mod))
+    new, report = widen_float16(mod)
+    assert report.kept == []
+    assert report.rewritten == ["10 float16 constant(s) widened to float32",
+                                "5 cast(s) dropped"]
+    assert "float16" not in new.script()
+    assert sorted(e.value.numpy().tobytes() for e in _constants(new)) == halves
+    assert _calls(new, "relax.astype") == []
+    assert len(_calls(new, "relax.nn.conv2d")) == 2 and len(_calls(new, "relax.matmul")) == 1
+
+
+def test_a_model_of_weight_streaming_matmuls_keeps_float16():
+    """One-row matmuls read their weights once per inference: there float16's half the bytes
+    is the speed, so the module is returned as it is, and the report says why."""
+    mod = _float16_module(tiny_mlp(), (1, 128))
+    new, report = widen_float16(mod)
+    assert new.same_as(mod) and report.rewritten == []
+    assert len(report.kept) == 1 and "streamed by one-row matmuls" in report.kept[0]
+    # the same layers on 32 rows are compute-bound: widened
+    from onnx import shape_inference
+
+    rows = tiny_mlp()
+    for vi in (*rows.graph.input, *rows.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 32
+    batch = _float16_module(shape_inference.infer_shapes(rows), (32, 128))
+    assert widen_float16(batch)[1].rewritten
 
 
 def test_bfloat16_weights_become_bfloat16_constants_and_others_stay():
@@ -135,6 +190,35 @@ def test_tvm_matches_onnxruntime_on_the_same_converted_model(tmp_path, scheme, w
     else:
         assert len(built["import"]["fp16_accumulate_fp32"]["rewritten"]) == \
             (4 if which == "mlp" else 3)
+
+
+@pytest.mark.slow
+def test_a_widened_float16_model_computes_what_onnxruntime_computes(tmp_path):
+    """On a CPU without float16 arithmetic the fp16 convnet compiles as float32 compute on its
+    float16 weights, stored float16 in model.params: what onnxruntime's CPU EP runs on the
+    same model (it upcasts the weights at load), so they agree to float32's gate, not only
+    float16's."""
+    import json
+
+    import tvm
+    from tvm.target import codegen
+
+    from pipeline.core.targets import get_target, tvm_target
+    from pipeline.runtime.vm import python_vm_outputs
+
+    if codegen.target_has_features("avx512fp16", tvm_target(get_target("cpu"))):
+        pytest.skip("this CPU has AVX512-FP16: float16 stays native")
+    built = build_in_process(tiny_convnet(), "fp16", (1, 3, 8, 8), tmp_path)
+    report = json.loads((built["so"].parent / "compile_report.json").read_text())
+    assert report["float16_widened"]["rewritten"], report["float16_widened"]
+    assert report["float16_compute"].startswith("float32 arithmetic on the float16 weights")
+    stored = tvm.runtime.load_param_dict_from_file(str(built["so"].with_name("model.params")))
+    assert {str(v.dtype) for k, v in stored.items() if k.endswith(".widen")} == {"float16"}
+    assert sum(k.endswith(".widen") for k in stored) >= 3  # both convs' and the matmul's
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32)
+        same = compare(python_vm_outputs(built["so"], [x])[0], ort_run(built["onnx"], {"x": x}))
+        assert same["max_rel_err"] <= _gates("fp32")["fp32_rel_tol"], same
 
 
 @pytest.mark.slow

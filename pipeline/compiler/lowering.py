@@ -337,6 +337,18 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
 
 
+def _widen_float16(mod, report: dict):
+    """On a CPU without float16 arithmetic: float32 compute on the float16 weights (widened
+    once, at load), so the model lowers, tunes and runs as a float32 one
+    (:func:`.passes.float_formats.widen_float16` says why and when not). Returns
+    ``(mod, compute_dtype)``; ``report["float16_widened"]`` says what it did."""
+    from pipeline.compiler.passes.float_formats import widen_float16
+
+    mod, done = widen_float16(mod)
+    report["float16_widened"] = done.as_dict()
+    return mod, ("float32" if done.rewritten else "float16")
+
+
 def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = "",
                      report: dict | None = None):
     """Phases 2-3: layout for the target, then legalize and fuse into TIR kernels.
@@ -351,15 +363,19 @@ def lower_for_target(mod, target, compute_dtype: str = "float32", layout: str = 
     ``layout_fallback`` (None, or why the requested one failed and what replaced it, as
     printed), for NHWC ``layout_prep`` (what was rewritten or kept unconverted) and, for
     int8 with VNNI, ``vnni_packed`` (convs and matmuls packed, layout conversions); on CPUs
-    ``fast_math`` (the ops approximated, see :data:`FAST_MATH_OPS`).
+    ``fast_math`` (the ops approximated, see :data:`FAST_MATH_OPS`); for float16 on a CPU
+    without float16 arithmetic ``float16_widened`` (see :func:`_widen_float16`).
     """
     from tvm.target import codegen
 
     if layout and layout not in CPU_FP32_LAYOUTS:
         raise ValueError(f"layout {layout!r}: use one of {', '.join(CPU_FP32_LAYOUTS)}")
+    report = report if report is not None else {}
+    if compute_dtype == "float16" and target.kind.name == "llvm" and \
+            not codegen.target_has_features("avx512fp16", target):
+        mod, compute_dtype = _widen_float16(mod, report)
     rule = LAYOUT_RULES.get((target.kind.name, compute_dtype))
     choices = rule(target, layout) if rule else [("NCHW", _keep_layout)]
-    report = report if report is not None else {}
     failures: list[str] = []
     for i, (name, convert) in enumerate(choices):
         fields: dict = {}

@@ -62,17 +62,21 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
         mod = weight_prepack.fold_packed_weights(mod, target)
     report = {"target": str(target), "tuned": tuned, "untuned": untuned,
               "untuned_scheduler": label, **lowering, **extra,
-              "prepacked_weights": packed, **_float16_note(target, compute_dtype)}
+              "prepacked_weights": packed, **_float16_note(target, compute_dtype, lowering)}
     return mod, target, report
 
 
-def _float16_note(target, compute_dtype: str) -> dict:
+def _float16_note(target, compute_dtype: str, lowering: dict) -> dict:
     """What float16 arithmetic becomes on this CPU, said in the compile report (FACTS.md:
-    LLVM emits AVX512-FP16 instructions where the CPU has them, float32 conversions else)."""
+    LLVM emits AVX512-FP16 instructions where the CPU has them, float32 conversions else;
+    a CPU without them gets a float32 model on the float16 weights where that pays)."""
     if compute_dtype != "float16" or target.kind.name != "llvm":
         return {}
     from tvm.target import codegen
 
+    if lowering.get("float16_widened", {}).get("rewritten"):
+        return {"float16_compute": "float32 arithmetic on the float16 weights, widened to "
+                "float32 at load (this CPU has no AVX512-FP16; model.params keeps float16)"}
     native = codegen.target_has_features("avx512fp16", target)
     return {"float16_compute": "native AVX512-FP16 arithmetic" if native else
             "converted to float32 and back around each op (this CPU has no AVX512-FP16): "
@@ -168,8 +172,11 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     # The weights leave the module after lowering (layout conversions folded into them):
     # main(inputs..., weights...), the weights in model.params.
     mod, weights = lift_constants(mod)
+    # a float16 model computed in float32 keeps its weights float16 on disk (widened at load)
+    narrow = bool(report.get("float16_widened", {}).get("rewritten"))
     io["params"] = {"file": "model.params", "count": len(weights),
-                    "bytes": save_params(weights, out_dir / "model.params")}
+                    "bytes": save_params(weights, out_dir / "model.params",
+                                         narrow_float16=narrow)}
     del weights
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_dir / "model.so"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._qdq import op_name, rewrite_calls
+from ._qdq import mutate_relax_functions, op_name, rewrite_calls
 
 WEIGHT_OPS = ("relax.matmul", "relax.nn.conv2d")
 # which argument of an op is the weight the bf16 pass keeps in bfloat16: the weight operand
@@ -138,3 +138,141 @@ def keep_bfloat16_weights(mod):
     mod = relax.transform.FuseOpsByPattern(_decode_patterns(), bind_constants=False,
                                            annotate_codegen=False)(mod)
     return mod, report
+
+
+# A constant-weight matmul whose activation has fewer rows than this streams its weight
+# (batch-1 decoding, a one-row classifier): reading float16 bytes is what makes float16 fast
+# there (README, Number formats: 0.16-0.19 ms against 0.38-0.6 ms in float32). A model whose
+# float16 weights are mostly streamed so keeps float16 storage in its kernels; one that
+# streams a small part (ResNet-50's classifier: 2 M of 25.5 M weights) is widened.
+STREAMING_ROWS = 16
+
+
+def _streaming_weights(mod) -> tuple[list[str], int, int]:
+    """(labels, elements) of the float16 constant weights of matmuls with fewer than
+    :data:`STREAMING_ROWS` rows, and the elements of all float16 constants."""
+    import numpy as np
+    from tvm import ir, relax
+
+    found: list[str] = []
+    counts = {"streamed": 0, "all": 0}
+    seen: set = set()
+
+    def visit(expr):
+        if isinstance(expr, ir.Constant) and str(getattr(expr.value, "dtype", "")) == "float16" \
+                and expr not in seen:
+            seen.add(expr)
+            counts["all"] += int(np.prod([int(d) for d in expr.value.shape]))
+        if op_name(expr) != "relax.matmul" or not isinstance(expr.args[1], ir.Constant):
+            return
+        x = expr.args[0].ty
+        weight = expr.args[1].value
+        if str(getattr(weight, "dtype", "")) != "float16" or getattr(x, "shape", None) is None:
+            return
+        rows = 1
+        for d in list(x.shape)[:-1]:
+            try:
+                rows *= int(d)
+            except TypeError:  # a symbolic dimension (a dynamic batch): not streaming
+                rows *= STREAMING_ROWS
+        if rows < STREAMING_ROWS:
+            found.append(f"{_label(expr)} ({rows} row(s))")
+            counts["streamed"] += int(np.prod([int(d) for d in weight.shape]))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found, counts["streamed"], counts["all"]
+
+
+def widen_float16(mod):
+    """A float16 model as float32 compute on float16-valued weights; returns
+    ``(mod, FloatFormatReport)``, ``mod`` unchanged when it cannot or should not be widened
+    (``report.kept`` says why).
+
+    For CPUs without float16 arithmetic, where LLVM converts every float16 op to float32 and
+    back: the float16 scheme's convs and matmuls accumulate in float32 already, so widening
+    the weights once (at load: model.params keeps them as float16, see
+    :mod:`pipeline.runtime.params`) and dropping the casts computes what onnxruntime's CPU EP
+    computes on the same model (it upcasts the weights at load and cancels the cast pairs),
+    at float32 speed, and every kernel is a float32 model's kernel: the float32 tuning
+    records apply. A model whose weights are mostly streamed by one-row matmuls
+    (:data:`STREAMING_ROWS`) is left as it is: there, reading half the bytes is the speed.
+    """
+    import tvm
+    from tvm import relax
+
+    report = FloatFormatReport()
+    streaming, streamed, total = _streaming_weights(mod)
+    if streamed * 2 > total:
+        report.kept.append(f"{streamed} of {total} float16 weights are streamed by one-row "
+                           f"matmuls ({'; '.join(streaming[:3])}): float16 storage kept")
+        return mod, report
+    wide: dict = {}
+    dropped: list = []
+    islands: list = []
+
+    @relax.expr_functor.mutator
+    class _Widen(relax.PyExprMutator):
+        def run(self, func):
+            return self.visit_expr(func)
+
+        # (TVM 0.27's name for relax.Constant's visitor) every float16 constant becomes a
+        # float32 one, before the calls using it are re-normalized
+        def visit_generic_const_(self, op):
+            if str(getattr(op.value, "dtype", "")) != "float16":
+                return op
+            if op not in wide:  # a constant used twice (tied weights) stays one
+                wide[op] = relax.const(tvm.runtime.tensor(op.value.numpy().astype("float32")))
+            return wide[op]
+
+        def visit_call_(self, call):
+            if op_name(call) == "relax.astype" and str(call.attrs.dtype) == "float16":
+                x = self.visit_expr(call.args[0])
+                if str(getattr(x.ty, "dtype", "")) == "float32":
+                    dropped.append(call)
+                    return x
+                return relax.op.astype(x, "float32")
+            if op_name(call) == "relax.call_tir":
+                return self._float16_island(call)
+            call = super().visit_call_(call)
+            if op_name(call) == "relax.astype":  # float32 -> float32 after widening
+                x = call.args[0]
+                if str(getattr(x.ty, "dtype", "")) == str(call.attrs.dtype):
+                    dropped.append(call)
+                    return x
+            return call
+
+        def _float16_island(self, call):
+            """A TIR kernel the importer wrote (its PrimFunc computes in float16: ONNX Max,
+            say) keeps float16 inside, cast at its edges."""
+            old_args = list(call.args[1].fields)
+            new_args = []
+            for old, new in zip(old_args, [self.visit_expr(a) for a in old_args], strict=True):
+                was = str(getattr(old.ty, "dtype", ""))
+                if was == "float16" and str(getattr(new.ty, "dtype", "")) == "float32":
+                    new = self.builder_.normalize(relax.op.astype(new, "float16"))
+                new_args.append(new)
+            out = self.builder_.normalize(relax.Call(
+                call.op, [call.args[0], relax.Tuple(new_args), *call.args[2:]], call.attrs,
+                call.ty_args))
+            if str(getattr(out.ty, "dtype", "")) != "float16":
+                if "float16" in str(out.ty):
+                    raise TypeError(f"a TIR call returns float16 in a tuple: {out.ty}")
+                return out
+            islands.append(call)
+            return relax.op.astype(out, "float32")
+
+    try:
+        widened = mutate_relax_functions(_Widen(mod), mod)
+    except Exception as error:  # noqa: BLE001  (an op with a float16 attribute, say)
+        why = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        report.kept.append(f"widening failed, kept as float16: {type(error).__name__}: "
+                           f"{why[:300]}")
+        return mod, report
+    report.rewritten += [f"{len(wide)} float16 constant(s) widened to float32",
+                         f"{len(dropped)} cast(s) dropped"]
+    if islands:
+        report.kept.append(f"{len(islands)} TIR kernel(s) of the importer compute in float16, "
+                           "cast at their edges")
+    return relax.transform.CanonicalizeBindings()(widened), report
