@@ -75,9 +75,10 @@ args = json.loads(sys.argv[1])
 dev = tvm.cuda(0) if args["device"] == "cuda" else tvm.cpu(0)
 vm = relax.VirtualMachine(tvm.runtime.load_module(args["model"]), dev)
 inputs = [tvm.runtime.tensor(np.load(p), dev) for p in args["inputs"]]
-if args["params"]:  # the weights follow the inputs (pipeline.runtime.params)
-    weights = tvm.runtime.load_param_dict_from_file(args["params"])
-    inputs += [weights[k].copyto(dev) for k in sorted(weights, key=lambda k: int(k[6:]))]
+# the weights follow the inputs, read and placed as validate's VM and the C++ app do
+sys.path.insert(0, args["root"])
+from pipeline.runtime.vm import model_weights
+inputs += model_weights(args["model"], dev)
 main = vm["main"]
 threads = int(tvm.get_global_func("runtime.NumThreads")())
 print(json.dumps({"ready": True}), flush=True)  # loaded: nothing of ours runs beside a round
@@ -156,10 +157,8 @@ class _TvmPythonRunner:
     between rounds (:data:`_VM_BENCH`)."""
 
     def __init__(self, art: ArtifactUnderTest, paths: list[Path], threads: int, out_dir: Path):
-        params = Path(art.package_dir) / "model.params"
         args = {"model": str(Path(art.package_dir) / "model.so"),
-                "inputs": [str(p) for p in paths],
-                "params": str(params) if params.is_file() else "",
+                "inputs": [str(p) for p in paths], "root": str(_ROOT),
                 "device": "cuda" if art.is_gpu else "cpu"}
         env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
         if art.is_gpu:  # the subprocess compiles the kernels at load: NVRTC or nvcc, as smoke
