@@ -113,8 +113,8 @@ SCHEMES: dict[str, Scheme] = {
         comparisons=("tvm_fp16_vs_ort_fp16", "tvm_fp16_vs_ort_fp32", "ort_fp16_vs_ort_fp32"),
         default_gates=MappingProxyType({"fp16_rel_tol": 1e-2, "fp16_fp32_cosine_min": 0.99}),
         summary="float16 storage and element-wise math, matmul/conv accumulate in float32; "
-                "x86 CPUs without AVX512-FP16 convert each op to float32 (float32 "
-                "arithmetic speed, half the weight bytes to read)"),
+                "on x86 CPUs without AVX512-FP16, float32 compute on the float16 weights "
+                "(widened at load; models mostly of one-row matmuls keep float16 kernels)"),
     "bf16": Scheme(
         name="bf16",
         description="bfloat16 weights (MatMul/Gemm/Conv, Gather tables; round to nearest "
