@@ -193,7 +193,8 @@ def test_staggered_weights_keep_every_dtype_bit_exact(dtype):
     assert placed[1].shape == (0, 4)
 
 
-_PLACEMENT_DRIVER = r"""
+# what both C++ drivers below start with: weights.h and a plain allocator
+_DRIVER_PRELUDE = r"""
 #include <cstdio>
 #include "weights.h"
 namespace ffi = tvm::ffi;
@@ -201,6 +202,9 @@ struct Plain {
   void AllocData(DLTensor* t) { t->data = std::aligned_alloc(64, ffi::GetDataSize(*t) + 64); }
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
+"""
+
+_PLACEMENT_DRIVER = _DRIVER_PRELUDE + r"""
 int main() {
   int64_t shape[2] = {3, 100};
   ffi::Tensor host = ffi::Tensor::FromNDAlloc(Plain{}, ffi::ShapeView(shape, 2),
@@ -230,14 +234,7 @@ def test_the_cpp_app_places_weights_by_the_same_rule(tmp_path):
     assert all(r[1:] == ["0.5", "149.5"] for r in rows)
 
 
-_WIDEN_DRIVER = r"""
-#include <cstdio>
-#include "weights.h"
-namespace ffi = tvm::ffi;
-struct Plain {
-  void AllocData(DLTensor* t) { t->data = std::aligned_alloc(64, ffi::GetDataSize(*t) + 64); }
-  void FreeData(DLTensor* t) { std::free(t->data); }
-};
+_WIDEN_DRIVER = _DRIVER_PRELUDE + r"""
 int main() {
   // every float16 code, through the tensor widening the app does for "param_NNNN.widen"
   int64_t shape[1] = {65536};
