@@ -66,6 +66,12 @@ def lower_and_schedule(mod, target_name: str, compute_dtype: str, database_dir: 
     return mod, target, report
 
 
+def is_float16_widened(report: dict) -> bool:
+    """Whether the lowering made a float16 model float32 compute on its float16 weights
+    (``report``: the lowering's or the compile report, which holds the lowering's fields)."""
+    return bool(report.get("float16_widened", {}).get("rewritten"))
+
+
 def _float16_note(target, compute_dtype: str, lowering: dict) -> dict:
     """What float16 arithmetic becomes on this CPU, said in the compile report (FACTS.md:
     LLVM emits AVX512-FP16 instructions where the CPU has them, float32 conversions else;
@@ -74,7 +80,7 @@ def _float16_note(target, compute_dtype: str, lowering: dict) -> dict:
         return {}
     from tvm.target import codegen
 
-    if lowering.get("float16_widened", {}).get("rewritten"):
+    if is_float16_widened(lowering):
         return {"float16_compute": "float32 arithmetic on the float16 weights, widened to "
                 "float32 at load (this CPU has no AVX512-FP16; model.params keeps float16)"}
     native = codegen.target_has_features("avx512fp16", target)
@@ -173,10 +179,9 @@ def run(module_json: Path, database_dir: Path | None, config: CompileConfig,
     # main(inputs..., weights...), the weights in model.params.
     mod, weights = lift_constants(mod)
     # a float16 model computed in float32 keeps its weights float16 on disk (widened at load)
-    narrow = bool(report.get("float16_widened", {}).get("rewritten"))
     io["params"] = {"file": "model.params", "count": len(weights),
                     "bytes": save_params(weights, out_dir / "model.params",
-                                         narrow_float16=narrow)}
+                                         narrow_float16=is_float16_widened(report))}
     del weights
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_dir / "model.so"))

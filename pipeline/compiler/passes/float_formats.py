@@ -148,10 +148,22 @@ def keep_bfloat16_weights(mod):
 STREAMING_ROWS = 16
 
 
+def _dtype(value) -> str:
+    """The dtype of a Relax expression (its type) or of a constant's tensor, as a string;
+    "" when it has none (a tuple, a shape, a scalar literal)."""
+    return str(getattr(getattr(value, "ty", value), "dtype", ""))
+
+
+def _elements(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _streaming_weights(mod) -> tuple[list[str], int, int]:
     """(labels, elements) of the float16 constant weights of matmuls with fewer than
     :data:`STREAMING_ROWS` rows, and the elements of all float16 constants."""
-    import numpy as np
     from tvm import ir, relax
 
     found: list[str] = []
@@ -159,15 +171,14 @@ def _streaming_weights(mod) -> tuple[list[str], int, int]:
     seen: set = set()
 
     def visit(expr):
-        if isinstance(expr, ir.Constant) and str(getattr(expr.value, "dtype", "")) == "float16" \
-                and expr not in seen:
+        if isinstance(expr, ir.Constant) and _dtype(expr.value) == "float16" and expr not in seen:
             seen.add(expr)
-            counts["all"] += int(np.prod([int(d) for d in expr.value.shape]))
+            counts["all"] += _elements(expr.value.shape)
         if op_name(expr) != "relax.matmul" or not isinstance(expr.args[1], ir.Constant):
             return
         x = expr.args[0].ty
         weight = expr.args[1].value
-        if str(getattr(weight, "dtype", "")) != "float16" or getattr(x, "shape", None) is None:
+        if _dtype(weight) != "float16" or getattr(x, "shape", None) is None:
             return
         rows = 1
         for d in list(x.shape)[:-1]:
@@ -177,7 +188,7 @@ def _streaming_weights(mod) -> tuple[list[str], int, int]:
                 rows *= STREAMING_ROWS
         if rows < STREAMING_ROWS:
             found.append(f"{_label(expr)} ({rows} row(s))")
-            counts["streamed"] += int(np.prod([int(d) for d in weight.shape]))
+            counts["streamed"] += _elements(weight.shape)
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -220,7 +231,7 @@ def widen_float16(mod):
         # (TVM 0.27's name for relax.Constant's visitor) every float16 constant becomes a
         # float32 one, before the calls using it are re-normalized
         def visit_generic_const_(self, op):
-            if str(getattr(op.value, "dtype", "")) != "float16":
+            if _dtype(op.value) != "float16":
                 return op
             if op not in wide:  # a constant used twice (tied weights) stays one
                 wide[op] = relax.const(tvm.runtime.tensor(op.value.numpy().astype("float32")))
@@ -229,7 +240,7 @@ def widen_float16(mod):
         def visit_call_(self, call):
             if op_name(call) == "relax.astype" and str(call.attrs.dtype) == "float16":
                 x = self.visit_expr(call.args[0])
-                if str(getattr(x.ty, "dtype", "")) == "float32":
+                if _dtype(x) == "float32":
                     dropped.append(call)
                     return x
                 return relax.op.astype(x, "float32")
@@ -238,7 +249,7 @@ def widen_float16(mod):
             call = super().visit_call_(call)
             if op_name(call) == "relax.astype":  # float32 -> float32 after widening
                 x = call.args[0]
-                if str(getattr(x.ty, "dtype", "")) == str(call.attrs.dtype):
+                if _dtype(x) == str(call.attrs.dtype):
                     dropped.append(call)
                     return x
             return call
@@ -249,14 +260,13 @@ def widen_float16(mod):
             old_args = list(call.args[1].fields)
             new_args = []
             for old, new in zip(old_args, [self.visit_expr(a) for a in old_args], strict=True):
-                was = str(getattr(old.ty, "dtype", ""))
-                if was == "float16" and str(getattr(new.ty, "dtype", "")) == "float32":
+                if _dtype(old) == "float16" and _dtype(new) == "float32":
                     new = self.builder_.normalize(relax.op.astype(new, "float16"))
                 new_args.append(new)
             out = self.builder_.normalize(relax.Call(
                 call.op, [call.args[0], relax.Tuple(new_args), *call.args[2:]], call.attrs,
                 call.ty_args))
-            if str(getattr(out.ty, "dtype", "")) != "float16":
+            if _dtype(out) != "float16":
                 if "float16" in str(out.ty):
                     raise TypeError(f"a TIR call returns float16 in a tuple: {out.ty}")
                 return out
